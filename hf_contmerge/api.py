@@ -1,0 +1,80 @@
+"""The Python API: the same options and engine as the CLI, one step at a time.
+
+    from hf_contmerge import ContinualMerger
+    merger = ContinualMerger(base="org/base", method="task_arithmetic", params={"scaling": 0.3}, out="runs/ta")
+    merger.step("org/finetune-1")          # writes runs/ta/step-1
+    merger.step("org/finetune-2")          # writes runs/ta/step-2
+    model = merger.model()                 # the latest merged model, a transformers model
+
+Each ``step`` runs the same pre-flight and writer as ``hf-contmerge merge --resume``, so what the
+API writes is what the CLI writes, and either can continue the other's ``out`` folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from . import outdir
+from .engine import Engine, StepResult
+from .errors import ContMergeError
+from .options import MergeOptions
+from .state import read_state
+
+
+def load_step(folder: str | Path, **from_pretrained_kwargs: Any):
+    """A step folder (or any HF folder) as the model class its config names (``AutoModel`` otherwise)."""
+    import transformers
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.from_pretrained(folder)
+    arch = (config.architectures or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    return (cls or AutoModel).from_pretrained(folder, **from_pretrained_kwargs)
+
+
+class ContinualMerger:
+    """Continual merging into ``out``; construct once, call :meth:`step` for every new fine-tune.
+
+    Keyword arguments are :class:`MergeOptions` fields (``dtype``, ``device``, ``shard_size``,
+    ``allow_pickle``, ``token`` …). With ``resume=True`` an ``out`` that already holds steps is
+    continued; otherwise it must be new or empty.
+    """
+
+    def __init__(self, base: str, method: str, out: str | Path, params: dict[str, Any] | None = None, **options: Any):
+        options.setdefault("quiet", True)
+        self.options = MergeOptions.create(base=base, method=method, out=Path(out), params=params or {}, **options)
+        done = outdir.complete_steps(self.options.out)
+        if done and not self.options.resume:
+            raise ContMergeError(f"{out} already holds steps; pass resume=True to continue them, or use another out.")
+        self.history: list[str] = [s["source"] for s in read_state(outdir.step_dir(self.options.out, done[-1])).stream] if done else []
+
+    @classmethod
+    def from_options(cls, options: MergeOptions) -> ContinualMerger:
+        values = options.model_dump()
+        values["token"] = options.token
+        return cls(**values)
+
+    @property
+    def steps(self) -> int:
+        return len(self.history)
+
+    @property
+    def last_step_folder(self) -> Path | None:
+        return outdir.step_dir(self.options.out, self.steps) if self.history else None
+
+    def step(self, source: str) -> StepResult:
+        """Merge one more fine-tune (folder or Hub id) and write the next step folder."""
+        opts = self.options.model_copy(update={"stream": [*self.history, source], "resume": bool(self.history) or self.options.resume})
+        (result,) = Engine(opts, log=lambda _: None).run()
+        self.history.append(source)
+        return result
+
+    def run(self, sources: list[str]) -> list[StepResult]:
+        return [self.step(s) for s in sources]
+
+    def model(self, **from_pretrained_kwargs: Any):
+        """The latest merged model, loaded with transformers."""
+        if not self.history:
+            raise ContMergeError("No step has been merged yet: call step() first.")
+        return load_step(self.last_step_folder, **from_pretrained_kwargs)

@@ -1,0 +1,83 @@
+"""The model card of a step, rendered from its state alone (no network).
+
+``huggingface_hub.ModelCard.from_template`` with ``ModelCardData``: ``base_model`` lists the Hub
+ids that went in (base first), ``base_model_relation: merge``, tags ``merge``,
+``continual-merging``, ``hf-contmerge`` and the method. The body (``model_cards/continual_merge.md``)
+has the method and its parameters, a lineage table with resolved revisions, task heads, evaluation
+results when present, and the command that reproduces the step.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from importlib import resources
+
+from huggingface_hub import ModelCard, ModelCardData
+
+from .methods import method_class
+from .sources import SourceSpec
+from .state import StepState
+
+TEMPLATE = "continual_merge.md"
+
+
+def _hub_id(source: str) -> str | None:
+    try:
+        spec = SourceSpec.parse(source)
+    except Exception:  # a local path that no longer exists: not a Hub id either
+        return None
+    return None if spec.is_local else spec.location
+
+
+def reproduce_command(state: StepState, out: str = "OUT") -> str:
+    args = ["hf-contmerge", "merge", "--base", state.base["source"], "--stream", *(s["source"] for s in state.stream)]
+    args += ["--method", state.method]
+    for k, v in state.params.items():
+        args += ["--set", f"{k}={v}"]
+    if state.options.get("dtype", "auto") != "auto":
+        args += ["--dtype", state.options["dtype"]]
+    return shlex.join([*args, "--out", out])
+
+
+def _notes(entry: dict) -> str:
+    notes = [f"names {entry['alignment']}"] if entry.get("alignment") not in (None, "same names") else []
+    if entry.get("heads"):
+        notes.append(f"head kept apart ({len(entry['heads'])} tensors)")
+    if entry.get("kept_modules"):
+        notes.append("not in this model, base kept: " + ", ".join(entry["kept_modules"]))
+    return "; ".join(notes)
+
+
+def render_card(state: StepState) -> str:
+    cls = method_class(state.method)
+    ids = [i for i in (_hub_id(state.base["source"]), *(_hub_id(s["source"]) for s in state.stream)) if i]
+    data = ModelCardData(
+        base_model=list(dict.fromkeys(ids)) or None,
+        base_model_relation="merge" if ids else None,
+        library_name="transformers",
+        tags=["merge", "continual-merging", "hf-contmerge", state.method],
+    )
+    template = resources.files("hf_contmerge.model_cards").joinpath(TEMPLATE).read_text()
+    stream = [{**s, "notes": _notes(s)} for s in state.stream]
+    card = ModelCard.from_template(
+        data,
+        template_str=template,
+        title=f"Continual merge ({state.method}), step {state.step}",
+        step=state.step,
+        method=state.method,
+        summary=cls.summary,
+        reference=cls.reference,
+        interpretation=cls.interpretation,
+        experimental=cls.experimental,
+        params=state.params,
+        options=state.options,
+        scalars=state.scalars,
+        base=state.base,
+        stream=stream,
+        heads=state.heads,
+        evaluation=state.evaluation,
+        command=reproduce_command(state),
+    )
+    # The template's control lines leave runs of blank lines; Markdown needs at most one.
+    return re.sub(r"\n{3,}", "\n\n", str(card)).rstrip() + "\n"

@@ -1,0 +1,167 @@
+"""``hf-contmerge``: merge, methods, inspect, demo.
+
+The ``merge`` flags are generated from :class:`MergeOptions`, so the CLI, recipes and the Python API
+share one definition. A refused input prints one paragraph naming the input and the fix, and exits
+with status 2; nothing is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ContMergeError
+from .methods import REGISTRY
+from .options import MergeOptions, load_recipe
+
+# Fields with hand-written flags (or none) instead of the generated ones.
+SPECIAL = {"params", "token"}
+
+
+def _methods_help() -> str:
+    lines = []
+    for m in REGISTRY.values():
+        flag = " [EXPERIMENTAL]" if m.experimental else (" [interpretation]" if m.interpretation else "")
+        lines.append(f"  {m.name:<16} {m.summary}{flag}")
+    return "methods:\n" + "\n".join(lines) + "\n\nParameters and defaults: `hf-contmerge methods`."
+
+
+def _add_option_flags(parser: argparse.ArgumentParser) -> None:
+    for name, field in MergeOptions.model_fields.items():
+        if name in SPECIAL:
+            continue
+        flag = "--" + name.replace("_", "-")
+        kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": field.description}
+        ann = field.annotation
+        origin = typing.get_origin(ann)
+        if ann is bool:
+            kwargs["action"] = "store_true"
+        elif origin is list:
+            kwargs["nargs"] = "+"
+            kwargs["metavar"] = "SRC"
+        elif origin is typing.Literal:
+            kwargs["choices"] = typing.get_args(ann)
+        elif ann is int:
+            kwargs["type"] = int
+        if not field.is_required() and ann is not bool and field.default is not None and origin is not list:
+            kwargs["help"] = f"{field.description} (default: {field.default})"
+        parser.add_argument(flag, **kwargs)
+    parser.add_argument("--set", dest="params", action="append", metavar="KEY=VALUE", default=argparse.SUPPRESS,
+                        help="a method parameter, e.g. --set scaling=0.5 (repeatable; values are YAML scalars)")
+    parser.add_argument("--token", dest="token", default=argparse.SUPPRESS,
+                        help="Hub token (default: HF_TOKEN or your saved login). Never printed or written.")
+    parser.add_argument("--recipe", type=Path, default=None, help="YAML file with the same option names; flags override it")
+
+
+def _parse_set(values: list[str]) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    for item in values:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ContMergeError(f"--set {item!r} is not KEY=VALUE (for example --set scaling=0.5).")
+        try:
+            params[key.strip()] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            params[key.strip()] = raw
+    return params
+
+
+def options_from_args(ns: argparse.Namespace) -> MergeOptions:
+    """Recipe values, overridden by the flags given, validated into one MergeOptions."""
+    values: dict[str, Any] = load_recipe(ns.recipe) if ns.recipe else {}
+    given = {k: v for k, v in vars(ns).items() if k not in ("recipe", "command", "func")}
+    if "params" in given:
+        given["params"] = {**values.get("params", {}), **_parse_set(given["params"])}
+    values.update(given)
+    missing = [f"--{k}" for k in ("base", "method", "out") if k not in values]
+    if missing:
+        raise ContMergeError(f"Missing {', '.join(missing)} (give them as flags or in --recipe).")
+    return MergeOptions.create(**values)
+
+
+def cmd_merge(ns: argparse.Namespace) -> int:
+    from .engine import Engine
+
+    options = options_from_args(ns)
+    Engine(options, log=(lambda _: None) if options.quiet else (lambda m: print(m, file=sys.stderr))).run()
+    return 0
+
+
+def cmd_methods(ns: argparse.Namespace) -> int:
+    for m in REGISTRY.values():
+        tags = [t for t, on in (("experimental", m.experimental), ("interpretation", bool(m.interpretation)),
+                                ("needs data", m.needs_data)) if on]
+        print(f"{m.name}{'  [' + ', '.join(tags) + ']' if tags else ''}")
+        print(f"    {m.summary}")
+        for pname, f in m.Params.model_fields.items():
+            print(f"    --set {pname}={f.default!r:<8} {f.description or ''}")
+        if m.interpretation:
+            print(f"    interpretation: {m.interpretation}")
+        print(f"    reference: {m.reference}")
+    return 0
+
+
+def cmd_inspect(ns: argparse.Namespace) -> int:
+    from .preflight import plan_stream
+    from .sources import resolve
+
+    token = ns.token
+    base = resolve(ns.base, token=token, allow_pickle=ns.allow_pickle, role="base")
+    items = [resolve(s, token=token, allow_pickle=ns.allow_pickle, role="stream item") for s in ns.stream]
+    try:
+        print(plan_stream(base, items).report())
+    finally:
+        for s in (base, *items):
+            s.close()
+    return 0
+
+
+def cmd_demo(ns: argparse.Namespace) -> int:
+    from .demo.run import run_demo
+
+    run_demo(method=ns.method, out=ns.out, params=_parse_set(ns.set or []), quiet=ns.quiet)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hf-contmerge", description="Continual model merging for the Hugging Face stack.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    merge = sub.add_parser("merge", help="merge a stream of fine-tunes, writing OUT/step-1 … OUT/step-T",
+                           epilog=_methods_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_option_flags(merge)
+    merge.set_defaults(func=cmd_merge)
+    sub.add_parser("methods", help="list methods with their parameters and defaults").set_defaults(func=cmd_methods)
+    inspect = sub.add_parser("inspect", help="pre-flight report of a base and a stream (headers only; writes nothing)")
+    inspect.add_argument("--base", required=True)
+    inspect.add_argument("--stream", nargs="+", required=True, metavar="SRC")
+    inspect.add_argument("--allow-pickle", action="store_true")
+    inspect.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or your saved login)")
+    inspect.set_defaults(func=cmd_inspect)
+    demo = sub.add_parser("demo", help="build a small real stream offline (MiniLM fine-tunes) and merge it")
+    demo.add_argument("--method", default="task_arithmetic", choices=list(REGISTRY))
+    demo.add_argument("--set", action="append", metavar="KEY=VALUE")
+    demo.add_argument("--out", type=Path, default=None, help="output folder (default: a fresh folder in the cache)")
+    demo.add_argument("--quiet", action="store_true")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    try:
+        return ns.func(ns)
+    except ContMergeError as e:
+        print(f"hf-contmerge: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("hf-contmerge: interrupted; complete steps are kept, rerun with --resume to finish.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

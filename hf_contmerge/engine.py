@@ -1,0 +1,328 @@
+"""The continual loop: one step per stream item, one tensor (or slice) at a time inside a step.
+
+For step t the engine reads, per output tensor in the base's file order: the base tensor, the new
+item's tensor and the method's carried slots from step t−1; calls the method's kernel in float32
+on the chosen device; and appends the merged weight (output dtype) and the new slots (float32) to
+streaming shard writers. Elementwise kernels get dim-0 slices of large tensors, so peak memory is a
+few slices, whatever the model size or stream length. Two-pass methods (a global scalar over all
+tensors, like OPCM's λ) get a first pass whose slots go to a scratch area, then a second pass.
+
+The step is built in a partial folder and renamed into place when complete (``outdir.py``); the
+carried state goes with it (``state.py``), so ``--resume`` continues bit-identically. The engine
+knows nothing about any particular method.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from . import outdir
+from .card import render_card
+from .errors import ContMergeError
+from .heads import copy_heads, write_head
+from .methods import Method, TensorContext, build_method
+from .options import MergeOptions
+from .preflight import KeyPlan, StreamPlan, plan_stream
+from .safetensors_io import SAFE_DTYPES, ShardedWriter, TensorSpec, iter_row_chunks
+from .sources import Checkpoint, ResolvedSource, resolve
+from .state import STATE_DIR, STATE_FILE, StepState, open_slot, read_state
+
+OUT_DTYPE = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+# Files of the base folder that are not copied into a step (weights, our own files, its card).
+SKIP_SIDE = {"model.safetensors.index.json", "pytorch_model.bin.index.json", "adapter_config.json", "README.md", STATE_FILE}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ContMergeError(f"--device {name} was asked for but no CUDA GPU is available. Use --device cpu or auto.")
+    return dev
+
+
+@dataclass
+class StepResult:
+    step: int
+    folder: Path
+    state: StepState
+
+
+@dataclass
+class _StepContext:
+    """Everything one step reads from, while it runs."""
+
+    step: int
+    plan: StreamPlan
+    item_index: int  # index into plan.items / item_plans
+    prev_slots: dict[str, Checkpoint] = field(default_factory=dict)
+    stats: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def item(self) -> ResolvedSource:
+        return self.plan.items[self.item_index]
+
+
+class Engine:
+    """Runs a validated :class:`MergeOptions` to completion (``run``), or one step at a time."""
+
+    def __init__(self, options: MergeOptions, log: Callable[[str], None] = print):
+        self.options = options
+        self.method: Method = build_method(options.method, options.params)
+        self.device = resolve_device(options.device)
+        self.log = log
+
+    # ------------------------------------------------------------------ whole runs
+    def run(self) -> list[StepResult]:
+        """Pre-flight the whole stream, then write every missing step. Returns the steps written."""
+        opts = self.options
+        if not opts.stream:
+            raise ContMergeError("No stream items: give at least one fine-tune with --stream (or `stream:` in the recipe).")
+        done = outdir.complete_steps(opts.out)
+        if done and not opts.resume:
+            raise ContMergeError(
+                f"--out {opts.out} already holds steps {done[0]}..{done[-1]} of an earlier run. Pass --resume to "
+                "continue it, or choose another --out. Nothing was written."
+            )
+        last = done[-1] if done else 0
+        previous = read_state(outdir.step_dir(opts.out, last)) if last else None
+        if previous is not None:
+            self._check_resume(previous)
+        token = opts.token_value()
+        with ExitStack() as stack:
+            base = resolve(opts.base, token=token, allow_pickle=opts.allow_pickle, role="base")
+            stack.callback(base.close)
+            if previous is not None and previous.base["fingerprint"] != base.fingerprint:
+                raise ContMergeError(
+                    f"The base {opts.base!r} is not the one step {last} in {opts.out} was made from (its content "
+                    "changed). Resume with the same base, or start a new --out."
+                )
+            items = []
+            for text in opts.stream[last:]:
+                items.append(resolve(text, token=token, allow_pickle=opts.allow_pickle, role="stream item"))
+                stack.callback(items[-1].close)
+            plan = plan_stream(base, items)
+            if opts.dry_run:
+                self.log(plan.report())
+                todo = range(last + 1, len(opts.stream) + 1)
+                self.log(f"dry run: would write {', '.join(f'step-{t}' for t in todo) or 'nothing'} in {opts.out}")
+                return []
+            if last >= len(opts.stream):
+                self.log(f"{opts.out}: all {last} steps are already complete; nothing to do.")
+                return []
+            outdir.claim(opts.out)
+            results = []
+            for j in range(len(items)):
+                result = self.write_step(plan, j, last + 1 + j, previous)
+                previous = result.state
+                results.append(result)
+                self.log(f"wrote {result.folder}")
+            return results
+
+    def _check_resume(self, previous: StepState) -> None:
+        opts = self.options
+        k = previous.step
+        asked = self.method.params.model_dump()
+        problems = []
+        if previous.method != opts.method:
+            problems.append(f"method {previous.method!r} there, {opts.method!r} now")
+        elif previous.params != asked:
+            problems.append(f"parameters {previous.params} there, {asked} now")
+        if previous.options.get("dtype") != opts.dtype:
+            problems.append(f"--dtype {previous.options.get('dtype')} there, {opts.dtype} now")
+        if previous.base["source"] != opts.base:
+            problems.append(f"base {previous.base['source']!r} there, {opts.base!r} now")
+        done = [s["source"] for s in previous.stream]
+        if done != list(opts.stream[:k]):
+            problems.append(f"stream so far {done} there, {list(opts.stream[:k])} now")
+        if problems:
+            raise ContMergeError(
+                f"--resume: {opts.out} step {k} was made with other settings: {'; '.join(problems)}. "
+                "Resume with the same base, method, parameters, dtype and stream prefix, or choose another --out."
+            )
+
+    # ------------------------------------------------------------------ one step
+    def write_step(self, plan: StreamPlan, item_index: int, step: int, previous: StepState | None) -> StepResult:
+        """Write ``OUT/step-{step}`` merging ``plan.items[item_index]`` into the previous step."""
+        opts = self.options
+        prev_folder = outdir.step_dir(opts.out, previous.step) if previous else None
+        partial = outdir.new_partial(opts.out, step)
+        ctx = _StepContext(step, plan, item_index)
+        try:
+            with ExitStack() as stack:
+                if previous is not None:
+                    for slot in self.method.slots:
+                        ctx.prev_slots[slot] = open_slot(prev_folder, slot)
+                        stack.callback(ctx.prev_slots[slot].close)
+                scalars = dict(previous.scalars) if previous else self.method.init_scalars()
+                scalars = self._write_tensors(ctx, partial, scalars)
+            state = self._finish_folder(ctx, partial, prev_folder, previous, scalars)
+            final = outdir.step_dir(opts.out, step)
+            outdir.publish(partial, final)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+        return StepResult(step, final, state)
+
+    def _out_dtype(self, kp: KeyPlan) -> str:
+        if kp.dtype in OUT_DTYPE.values() or kp.dtype == "F64":
+            return kp.dtype if self.options.dtype == "auto" else OUT_DTYPE[self.options.dtype]
+        return kp.dtype  # integer / bool buffers keep their dtype
+
+    def _chunks(self, kp: KeyPlan) -> Iterator[tuple[int, int] | None]:
+        if not self.method.elementwise:
+            return iter([None])
+        return iter_row_chunks(kp.shape, 4, self.options.chunk_mb << 20)
+
+    def _write_tensors(self, ctx: _StepContext, partial: Path, scalars: dict[str, Any]) -> dict[str, Any]:
+        plan, method, opts = ctx.plan, self.method, self.options
+        merged = plan.merged_keys
+        specs = [TensorSpec(kp.key, kp.shape, self._out_dtype(kp)) for kp in plan.keys]
+        weights = ShardedWriter(partial, specs, opts.shard_bytes)
+        state_dir = partial / STATE_DIR
+        state_dir.mkdir()
+        slot_writers = {
+            s: ShardedWriter(state_dir, [TensorSpec(kp.key, kp.shape, "F32") for kp in merged], opts.shard_bytes, prefix=s)
+            for s in method.slots
+        }
+        total = sum(_numel(kp.shape, None) for kp in plan.keys)
+        bar = tqdm(total=total * (2 if method.two_pass else 1), unit="el", unit_scale=True, desc=f"step {ctx.step}", disable=opts.quiet, leave=False)
+        with bar:
+            if method.two_pass:
+                scratch_dir = partial / "_pass1"
+                scratch_dir.mkdir()
+                scratch = {
+                    s: ShardedWriter(scratch_dir, [TensorSpec(kp.key, kp.shape, "F32") for kp in merged], opts.shard_bytes, prefix=s)
+                    for s in method.slots
+                }
+                for kp in merged:
+                    for rows in self._chunks(kp):
+                        _, new = self._merge_chunk(ctx, kp, rows)
+                        for s, w in scratch.items():
+                            w.write(kp.key, new[s].cpu())
+                        bar.update(_numel(kp.shape, rows))
+                for w in scratch.values():
+                    w.close()
+                scalars = method.end_pass(ctx.step, scalars, ctx.stats)
+                first = {s: Checkpoint.open(scratch_dir, prefix=s) for s in method.slots}
+            for kp in plan.keys:
+                if not kp.merged:
+                    self._copy_base(ctx, kp, weights)
+                    bar.update(_numel(kp.shape, None))
+                    continue
+                for rows in self._chunks(kp):
+                    if method.two_pass:
+                        base = self._read(ctx.plan.base.checkpoint, kp.key, rows)
+                        slots = method.finish(ctx.step, base, {s: self._read(first[s], kp.key, rows) for s in method.slots}, scalars)
+                    else:
+                        base, slots = self._merge_chunk(ctx, kp, rows)
+                    for s, w in slot_writers.items():
+                        w.write(kp.key, slots[s].to("cpu", torch.float32))
+                    weights.write(kp.key, method.weight(base, slots).to("cpu", SAFE_DTYPES[self._out_dtype(kp)]))
+                    bar.update(_numel(kp.shape, rows))
+            if method.two_pass:
+                for ck in first.values():
+                    ck.close()
+                shutil.rmtree(partial / "_pass1")
+            else:
+                scalars = method.end_pass(ctx.step, scalars, ctx.stats)
+        weights.close()
+        for w in slot_writers.values():
+            w.close()
+        return scalars
+
+    def _read(self, ck: Checkpoint, key: str, rows: tuple[int, int] | None) -> torch.Tensor:
+        return ck.read(key, rows).to(self.device, torch.float32)
+
+    def _merge_chunk(self, ctx: _StepContext, kp: KeyPlan, rows: tuple[int, int] | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The base slice and the method's new slots for it (first pass of two-pass methods)."""
+        base = self._read(ctx.plan.base.checkpoint, kp.key, rows)
+        ikey = kp.item_keys[ctx.item_index]
+        if ikey is None:  # the item lacks this whole module: its task vector is zero here
+            item = base
+        else:
+            item = self._read(ctx.item.checkpoint, ikey, rows)
+            if not self.options.allow_nonfinite and not bool(torch.isfinite(item).all()):
+                raise ContMergeError(
+                    f"stream item {ctx.item.spec.text!r} has NaN or Inf values in tensor {ikey!r}. Step {ctx.step} "
+                    "was not written. Fix or drop the item, or pass --allow-nonfinite to merge it anyway."
+                )
+        prev = {s: self._read(ck, kp.key, rows) for s, ck in ctx.prev_slots.items()} or None
+        tctx = TensorContext(kp.key, kp.shape, rows)
+        new = self.method.merge(ctx.step, base, item, prev, tctx)
+        for name, value in self.method.stats(ctx.step, base, item, prev, new).items():
+            ctx.stats[name] = ctx.stats.get(name, 0.0) + float(value)
+        return base, new
+
+    def _copy_base(self, ctx: _StepContext, kp: KeyPlan, weights: ShardedWriter) -> None:
+        dtype = SAFE_DTYPES[self._out_dtype(kp)]
+        for rows in iter_row_chunks(kp.shape, 4, self.options.chunk_mb << 20):
+            weights.write(kp.key, ctx.plan.base.checkpoint.read(kp.key, rows).to(dtype))
+
+    # ------------------------------------------------------------------ side files, heads, state, card
+    def _finish_folder(self, ctx: _StepContext, partial: Path, prev_folder: Path | None, previous: StepState | None, scalars: dict[str, Any]) -> StepState:
+        plan, item = ctx.plan, ctx.item
+        self._copy_side_files(plan.base.folder, partial)
+        copy_heads(prev_folder, partial)
+        item_plan = plan.item_plans[ctx.item_index]
+        heads = list(previous.heads) if previous else []
+        if item_plan.heads:
+            heads.append(write_head(partial, ctx.step, item, item_plan.heads))
+        entry = {
+            **item.identity(),
+            "step": ctx.step,
+            "alignment": item_plan.alignment.describe(),
+            "heads": item_plan.heads,
+            "kept_modules": item_plan.kept_modules,
+        }
+        state = StepState(
+            step=ctx.step,
+            method=self.method.name,
+            params=self.method.params.model_dump(),
+            options=self.options.recorded(),
+            base=plan.base.identity(),
+            stream=[*(previous.stream if previous else []), entry],
+            scalars=scalars,
+            slots=list(self.method.slots),
+            heads=heads,
+        )
+        (partial / STATE_FILE).write_text(state.to_json())
+        (partial / "README.md").write_text(render_card(state))
+        return state
+
+    def _copy_side_files(self, base_folder: Path, target: Path) -> None:
+        """Config, generation config, tokenizer/processor files (and small sub-configs) from the base."""
+        import json
+
+        from .sources import SIDE_PATTERNS
+
+        for path in sorted(base_folder.rglob("*")):
+            rel = path.relative_to(base_folder)
+            if not path.is_file() or rel.parts[0].startswith(".") or rel.name in SKIP_SIDE:
+                continue
+            if not any(rel.match(p) for p in SIDE_PATTERNS):
+                continue
+            dest = outdir.safe_relative(target, str(rel))
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, dest)  # follows Hub-cache symlinks: the step holds real files
+        config = target / "config.json"
+        if config.is_file() and self.options.dtype != "auto":
+            data = json.loads(config.read_text())
+            for key in ("torch_dtype", "dtype"):
+                if key in data or key == "dtype":
+                    data[key] = self.options.dtype
+            config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _numel(shape: tuple[int, ...], rows: tuple[int, int] | None) -> int:
+    n = torch.Size(shape).numel() if shape else 1
+    return n if rows is None or not shape or shape[0] == 0 else n // shape[0] * (rows[1] - rows[0])
+

@@ -1,0 +1,402 @@
+r"""Linear-algebra kernels of OPCM (Orthogonal Projection-based Continual Merging).
+
+Reference: A. Tang et al., "Merging Models on the Fly Without Retraining: A Sequential Approach
+to Scalable Continual Model Merging", arXiv 2501.09522; official code in FusionBench
+``fusion_bench/method/opcm/``. This module holds only the per-matrix maths, on plain tensors: no
+model, no files. All arithmetic is float32 (inputs of other dtypes are converted; outputs are
+float32) on the device of the first matrix argument (``tau_bar``, ``L`` or ``L1``; the other
+arguments are moved there).
+
+Definition (literal, as in the paper and METHODS.md)
+----------------------------------------------------
+For one linear weight, ``tau_bar = theta(t-1) - theta0`` (m x n) and ``tau_t = theta_t - theta0``.
+Take the full SVD ``tau_bar = U diag(s) V^T`` (U: m x m, V: n x n, s descending, length
+k = min(m, n)) and
+
+* ``r`` = the first 0-based index with ``cumsum(s)[r] / sum(s) > alpha``; ``r = 0`` if there is
+  none (see :func:`rank_cutoff`);
+* ``P = U^T tau_t V`` (m x n); ``P[:r, :r] = 0``; if ``zero_diagonal``: ``P[i, i] = 0`` for all
+  i < k (an m x n matrix has k diagonal entries);
+* ``tau' = U P V^T``.
+
+This is :func:`opcm_project_literal`: O(m n max(m, n)) time and O(m^2 + n^2) memory, kept as the
+executable specification for the tests.
+
+Thin form (what :func:`opcm_project` computes)
+----------------------------------------------
+Write ``tau_t = sum_{i,j} P_ij u_i v_j^T``. Zeroing the block ``P[:r, :r]`` removes
+``sum_{i,j<r} P_ij u_i v_j^T = U_r (U_r^T tau_t V_r) V_r^T`` (U_r, V_r: the first r columns), only
+that r x r block and not whole rows; zeroing the diagonal removes, in addition, the entries
+``P_ii`` with ``r <= i < k`` (those with i < r are inside the block already). Hence, exactly,
+
+    tau' = tau_t - U_r (U_r^T tau_t V_r) V_r^T - sum_{i=r}^{k-1} (u_i^T tau_t v_i) u_i v_i^T
+
+with the last sum only if ``zero_diagonal``. Every vector used has index < k, so the thin SVD
+(``full_matrices=False``) suffices: O(m n k) time, O((m + n) k) extra memory. Since r <= k - 1,
+``U_r`` is always a proper part of the thin basis.
+
+When the two forms agree bit-for-bit in exact arithmetic: singular pairs with distinct non-zero
+singular values are unique up to a joint sign flip, which cancels in every term above, and the
+block term only needs the span of the first r pairs. So the forms are identical whenever
+``s[r-1] > s[r]`` and, if ``zero_diagonal``, all k singular values are distinct and non-zero.
+When ``tau_bar`` is rank-deficient (or has repeated singular values) and ``zero_diagonal`` is set,
+the *literal definition itself* depends on which basis the SVD routine returned for the null
+space (the directions of singular value 0): the diagonal entries removed there lie along
+arbitrary vectors. The dense path keeps that behaviour (it follows the literal definition with
+whatever basis ``torch.linalg.svd`` returns); the difference between any two such results lies
+entirely in the null-space x null-space block. The factored path
+(:func:`opcm_project_lowrank`) instead restricts the diagonal removal to the numerically non-zero
+singular directions, which is basis-independent.
+
+Choices
+-------
+* ``rank_cutoff`` divides by ``cumsum(s)[-1]`` in float64 rather than by a separately rounded
+  ``sum(s)``: the last ratio is then exactly 1, so ``alpha >= 1`` never removes anything. The
+  reference code (``(s.cumsum(0) / s.sum() > alpha).float().argmax()`` in float32) can produce a
+  last ratio just above 1 through rounding and would then remove all but one direction at
+  ``alpha = 1``. For every ``alpha <= 0`` the cutoff is 0 as well (the first ratio is positive).
+* Low-rank streams (LoRA): the merged task vector of one linear weight is kept as factors
+  ``tau_bar = L @ R`` (L: m x q, R: q x n). Its thin SVD comes from QR of ``L`` and ``R^T`` and the
+  SVD of the small core ``R_L R_R^T`` (:func:`thin_svd_from_factors`), O((m + n) q^2) instead of
+  O(m n min(m, n)); ``tau'`` is returned as factors too, so no m x n matrix is ever formed.
+  Directions whose singular value is at most ``max(m, n) * eps32 * ||L||_2 * ||R||_2`` are
+  treated as zero (see :func:`thin_svd_from_factors`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import overload
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "rank_cutoff",
+    "opcm_project_literal",
+    "opcm_project",
+    "project_with_svd",
+    "thin_svd_from_factors",
+    "opcm_project_lowrank",
+    "factored_norm_sq",
+    "add_factored",
+    "recompress",
+]
+
+_F32 = torch.float32
+_EPS32 = torch.finfo(_F32).eps
+
+
+def _f32(x: Tensor, device: torch.device | None = None) -> Tensor:
+    """``x`` as float32 on ``device`` (its own device when None); no copy when already there."""
+    return x.to(device=x.device if device is None else device, dtype=_F32)
+
+
+def _check_matrix(name: str, x: Tensor) -> None:
+    if x.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D matrix, got shape {tuple(x.shape)}")
+
+
+def _check_pair(tau_bar: Tensor, tau_t: Tensor) -> None:
+    _check_matrix("tau_bar", tau_bar)
+    if tau_t.shape != tau_bar.shape:
+        raise ValueError(
+            f"tau_t has shape {tuple(tau_t.shape)} but tau_bar has shape {tuple(tau_bar.shape)}"
+        )
+
+
+def _check_factors(name: str, left: Tensor, right: Tensor) -> None:
+    _check_matrix(f"{name} left factor", left)
+    _check_matrix(f"{name} right factor", right)
+    if left.shape[1] != right.shape[0]:
+        raise ValueError(
+            f"{name} factors do not chain: {tuple(left.shape)} @ {tuple(right.shape)}"
+        )
+
+
+def rank_cutoff(s: Tensor, alpha: float) -> int:
+    r"""OPCM split index ``r``: the first 0-based i with ``cumsum(s)[i] / sum(s) > alpha``.
+
+    ``s`` is a 1-D vector of singular values (non-negative, descending). Returns 0 when no index
+    qualifies (``alpha >= 1``), when ``s`` is empty, and when ``s`` is all zeros (the ratio is
+    undefined; nothing is "explained", so nothing is protected). Because the first ratio is
+    positive for a non-zero ``s``, ``alpha <= 0`` also gives 0. The result is at most
+    ``len(s) - 1``. The ratio is taken in float64 against ``cumsum(s)[-1]`` so that the last
+    ratio is exactly 1 (see the module docstring).
+    """
+    if math.isnan(alpha):
+        raise ValueError("alpha must be a number, got NaN")
+    if s.ndim != 1:
+        raise ValueError(f"s must be a 1-D vector, got shape {tuple(s.shape)}")
+    if s.numel() == 0:
+        return 0
+    cumulative = torch.cumsum(s.detach().to(device="cpu", dtype=torch.float64), dim=0)
+    total = cumulative[-1]
+    if total <= 0:
+        return 0
+    above = (cumulative / total) > alpha
+    if not bool(above.any()):
+        return 0
+    return int(torch.argmax(above.to(torch.int8)))
+
+
+def opcm_project_literal(
+    tau_bar: Tensor, tau_t: Tensor, alpha: float, zero_diagonal: bool
+) -> Tensor:
+    r"""The literal OPCM projection: full SVD, ``P = U^T tau_t V``, zero ``P[:r, :r]`` (and the
+    diagonal if ``zero_diagonal``), return ``U P V^T``.
+
+    The executable specification that :func:`opcm_project` is tested against. Costs
+    O(m n max(m, n)) time and O(m^2 + n^2) memory: use :func:`opcm_project` in real runs.
+    """
+    _check_pair(tau_bar, tau_t)
+    tb = _f32(tau_bar)
+    tt = _f32(tau_t, tb.device)
+    u, s, vh = torch.linalg.svd(tb, full_matrices=True)
+    r = rank_cutoff(s, alpha)
+    p = u.mT @ tt @ vh.mT
+    p[:r, :r] = 0
+    if zero_diagonal:
+        p.diagonal().zero_()
+    return u @ p @ vh
+
+
+def _removal_core(
+    left: Tensor, right: Tensor, r: int, active: int, zero_diagonal: bool
+) -> Tensor:
+    r"""The ``active x active`` matrix ``C`` of coefficients OPCM removes, ``C = mask * P``.
+
+    ``left`` is ``U_a^T tau_t`` (or a factor of it) and ``right`` the matching right part, so
+    that ``P = left @ right`` (active x active) would be ``U_a^T tau_t V_a``. Only the entries
+    that are removed are formed: the block ``P[:r, :r]`` and, if ``zero_diagonal``, the diagonal
+    ``P[i, i]`` for ``r <= i < active``.
+    """
+    core = left.new_zeros(active, active)
+    if r > 0:
+        core[:r, :r] = left[:r] @ right[:, :r]
+    if zero_diagonal and active > r:
+        core.diagonal()[r:] = torch.einsum("ij,ji->i", left[r:active], right[:, r:active])
+    return core
+
+
+def project_with_svd(
+    tau_t: Tensor, u: Tensor, s: Tensor, vh: Tensor, alpha: float, zero_diagonal: bool
+) -> Tensor:
+    r"""OPCM projection of a dense ``tau_t`` given a (thin, possibly truncated) SVD of ``tau_bar``.
+
+    ``u`` (m x k'), ``s`` (k'), ``vh`` (k' x n), columns/rows in the order of descending ``s``.
+    Computes ``tau' = tau_t - U_a C V_a^T`` with ``C`` from :func:`_removal_core`, where
+    ``a = k'`` if ``zero_diagonal`` else ``r``. With the full thin SVD (k' = min(m, n)) this is
+    :func:`opcm_project`; with the SVD truncated to the non-zero directions the diagonal removal
+    is restricted to them (the factored-path convention). Output float32 on ``u``'s device.
+    """
+    _check_matrix("tau_t", tau_t)
+    device = u.device
+    u32, vh32 = _f32(u), _f32(vh, device)
+    tt = _f32(tau_t, device)
+    r = rank_cutoff(s, alpha)
+    active = s.numel() if zero_diagonal else r
+    if active == 0:
+        return tt.clone()
+    u_a, vh_a = u32[:, :active], vh32[:active]
+    core = _removal_core(u_a.mT @ tt, vh_a.mT, r, active, zero_diagonal)
+    return tt - u_a @ (core @ vh_a)
+
+
+def opcm_project(tau_bar: Tensor, tau_t: Tensor, alpha: float, zero_diagonal: bool) -> Tensor:
+    r"""OPCM projection of ``tau_t`` against ``tau_bar`` through the thin SVD (float32).
+
+    ``tau' = tau_t - U_r (U_r^T tau_t V_r) V_r^T - sum_{i=r}^{k-1} (u_i^T tau_t v_i) u_i v_i^T``
+    (the sum only if ``zero_diagonal``), k = min(m, n). Equal to :func:`opcm_project_literal`
+    (see the module docstring for the proof and for the rank-deficient case). O(m n k). When
+    ``zero_diagonal`` is false and ``alpha >= 1`` or ``alpha <= 0`` the cut-off is 0 for every
+    ``tau_bar``, so the SVD is skipped and a float32 copy of ``tau_t`` is returned.
+    """
+    _check_pair(tau_bar, tau_t)
+    tb = _f32(tau_bar)
+    if not zero_diagonal and (alpha >= 1.0 or alpha <= 0.0):
+        return _f32(tau_t, tb.device).clone()
+    u, s, vh = torch.linalg.svd(tb, full_matrices=False)
+    return project_with_svd(tau_t, u, s, vh, alpha, zero_diagonal)
+
+
+def _factor_core_svd(
+    left: Tensor, right: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, float]:
+    r"""QR of both factors and SVD of the small core: ``left @ right = Q1 Uc diag(s) Vhc Q2^T``.
+
+    Returns ``(Q1, Uc, s, Vhc, Q2, tol)`` where ``tol`` is the numerical-zero threshold of
+    :func:`thin_svd_from_factors`. ``q = 0`` (no columns) is handled as the zero matrix.
+    """
+    _check_factors("tau_bar", left, right)
+    lf = _f32(left)
+    rf = _f32(right, lf.device)
+    q1, r1 = torch.linalg.qr(lf)  # q1: m x min(m, q), r1: min(m, q) x q
+    q2, r2 = torch.linalg.qr(rf.mT)  # q2: n x min(n, q), r2: min(n, q) x q
+    uc, s, vhc = torch.linalg.svd(r1 @ r2.mT, full_matrices=False)
+    m, n = lf.shape[0], rf.shape[1]
+    if s.numel() == 0:
+        return q1, uc, s, vhc, q2, 0.0
+    # ||L||_2 ||R||_2 is the scale of the rounding error of this route; it equals s[0] when the
+    # factors are an SVD (recompress output) and exposes exact cancellation between factors.
+    scale = float(torch.linalg.matrix_norm(r1, ord=2) * torch.linalg.matrix_norm(r2, ord=2))
+    return q1, uc, s, vhc, q2, max(m, n) * _EPS32 * scale
+
+
+def _count_above(s: Tensor, tol: float) -> int:
+    return int((s > tol).sum()) if s.numel() else 0
+
+
+def thin_svd_from_factors(left: Tensor, right: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    r"""Thin SVD of ``left @ right`` (m x q @ q x n) without forming the m x n product.
+
+    ``left = Q1 R1`` and ``right^T = Q2 R2`` (reduced QR), ``R1 R2^T = Uc diag(s) Vhc`` (small
+    SVD), so ``left @ right = (Q1 Uc) diag(s) (Vhc Q2^T)``: O((m + n) q^2 + q^3) time.
+
+    Only the numerically non-zero directions are returned: those with
+    ``s_i > max(m, n) * eps_float32 * ||left||_2 * ||right||_2`` (the spectral norms are read off
+    the small triangular factors). ``||left||_2 ||right||_2 >= s[0]``, with equality for factors
+    in SVD form (what :func:`recompress` returns), where this is the usual
+    ``max(m, n) * eps * s[0]`` rank tolerance; using the factor norms also reports rank 0 for
+    factors that cancel exactly (e.g. ``[B, -B] @ [A; A]``), whose computed ``s[0]`` is itself
+    rounding noise. Returns ``U`` (m x rho), ``s`` (rho), ``Vh`` (rho x n), float32, rho >= 0.
+    """
+    q1, uc, s, vhc, q2, tol = _factor_core_svd(left, right)
+    keep = _count_above(s, tol)
+    return q1 @ uc[:, :keep], s[:keep].clone(), vhc[:keep] @ q2.mT
+
+
+@overload
+def opcm_project_lowrank(
+    left: Tensor,
+    right: Tensor,
+    tau_t: tuple[Tensor, Tensor],
+    alpha: float,
+    zero_diagonal: bool,
+) -> tuple[Tensor, Tensor]: ...
+
+
+@overload
+def opcm_project_lowrank(
+    left: Tensor, right: Tensor, tau_t: Tensor, alpha: float, zero_diagonal: bool
+) -> Tensor: ...
+
+
+def opcm_project_lowrank(
+    left: Tensor,
+    right: Tensor,
+    tau_t: tuple[Tensor, Tensor] | Tensor,
+    alpha: float,
+    zero_diagonal: bool,
+) -> tuple[Tensor, Tensor] | Tensor:
+    r"""OPCM projection with ``tau_bar = left @ right`` given as factors.
+
+    ``tau_t`` is either factors ``(B, A)`` with ``tau_t = B @ A`` (B: m x r_t, A: r_t x n), and
+    then ``tau'`` is returned as factors ``(L', R')``, or a dense m x n tensor, and then ``tau'``
+    is returned dense. With ``U, s, Vh`` the numerically non-zero thin SVD of ``tau_bar``
+    (:func:`thin_svd_from_factors`, rank rho) and ``r = rank_cutoff(s, alpha)``:
+
+        tau' = tau_t - U_r (U_r^T tau_t V_r) V_r^T - sum_{i=r}^{rho-1} (u_i^T tau_t v_i) u_i v_i^T
+
+    (the sum only if ``zero_diagonal``). **[choice]** The diagonal removal is restricted to the
+    rho non-zero directions of ``tau_bar``: in its null space the singular basis is arbitrary.
+    This equals :func:`opcm_project` when ``tau_bar`` has full rank min(m, n); when it is
+    rank-deficient and ``zero_diagonal`` is set, the dense path additionally removes diagonal
+    entries along whatever null-space basis its SVD happened to return. With
+    ``zero_diagonal=False`` the two paths agree for any rank.
+
+    Factored result: ``L' = [B, U_a]`` (m x (r_t + a)), ``R' = [A; -C Vh_a]`` with ``C`` the
+    a x a removed coefficients (a = rho if ``zero_diagonal`` else r); O((m + n)(q^2 + r_t a)),
+    no m x n matrix is formed. Pass ``(L', R')`` through :func:`recompress` to fold its rank.
+    """
+    u, s, vh = thin_svd_from_factors(left, right)
+    if isinstance(tau_t, Tensor):
+        _check_matrix("tau_t", tau_t)
+        if tuple(tau_t.shape) != (left.shape[0], right.shape[1]):
+            raise ValueError(
+                f"tau_t has shape {tuple(tau_t.shape)} but tau_bar is "
+                f"{left.shape[0]} x {right.shape[1]}"
+            )
+        return project_with_svd(tau_t, u, s, vh, alpha, zero_diagonal)
+    b, a = tau_t
+    _check_factors("tau_t", b, a)
+    if (b.shape[0], a.shape[1]) != (left.shape[0], right.shape[1]):
+        raise ValueError(
+            f"tau_t is {b.shape[0]} x {a.shape[1]} but tau_bar is "
+            f"{left.shape[0]} x {right.shape[1]}"
+        )
+    bf, af = _f32(b, u.device), _f32(a, u.device)
+    r = rank_cutoff(s, alpha)
+    active = s.numel() if zero_diagonal else r
+    if active == 0:
+        return bf.clone(), af.clone()
+    u_a, vh_a = u[:, :active], vh[:active]
+    # P = (U_a^T B)(A V_a): both parts are small (active x r_t and r_t x active).
+    core = _removal_core(u_a.mT @ bf, af @ vh_a.mT, r, active, zero_diagonal)
+    return torch.cat([bf, u_a], dim=1), torch.cat([af, -(core @ vh_a)], dim=0)
+
+
+def factored_norm_sq(left: Tensor, right: Tensor) -> Tensor:
+    r"""``||left @ right||_F^2`` from the q x q Gram matrices, without the m x n product.
+
+    ``||L R||_F^2 = tr(R^T L^T L R) = sum((L^T L) * (R R^T))`` (both Grams are symmetric):
+    O((m + n) q^2). Returns a 0-d float32 tensor on ``left``'s device (no host sync), clamped at
+    0. Its absolute error is of order ``eps32 * ||L||_F^2 ||R||_F^2``, so when the factors cancel
+    heavily (a freshly projected ``tau'``) run :func:`recompress` first for a tight value.
+    """
+    _check_factors("norm", left, right)
+    lf = _f32(left)
+    rf = _f32(right, lf.device)
+    return ((lf.mT @ lf) * (rf @ rf.mT)).sum().clamp_min(0.0)
+
+
+def add_factored(
+    left1: Tensor,
+    right1: Tensor,
+    left2: Tensor,
+    right2: Tensor,
+    scale1: float = 1.0,
+    scale2: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    r"""Factors of ``scale1 * left1 @ right1 + scale2 * left2 @ right2``.
+
+    ``L = [scale1 * left1, scale2 * left2]``, ``R = [right1; right2]`` (the scales go on the left
+    factors); the rank is the sum of the two ranks, so follow with :func:`recompress` to keep it
+    bounded. For the OPCM update ``unscaled = lam_prev * tau_bar + tau'`` use
+    ``add_factored(L, R, L', R', lam_prev, 1.0)``. float32 on ``left1``'s device.
+    """
+    _check_factors("first", left1, right1)
+    _check_factors("second", left2, right2)
+    if (left1.shape[0], right1.shape[1]) != (left2.shape[0], right2.shape[1]):
+        raise ValueError(
+            f"cannot add a {left1.shape[0]} x {right1.shape[1]} and a "
+            f"{left2.shape[0]} x {right2.shape[1]} matrix"
+        )
+    device = left1.device
+    left = torch.cat([scale1 * _f32(left1), scale2 * _f32(left2, device)], dim=1)
+    right = torch.cat([_f32(right1, device), _f32(right2, device)], dim=0)
+    return left, right
+
+
+def recompress(
+    left: Tensor, right: Tensor, max_rank: int | None = None
+) -> tuple[Tensor, Tensor, float]:
+    r"""Re-factor ``left @ right`` to its numerical rank (and at most ``max_rank``).
+
+    From :func:`thin_svd_from_factors`, ``left @ right ~= (U diag(s)) @ Vh``: returns
+    ``(U * s, Vh, dropped_energy)`` with the singular values on the left factor (so the right
+    factor has orthonormal rows), keeping the numerically non-zero directions, then the top
+    ``max_rank`` of them when given (the best rank-``max_rank`` approximation, Eckart-Young).
+    ``dropped_energy = sum of s_i^2 over dropped directions = ||left @ right - L' R'||_F^2``
+    (the numerically-zero ones included), as a Python float.
+    """
+    if max_rank is not None and max_rank < 0:
+        raise ValueError(f"max_rank must be >= 0, got {max_rank}")
+    q1, uc, s, vhc, q2, tol = _factor_core_svd(left, right)
+    keep = _count_above(s, tol)
+    if max_rank is not None:
+        keep = min(keep, max_rank)
+    new_left = q1 @ (uc[:, :keep] * s[:keep])
+    new_right = vhc[:keep] @ q2.mT
+    dropped = float(s[keep:].to(torch.float64).square().sum()) if s.numel() else 0.0
+    return new_left, new_right, dropped

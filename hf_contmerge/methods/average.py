@@ -1,0 +1,26 @@
+"""Continual weight averaging.
+
+    θ(1) = θ1
+    θ(t) = ((t − 1)·θ(t−1) + θt) / t          (t ≥ 2)
+
+so θ(T) is the plain mean of the T fine-tunes (the base contributes nothing), computed as a running
+mean over a float32 carried state. Reference: the "Weight Averaging" baseline of Wortsman et al.
+2022 (model soups) in its continual form, as used by Tang et al. 2025 (OPCM, arXiv 2501.09522).
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from .base import Method, TensorContext
+
+
+class Average(Method):
+    name = "average"
+    summary = "running mean of the fine-tunes: θ(t) = ((t−1)·θ(t−1) + θt)/t"
+    reference = "Wortsman et al. 2022 (model soups); continual form as in Tang et al. 2025, arXiv 2501.09522"
+
+    def merge(self, step: int, base: Tensor, item: Tensor, prev: dict[str, Tensor] | None, ctx: TensorContext) -> dict[str, Tensor]:
+        if prev is None:
+            return {"merged": item.clone()}
+        return {"merged": (prev["merged"] * (step - 1) + item) / step}

@@ -1,0 +1,41 @@
+"""MagMax: keep, per entry, the task-vector value of largest magnitude seen so far.
+
+    τmax(1) = τ1
+    τmax(t)[j] = τt[j] if |τt[j]| ≥ |τmax(t−1)[j]| else τmax(t−1)[j]
+    θ(t) = θ0 + λ·τmax(t)
+
+The carried state is the unscaled τmax; ``scaling`` λ (default 0.5) is applied only when the weight
+is published, so changing λ does not change what is carried. Ties go to the newer model (≥).
+Reference: Marczak et al. 2024, "MagMax: Leveraging Model Merging for Seamless Continual Learning"
+(ECCV), arXiv 2407.06322.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from .base import Method, MethodParams, TensorContext
+
+
+class MagMaxParams(MethodParams):
+    scaling: float = Field(0.5, gt=0, description="λ applied to the max-magnitude task vector")
+
+
+class MagMax(Method):
+    name = "magmax"
+    summary = "per entry, the largest-magnitude task-vector value so far, scaled by λ"
+    reference = "Marczak et al. 2024 (ECCV), arXiv 2407.06322"
+    Params = MagMaxParams
+    slots = ("tau_max",)
+
+    def merge(self, step: int, base: Tensor, item: Tensor, prev: dict[str, Tensor] | None, ctx: TensorContext) -> dict[str, Tensor]:
+        tau = item - base
+        if prev is None:
+            return {"tau_max": tau}
+        old = prev["tau_max"]
+        return {"tau_max": torch.where(tau.abs() >= old.abs(), tau, old)}
+
+    def weight(self, base: Tensor, slots: dict[str, Tensor]) -> Tensor:
+        return base + self.params.scaling * slots["tau_max"]

@@ -1,0 +1,31 @@
+"""Continual task arithmetic.
+
+    τt = θt − θ0
+    θ(1) = θ0 + λ·τ1
+    θ(t) = θ(t−1) + λ·τt                      (t ≥ 2)
+
+so θ(T) = θ0 + λ·Σt τt. ``scaling`` λ defaults to 0.3. Reference: Ilharco et al. 2023, "Editing
+models with task arithmetic" (ICLR); continual form as in Tang et al. 2025 (arXiv 2501.09522).
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+from torch import Tensor
+
+from .base import Method, MethodParams, TensorContext
+
+
+class TaskArithmeticParams(MethodParams):
+    scaling: float = Field(0.3, gt=0, description="λ, the weight of each task vector")
+
+
+class TaskArithmetic(Method):
+    name = "task_arithmetic"
+    summary = "adds λ·(θt − θ0) for every new fine-tune"
+    reference = "Ilharco et al. 2023 (ICLR), arXiv 2212.04089; continual form as in arXiv 2501.09522"
+    Params = TaskArithmeticParams
+
+    def merge(self, step: int, base: Tensor, item: Tensor, prev: dict[str, Tensor] | None, ctx: TensorContext) -> dict[str, Tensor]:
+        start = base if prev is None else prev["merged"]
+        return {"merged": start + self.params.scaling * (item - base)}

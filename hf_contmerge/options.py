@@ -1,0 +1,105 @@
+"""One validated options model behind the CLI, YAML recipes and the Python API.
+
+The CLI flags are generated from these fields (``cli.py``), a recipe is a YAML mapping of the same
+names, and ``ContinualMerger`` takes the same object, so the three cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from huggingface_hub.serialization._base import parse_size_to_int
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+
+from .errors import ContMergeError
+
+OUTPUT_DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+class MergeOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    base: str = Field(description="base model: a local folder or a Hub repo id ORG/NAME[@REVISION]")
+    stream: list[str] = Field(default_factory=list, description="fine-tunes to merge, in order (folders or Hub repo ids)")
+    method: str = Field(description="merging method (see `hf-contmerge methods`)")
+    params: dict[str, Any] = Field(default_factory=dict, description="method parameters, given as --set KEY=VALUE")
+    out: Path = Field(description="output folder; step-1 … step-T are written inside it")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="dtype of the written weights (auto: each tensor's base dtype)"
+    )
+    device: str = Field("cpu", description="where kernels run: cpu, cuda, cuda:N or auto")
+    shard_size: str = Field("5GB", description="largest safetensors shard, e.g. 5GB or 500MB")
+    chunk_mb: int = Field(256, ge=1, description="slice size (MiB, float32) for elementwise kernels on large tensors")
+    resume: bool = Field(False, description="continue the run in --out after its last complete step")
+    dry_run: bool = Field(False, description="run the pre-flight and print the plan; write nothing")
+    seed: int = Field(0, description="random seed (recorded; used by data-dependent methods)")
+    allow_pickle: bool = Field(False, description="accept pickle (.bin) checkpoints; unpickling can run code")
+    allow_nonfinite: bool = Field(False, description="accept NaN/Inf values in stream items instead of refusing")
+    quiet: bool = Field(False, description="no progress bars")
+    token: SecretStr | None = Field(None, description="Hub token (default: HF_TOKEN or the saved login); never written anywhere", exclude=True)
+
+    @field_validator("shard_size")
+    @classmethod
+    def _shard_size(cls, v: str) -> str:
+        try:
+            if parse_size_to_int(v) <= 0:
+                raise ValueError
+        except (ValueError, TypeError):
+            raise ValueError(f"{v!r} is not a size like 5GB, 500MB or 1000000") from None
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        import re
+
+        if not re.fullmatch(r"cpu|auto|cuda(:\d+)?|mps", v):
+            raise ValueError(f"{v!r} is not a device: use cpu, cuda, cuda:N or auto")
+        return v
+
+    @model_validator(mode="after")
+    def _method(self) -> MergeOptions:
+        from .methods import build_method
+
+        build_method(self.method, self.params)  # raises ContMergeError naming the bad parameter
+        return self
+
+    @property
+    def shard_bytes(self) -> int:
+        return parse_size_to_int(self.shard_size)
+
+    def token_value(self) -> str | None:
+        return self.token.get_secret_value() if self.token else None
+
+    def recorded(self) -> dict[str, Any]:
+        """What the state file and card record (never the token, never local-only flags)."""
+        return {"dtype": self.dtype, "shard_size": self.shard_size, "seed": self.seed}
+
+    @classmethod
+    def create(cls, **values: Any) -> MergeOptions:
+        """Validate, turning pydantic's errors into one clear :class:`ContMergeError`."""
+        try:
+            return cls(**values)
+        except ValidationError as e:
+            problems = "; ".join(f"--{'.'.join(map(str, err['loc'])).replace('_', '-') or 'options'}: {err['msg']}" for err in e.errors())
+            raise ContMergeError(f"Invalid options: {problems}.") from None
+
+
+def load_recipe(path: Path) -> dict[str, Any]:
+    """A YAML recipe: a mapping whose keys are MergeOptions field names (``params`` a mapping)."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise ContMergeError(f"Recipe {path} does not exist.") from None
+    except yaml.YAMLError as e:
+        raise ContMergeError(f"Recipe {path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ContMergeError(f"Recipe {path} must be a mapping of option names to values (see recipes/).")
+    unknown = sorted(set(data) - set(MergeOptions.model_fields) - {"token"})
+    if unknown:
+        raise ContMergeError(f"Recipe {path} has unknown keys {unknown}; known: {sorted(MergeOptions.model_fields)}.")
+    if "token" in data:
+        raise ContMergeError(f"Recipe {path} contains a token. Tokens do not belong in files: use HF_TOKEN or `hf auth login`.")
+    return data

@@ -1,0 +1,86 @@
+"""``contmerge_state.json`` and the carried tensors of a step.
+
+The JSON records everything needed to continue the stream and to say what went in: method and
+parameters, the options that change bits, the base and every stream item so far (source as given,
+resolved commit hash, content fingerprint, how names were aligned, heads, modules the item lacked),
+the method's carried scalars, and where its carried float32 tensors are: one safetensors set per
+slot in ``contmerge_state/`` (``{slot}.safetensors`` or sharded with an index), keyed by the
+output's tensor names. It never holds a token. It holds no timestamp either, so a resumed run
+writes the same bytes as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import ContMergeError
+from .sources import Checkpoint
+
+STATE_FILE = "contmerge_state.json"
+STATE_DIR = "contmerge_state"
+FORMAT = "hf-contmerge/state"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class StepState:
+    step: int
+    method: str
+    params: dict[str, Any]
+    options: dict[str, Any]
+    base: dict[str, Any]
+    stream: list[dict[str, Any]]
+    scalars: dict[str, Any] = field(default_factory=dict)
+    slots: list[str] = field(default_factory=list)
+    heads: list[dict[str, Any]] = field(default_factory=list)
+    evaluation: dict[str, Any] | None = None
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+    tool_version: str = __version__
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["tensors"] = {"dir": STATE_DIR, "dtype": "float32", "slots": self.slots}
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, where: str) -> StepState:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ContMergeError(f"{where} is not valid JSON ({e}); the step is damaged. Remove that step folder.") from None
+        if data.get("format") != FORMAT:
+            raise ContMergeError(f"{where} is not an hf-contmerge state file.")
+        if data.get("format_version", 0) > FORMAT_VERSION:
+            raise ContMergeError(f"{where} was written by a newer hf-contmerge (format {data['format_version']}); upgrade.")
+        data.pop("tensors", None)
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def read_state(step_folder: Path) -> StepState:
+    path = Path(step_folder) / STATE_FILE
+    if not path.is_file():
+        raise ContMergeError(f"{step_folder} has no {STATE_FILE}; it is not an hf-contmerge step.")
+    return StepState.from_json(path.read_text(), str(path))
+
+
+def write_json_atomic(path: Path, text: str) -> None:
+    """Replace a small file atomically (write beside it, fsync, rename)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def open_slot(step_folder: Path, slot: str) -> Checkpoint:
+    """The carried tensors of ``slot`` written with a step."""
+    folder = Path(step_folder) / STATE_DIR
+    return Checkpoint.open(folder, prefix=slot, label=f"carried state {slot!r} of {step_folder}")
