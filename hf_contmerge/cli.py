@@ -46,8 +46,8 @@ def _add_option_flags(parser: argparse.ArgumentParser) -> None:
             kwargs["metavar"] = "SRC"
         elif origin is typing.Literal:
             kwargs["choices"] = typing.get_args(ann)
-        elif ann is int:
-            kwargs["type"] = int
+        elif ann in (int, float):
+            kwargs["type"] = ann
         if not field.is_required() and ann is not bool and field.default is not None and origin is not list:
             kwargs["help"] = f"{field.description} (default: {field.default})"
         parser.add_argument(flag, **kwargs)

@@ -14,7 +14,9 @@ knows nothing about any particular method.
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -38,6 +40,16 @@ from .state import STATE_DIR, STATE_FILE, StepState, open_slot, read_state
 OUT_DTYPE = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 # Files of the base folder that are not copied into a step (weights, our own files, its card).
 SKIP_SIDE = {"model.safetensors.index.json", "pytorch_model.bin.index.json", "adapter_config.json", "README.md", STATE_FILE}
+
+
+def failpoint(name: str) -> None:
+    """Crash tests' hook: ``HF_CONTMERGE_FAILPOINT=<name>`` kills this process (SIGKILL) right here.
+
+    Points: ``step-T:tensor-N`` (after the N-th output tensor of step T is written) and
+    ``step-T:publish`` (everything written, just before the rename that makes step T visible).
+    """
+    if os.environ.get("HF_CONTMERGE_FAILPOINT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -166,6 +178,7 @@ class Engine:
                 scalars = self._write_tensors(ctx, partial, scalars)
             state = self._finish_folder(ctx, partial, prev_folder, previous, scalars)
             final = outdir.step_dir(opts.out, step)
+            failpoint(f"step-{step}:publish")
             outdir.publish(partial, final)
         except BaseException:
             shutil.rmtree(partial, ignore_errors=True)
@@ -180,7 +193,7 @@ class Engine:
     def _chunks(self, kp: KeyPlan) -> Iterator[tuple[int, int] | None]:
         if not self.method.elementwise:
             return iter([None])
-        return iter_row_chunks(kp.shape, 4, self.options.chunk_mb << 20)
+        return iter_row_chunks(kp.shape, 4, int(self.options.chunk_mb * 2**20))
 
     def _write_tensors(self, ctx: _StepContext, partial: Path, scalars: dict[str, Any]) -> dict[str, Any]:
         plan, method, opts = ctx.plan, self.method, self.options
@@ -213,7 +226,8 @@ class Engine:
                     w.close()
                 scalars = method.end_pass(ctx.step, scalars, ctx.stats)
                 first = {s: Checkpoint.open(scratch_dir, prefix=s) for s in method.slots}
-            for kp in plan.keys:
+            for n, kp in enumerate(plan.keys, start=1):
+                failpoint(f"step-{ctx.step}:tensor-{n}")
                 if not kp.merged:
                     self._copy_base(ctx, kp, weights)
                     bar.update(_numel(kp.shape, None))
@@ -264,7 +278,7 @@ class Engine:
 
     def _copy_base(self, ctx: _StepContext, kp: KeyPlan, weights: ShardedWriter) -> None:
         dtype = SAFE_DTYPES[self._out_dtype(kp)]
-        for rows in iter_row_chunks(kp.shape, 4, self.options.chunk_mb << 20):
+        for rows in iter_row_chunks(kp.shape, 4, int(self.options.chunk_mb * 2**20)):
             weights.write(kp.key, ctx.plan.base.checkpoint.read(kp.key, rows).to(dtype))
 
     # ------------------------------------------------------------------ side files, heads, state, card

@@ -41,7 +41,6 @@ from types import MappingProxyType
 
 import torch
 import transformers
-from accelerate import init_empty_weights
 from torch import nn
 from transformers import AutoModel, PretrainedConfig, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
@@ -71,11 +70,13 @@ def meta_model(config: PretrainedConfig) -> PreTrainedModel:
 
     The class is ``config.architectures[0]`` when transformers defines it (so task heads such as
     ``lm_head`` or ``classifier`` exist), else the ``AutoModel`` class of the config. Remote code is
-    never trusted. Buffers stay real (``init_empty_weights`` default): some ``__init__`` code reads them.
+    never trusted. **[choice]** ``torch.device("meta")`` rather than ``accelerate.init_empty_weights``:
+    the latter re-registers parameters and so unties ``lm_head`` from ``embed_tokens`` (checked with
+    accelerate 1.15), which would misreport what ``save_pretrained`` writes.
     """
     architectures = getattr(config, "architectures", None) or []
     cls = getattr(transformers, architectures[0], None) if architectures else None
-    with init_empty_weights():
+    with torch.device("meta"):
         if isinstance(cls, type) and issubclass(cls, PreTrainedModel):
             return cls._from_config(config)
         return AutoModel.from_config(config, trust_remote_code=False)

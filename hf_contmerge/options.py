@@ -31,7 +31,7 @@ class MergeOptions(BaseModel):
     )
     device: str = Field("cpu", description="where kernels run: cpu, cuda, cuda:N or auto")
     shard_size: str = Field("5GB", description="largest safetensors shard, e.g. 5GB or 500MB")
-    chunk_mb: int = Field(256, ge=1, description="slice size (MiB, float32) for elementwise kernels on large tensors")
+    chunk_mb: float = Field(256, gt=0, description="slice size (MiB, float32) for elementwise kernels on large tensors")
     resume: bool = Field(False, description="continue the run in --out after its last complete step")
     dry_run: bool = Field(False, description="run the pre-flight and print the plan; write nothing")
     seed: int = Field(0, description="random seed (recorded; used by data-dependent methods)")

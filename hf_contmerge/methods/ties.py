@@ -6,7 +6,8 @@
 TIES([a, b]) (Yadav et al. 2023):
 1. trim: in each of a and b keep the entries whose magnitude is at least the k-th largest, with
    k = ⌊top_k·n⌋ and n the number of entries of the tensor (ties at the threshold are kept, as in
-   the reference ``topk_values_mask``; k = n keeps everything, k = 0 keeps only the largest);
+   the reference ``topk_values_mask``, whose kthvalue index keeps one entry more than k: an
+   off-by-one not copied here; k = n keeps everything, k = 0 keeps only the largest);
 2. elect: per entry, the sign of the sum of the trimmed values (a zero sum elects +);
 3. disjoint **sum**: add the trimmed entries whose sign agrees with the elected sign.
 
@@ -41,7 +42,8 @@ def trim(x: Tensor, top_k: float) -> Tensor:
     if n == 0 or keep >= n:
         return x.clone()
     mag = x.abs().reshape(-1)
-    threshold = mag.kthvalue(n - keep).values if keep > 0 else mag.max()
+    # the k-th largest is the (n − k + 1)-th smallest; the reference passes n − k and so keeps k + 1
+    threshold = mag.kthvalue(n - keep + 1).values if keep > 0 else mag.max()
     return torch.where(x.abs() >= threshold, x, torch.zeros_like(x))
 
 

@@ -1,0 +1,71 @@
+"""Independent in-memory references for the data-free methods, written from METHODS.md.
+
+They work on whole state dicts, all at once, with no engine, no slices and no carried files, and
+share no code with ``hf_contmerge.methods``: agreement between the two is the test.
+"""
+
+from __future__ import annotations
+
+import torch
+
+StateDict = dict[str, torch.Tensor]
+
+
+def _f(sd: StateDict) -> StateDict:
+    return {k: v.double() for k, v in sd.items() if v.is_floating_point()}
+
+
+def average(base: StateDict, items: list[StateDict], **_) -> list[StateDict]:
+    items = [_f(x) for x in items]
+    return [{k: sum(x[k] for x in items[:t]) / t for k in items[0]} for t in range(1, len(items) + 1)]
+
+
+def task_arithmetic(base: StateDict, items: list[StateDict], scaling: float = 0.3) -> list[StateDict]:
+    b, items = _f(base), [_f(x) for x in items]
+    return [{k: b[k] + scaling * sum(x[k] - b[k] for x in items[:t]) for k in b} for t in range(1, len(items) + 1)]
+
+
+def magmax(base: StateDict, items: list[StateDict], scaling: float = 0.5) -> list[StateDict]:
+    b, items = _f(base), [_f(x) for x in items]
+    out = []
+    for t in range(1, len(items) + 1):
+        merged = {}
+        for k in b:
+            taus = torch.stack([x[k] - b[k] for x in items[:t]])
+            # the newest of the largest magnitudes wins ties: scan from the newest
+            best = taus[-1].clone()
+            for tau in reversed(taus[:-1]):
+                best = torch.where(tau.abs() > best.abs(), tau, best)
+            merged[k] = b[k] + scaling * best
+        out.append(merged)
+    return out
+
+
+def _ties_pair(a: torch.Tensor, b: torch.Tensor, top_k: float) -> torch.Tensor:
+    def trim(x):
+        flat = x.abs().flatten()
+        keep = int(flat.numel() * top_k)
+        if keep >= flat.numel():
+            return x
+        thr = torch.sort(flat, descending=True).values[max(keep, 1) - 1]
+        return x * (x.abs() >= thr)
+
+    ta, tb = trim(a), trim(b)
+    sign = torch.sign(ta + tb)
+    sign[sign == 0] = 1
+    return ta * (torch.sign(ta) == sign) + tb * (torch.sign(tb) == sign)
+
+
+def ties(base: StateDict, items: list[StateDict], scaling: float = 0.3, top_k: float = 0.2) -> list[StateDict]:
+    # float32 like the carried state: which entry is the k-th largest must not hinge on rounding
+    b = {k: v.float() for k, v in _f(base).items()}
+    items = [{k: v.float() for k, v in _f(x).items()} for x in items]
+    merged = {k: b[k] + scaling * (items[0][k] - b[k]) for k in b}
+    out = [merged]
+    for x in items[1:]:
+        merged = {k: merged[k] + scaling * _ties_pair(merged[k] - b[k], x[k] - b[k], top_k) for k in b}
+        out.append(merged)
+    return out
+
+
+REFERENCES = {"average": average, "task_arithmetic": task_arithmetic, "magmax": magmax, "ties": ties}

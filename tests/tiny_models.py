@@ -1,0 +1,121 @@
+"""Tiny random models built from configs, and fine-tune look-alikes of them, saved as HF folders.
+
+A "fine-tune" here is the base with seeded noise added to every float tensor (and, for task
+models, a new head): what matters to a merger is the files, not how they were trained.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    BertModel,
+    CLIPConfig,
+    CLIPModel,
+    CLIPTextConfig,
+    CLIPVisionConfig,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    ViTConfig,
+    ViTForImageClassification,
+    ViTModel,
+)
+
+
+def llama(tied: bool = False) -> torch.nn.Module:
+    return LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied))
+
+
+def gpt2() -> torch.nn.Module:
+    return GPT2LMHeadModel(GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64))
+
+
+def bert_config(**kw) -> BertConfig:
+    return BertConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                      max_position_embeddings=64, **kw)
+
+
+def bert() -> torch.nn.Module:
+    return BertModel(bert_config())
+
+
+def bert_classifier(num_labels: int) -> torch.nn.Module:
+    return BertForSequenceClassification(bert_config(num_labels=num_labels))
+
+
+def vit_config(**kw) -> ViTConfig:
+    return ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, image_size=16,
+                     patch_size=8, **kw)
+
+
+def vit() -> torch.nn.Module:
+    return ViTModel(vit_config())
+
+
+def vit_classifier(num_labels: int) -> torch.nn.Module:
+    return ViTForImageClassification(vit_config(num_labels=num_labels))
+
+
+def clip() -> torch.nn.Module:
+    text = CLIPTextConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                          max_position_embeddings=32)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=16, patch_size=8)
+    return CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=16))
+
+
+FAMILIES: dict[str, Callable[[], torch.nn.Module]] = {
+    "llama": llama,
+    "llama_tied": lambda: llama(tied=True),
+    "gpt2": gpt2,
+    "bert": bert,
+    "vit": vit,
+    "clip": clip,
+}
+
+
+def perturb(model: torch.nn.Module, seed: int, scale: float = 0.02) -> torch.nn.Module:
+    """A fine-tune look-alike: the same model with seeded noise added to every float parameter."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return model
+
+
+def save(model: torch.nn.Module, folder: Path, dtype: torch.dtype | None = None) -> Path:
+    if dtype is not None:
+        model = model.to(dtype)
+    model.save_pretrained(folder)
+    return folder
+
+
+def make_stream(tmp: Path, family: str, n: int = 3, dtype: torch.dtype | None = None) -> tuple[Path, list[Path]]:
+    """Save a base and ``n`` fine-tune look-alikes of one family; returns their folders."""
+    torch.manual_seed(0)
+    base = FAMILIES[family]()
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+    base_dir = save(base, tmp / f"{family}-base", dtype)
+    items = []
+    for i in range(n):
+        base.load_state_dict(state)
+        items.append(save(perturb(base, seed=100 + i), tmp / f"{family}-ft{i}", dtype))
+    base.load_state_dict(state)
+    return base_dir, items
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a saved folder, by file name (single or sharded)."""
+    folder = Path(folder)
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(folder.glob("model*.safetensors")):
+        out.update(load_file(f))
+    return out
