@@ -32,7 +32,7 @@ e.g. ViT ``vit.layers.0.attention.q_proj``) or file (``vit.encoder.layer.0.atten
 module names; :mod:`hf_contmerge.naming` maps them to file keys. **[choice]** A name is first read
 as an in-memory name (what PEFT under transformers 5 writes), then as a file name (adapters written
 under transformers 4), each also with ``base_model_prefix`` added or removed (an adapter trained on
-``LlamaModel`` applied to a ``LlamaForCausalLM`` base), the order ``from_pretrained`` itself uses.
+``LlamaModel`` applied to a ``LlamaForCausalLM`` base), as ``from_pretrained`` does for checkpoint keys.
 
 Everything that would make ``ΔW ≠ s·B@A`` or that cannot be placed on a base file tensor is refused
 with :class:`AdapterError` when the adapter is opened, before any tensor is merged: non-LoRA PEFT
@@ -200,7 +200,11 @@ class LoraAdapter:
         return self._target(file_key).rank
 
     def factors(self, file_key: str) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """``(B, A, s)`` in float32 with ``ΔW = s · B @ A`` in the base file tensor's layout; B: rows x r, A: r x cols."""
+        """``(B, A, s)``, float32, with ``ΔW = s · B @ A`` in the base file tensor's layout.
+
+        B is rows x r and A is r x cols of the base file tensor (so for Conv1D and embeddings they are
+        PEFT's ``lora_A``ᵀ and ``lora_B``ᵀ).
+        """
         target = self._target(file_key)
         lora_a = self._store.get(target.a_key).to(torch.float32)
         lora_b = self._store.get(target.b_key).to(torch.float32)
@@ -329,7 +333,7 @@ class _AdapterReader:
                     adapter_names.add(match["adapter"])
                 factors.setdefault(match["module"], {})[match["part"]] = key
             elif ".lora_" in name:
-                raise AdapterError(f"adapter {self.path} holds {key!r}, a LoRA tensor kind this merger does not handle.")
+                raise AdapterError(f"adapter {self.path} holds {key!r}, a LoRA tensor kind this merger cannot merge.")
             else:
                 plain.append((name, key))
         if len(adapter_names) > 1:

@@ -173,7 +173,9 @@ def _layout_of_model(model: PreTrainedModel) -> FileLayout:
     fused_file = frozenset(k for k, t in written.items() if id(t) not in name_of)
     fused_memory = frozenset(set(state) - set(to_file))
     module_types = {
-        path: type(module) for path, module in model.named_modules() if any(True for _ in module.parameters(recurse=False))
+        path: type(module)
+        for path, module in model.named_modules()
+        if any(True for _ in module.parameters(recurse=False))
     }
     return FileLayout(
         to_file=MappingProxyType(to_file),

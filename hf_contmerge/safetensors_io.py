@@ -78,8 +78,8 @@ class TensorInfo:
 
 def _corrupt(path: Path, why: str) -> ContMergeError:
     return ContMergeError(
-        f"{path} is truncated or corrupt ({why}). Delete it and download or save it again; "
-        "if it comes from the Hub cache, remove that snapshot (or pass --force-download)."
+        f"{path} is truncated or corrupt ({why}). Save it again, or, if it came from the Hub, delete it "
+        "from the Hub cache (`hf cache delete`) so that the next run downloads it afresh."
     )
 
 
