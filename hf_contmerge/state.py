@@ -84,3 +84,18 @@ def open_slot(step_folder: Path, slot: str) -> Checkpoint:
     """The carried tensors of ``slot`` written with a step."""
     folder = Path(step_folder) / STATE_DIR
     return Checkpoint.open(folder, prefix=slot, label=f"carried state {slot!r} of {step_folder}")
+
+
+def record_evaluation(step_folder: Path, evaluation: dict[str, Any]) -> StepState:
+    """Attach evaluation results to a complete step: rewrite its state and card atomically.
+
+    ``evaluation``: ``{"description": str, "tasks": [names], "rows": [{"name", "scores", "mean"}],
+    "metrics": {...}}``; scores are fractions in [0, 1] or None for tasks not yet seen.
+    """
+    from .card import render_card
+
+    state = read_state(step_folder)
+    state.evaluation = evaluation
+    write_json_atomic(Path(step_folder) / STATE_FILE, state.to_json())
+    write_json_atomic(Path(step_folder) / "README.md", render_card(state))
+    return state
