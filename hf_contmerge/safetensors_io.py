@@ -138,9 +138,9 @@ class SafetensorsFile:
     """One safetensors file, validated on open; tensors are read on demand, rows at a time."""
 
     def __init__(self, path: str | os.PathLike[str]):
+        self._fd: int | None = None
         self.path = Path(path)
         self.tensors, self.metadata = read_header(self.path)
-        self._fd: int | None = None
 
     def __contains__(self, key: str) -> bool:
         return key in self.tensors

@@ -10,7 +10,8 @@ and ``from_pretrained(repo_id, revision=...)``.
 Routes and JSON shapes follow the client in huggingface_hub 2.4 (``hf_api.py``, ``_commit_api.py``,
 ``file_download.py``, ``_snapshot_download.py``, ``utils/_http.py``):
 
-- ``POST /api/repos/create`` (409 with ``url`` when the repo exists, so ``exist_ok`` works), ``DELETE /api/repos/delete``
+- ``POST /api/repos/create`` (409 with ``url`` when the repo exists, so ``exist_ok`` works),
+  ``DELETE /api/repos/delete``
 - ``GET /api/{models|datasets|spaces}/{ns}/{name}[/revision/{rev}]`` -> ``id``, ``sha``, ``siblings[].rfilename``, ...
 - ``GET .../tree/{rev}[/{path}]``, ``GET .../refs``, ``GET .../commits/{rev}``, ``POST .../paths-info/{rev}``
 - ``POST .../preupload/{rev}`` -> always ``uploadMode: "regular"`` (never ``lfs``), so no LFS or Xet transfer
@@ -33,7 +34,8 @@ Storage: one folder per repo under ``root/{type}s/{ns}/{name}`` holding ``object
 sha1), ``commits/`` (one JSON per commit; id = sha1 hex of the commit's canonical JSON), ``refs.json`` (branches,
 tags, pull-request refs) and ``info.json``. Like the Hub, a new repo starts with one commit holding
 ``.gitattributes`` on ``main``. Revisions are branch names, tag names, ``refs/heads/*``, ``refs/tags/*``,
-``refs/pr/N``, full commit shas or unique sha prefixes of 7+ characters (URL-encoded in paths, as the client sends them).
+``refs/pr/N``, full commit shas or unique sha prefixes of 7+ characters (URL-encoded in paths, as the client
+sends them).
 
 Pointing the clients at the server after they were imported
 ------------------------------------------------------------
@@ -93,6 +95,7 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from http.client import HTTPMessage
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -338,7 +341,7 @@ class _Request:
     method: str
     path: str
     query: dict[str, list[str]]
-    headers: Any
+    headers: HTTPMessage
     body: bytes
     authenticated: bool
     server: "HubServer"
@@ -382,6 +385,8 @@ class _Handler(BaseHTTPRequestHandler):
     def setup(self) -> None:
         self.timeout = self.server.hub.request_timeout  # per-connection socket timeout
         super().setup()
+        # Headers and body go out in two writes: without TCP_NODELAY, Nagle + delayed ACK add ~40 ms per request.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.server.track(self.connection, add=True)
 
     def finish(self) -> None:
@@ -452,6 +457,11 @@ class _Server(ThreadingHTTPServer):
         with self._connections_lock:
             (self._connections.add if add else self._connections.discard)(connection)
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that hangs up mid-reply (a cancelled download) is not an error worth a traceback."""
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            super().handle_error(request, client_address)
+
     def close_connections(self) -> None:
         """Shut down every open connection (idle keep-alive ones included) so handler threads end now."""
         with self._connections_lock:
@@ -470,6 +480,30 @@ _REPO_API = re.compile(
     r"(?:/(revision|tree|refs|commits|paths-info|preupload|commit|branch|tag|safetensors-metadata)(?:/(.*))?)?$"
 )
 _RESOLVE = re.compile(r"^/(?:(datasets|spaces)/)?([^/]+)/([^/]+)/resolve/([^/]+)/(.+)$")
+# (method, path) -> route name, for routes outside a repo.
+_PLAIN_ROUTES = {
+    ("POST", "/api/repos/create"): "create_repo",
+    ("DELETE", "/api/repos/delete"): "delete_repo",
+    ("POST", "/api/validate-yaml"): "validate_yaml",
+    ("GET", "/api/whoami-v2"): "whoami",
+    ("GET", "/api/agent-harnesses"): "agent_harnesses",
+}
+# (method, action after /api/{type}s/{ns}/{name}) -> route name.
+_REPO_ROUTES = {
+    ("GET", None): "repo_info",
+    ("GET", "revision"): "repo_info",
+    ("GET", "tree"): "tree",
+    ("GET", "refs"): "refs",
+    ("GET", "commits"): "commits",
+    ("POST", "paths-info"): "paths_info",
+    ("POST", "preupload"): "preupload",
+    ("POST", "commit"): "commit",
+    ("POST", "branch"): "create_branch",
+    ("DELETE", "branch"): "delete_branch",
+    ("POST", "tag"): "create_tag",
+    ("DELETE", "tag"): "delete_tag",
+    ("GET", "safetensors-metadata"): "safetensors_metadata",
+}
 
 
 class HubServer:
@@ -529,7 +563,9 @@ class HubServer:
 
     # -- test controls ---------------------------------------------------------------------------------------
 
-    def fail_next(self, route_pattern: str, status: int = 500, count: int = 1, retry_after: float | None = None) -> None:
+    def fail_next(
+        self, route_pattern: str, status: int = 500, count: int = 1, retry_after: float | None = None
+    ) -> None:
         """Answer the next ``count`` requests whose ``"<METHOD> <path>"`` matches ``route_pattern`` (``re.search``)
         with ``status`` (e.g. 500, 503, 429) instead of handling them. The body is still read.
         ``retry_after`` adds a ``Retry-After`` header (seconds), which huggingface_hub's backoff honours."""
@@ -561,66 +597,47 @@ class HubServer:
         return None
 
     def respond(self, request: _Request) -> tuple[str | None, Reply, bool]:
-        """``(route name, reply, injected)`` for one request; unknown routes get 404, handler bugs 500."""
+        """``(route name, reply, injected)`` for one request: an injected failure if one matches, else the route's
+        reply; 404 for unknown routes, 400 for malformed input, 500 (with the exception) for anything else."""
+        route, handler, args = self._route(request)
         failure = self._take_failure(request.method, request.path)
         if failure is not None:
             headers = {} if failure.retry_after is None else {"Retry-After": f"{failure.retry_after:g}"}
-            reply = _error_reply(_HttpError(failure.status, f"Injected failure (HTTP {failure.status})", None, headers))
-            return None, reply, True
-        route, handler, args = self._route(request)
+            message = f"Injected failure (HTTP {failure.status})"
+            return route, _error_reply(_HttpError(failure.status, message, None, headers)), True
         try:
             if handler is None:
                 raise _HttpError(404, f"No route for {request.method} {request.path}")
             if self.require_token and not request.authenticated and route != "agent_harnesses":
-                raise _HttpError(401, "Invalid username or password.")
+                # Like the Hub: a 401 on a repo route says RepoNotFound (-> RepositoryNotFoundError).
+                raise _HttpError(401, "Invalid username or password.", "RepoNotFound" if args else None)
             with self.store.lock:
                 return route, handler(request, *args), False
         except _HttpError as error:
             return route, _error_reply(error), False
-        except (ValueError, KeyError, TypeError) as error:  # malformed client input
+        except (ValueError, KeyError, TypeError) as error:  # malformed JSON, missing fields, bad base64
             return route, _error_reply(_HttpError(400, f"Bad request: {error!r}")), False
+        except Exception as error:  # a bug here must reach the test as a 500, not as a dropped connection
+            return route, _error_reply(_HttpError(500, f"Test Hub error: {error!r}")), False
 
     def _route(self, request: _Request) -> tuple[str | None, Callable[..., Reply] | None, tuple]:
-        """Match the path to ``(route name, handler, handler args)``."""
+        """Match the path to ``(route name, handler, handler args)``; the handler of route ``x`` is ``self._x``."""
         method, path = request.method, request.path
-        simple: dict[tuple[str, str], tuple[str, Callable[..., Reply]]] = {
-            ("POST", "/api/repos/create"): ("create_repo", self._create_repo),
-            ("DELETE", "/api/repos/delete"): ("delete_repo", self._delete_repo),
-            ("POST", "/api/validate-yaml"): ("validate_yaml", self._validate_yaml),
-            ("GET", "/api/whoami-v2"): ("whoami", self._whoami),
-            ("GET", "/api/agent-harnesses"): ("agent_harnesses", self._agent_harnesses),
-        }
-        if (method, path) in simple:
-            name, handler = simple[(method, path)]
-            return name, handler, ()
+        if (method, path) in _PLAIN_ROUTES:
+            name = _PLAIN_ROUTES[(method, path)]
+            return name, getattr(self, f"_{name}"), ()
         if match := _RESOLVE.match(path):
             prefix, namespace, name, revision, filename = match.groups()
             repo_type = _TYPE_BY_SEGMENT[prefix] if prefix else "model"
             repo_id = f"{unquote(namespace)}/{unquote(name)}"
             if method in ("GET", "HEAD"):
                 return "resolve", self._resolve, (repo_type, repo_id, unquote(revision), unquote(filename))
-            return "resolve", None, ()
-        if match := _REPO_API.match(path):
+        elif match := _REPO_API.match(path):
             segment, namespace, name, action, rest = match.groups()
-            args = (_TYPE_BY_SEGMENT[segment], f"{unquote(namespace)}/{unquote(name)}", rest or "")
-            table: dict[tuple[str, str | None], tuple[str, Callable[..., Reply]]] = {
-                ("GET", None): ("repo_info", self._repo_info),
-                ("GET", "revision"): ("repo_info", self._repo_info),
-                ("GET", "tree"): ("tree", self._tree),
-                ("GET", "refs"): ("refs", self._refs),
-                ("GET", "commits"): ("commits", self._commits),
-                ("POST", "paths-info"): ("paths_info", self._paths_info),
-                ("POST", "preupload"): ("preupload", self._preupload),
-                ("POST", "commit"): ("commit", self._commit),
-                ("POST", "branch"): ("create_branch", self._create_branch),
-                ("DELETE", "branch"): ("delete_branch", self._delete_branch),
-                ("POST", "tag"): ("create_tag", self._create_tag),
-                ("DELETE", "tag"): ("delete_tag", self._delete_tag),
-                ("GET", "safetensors-metadata"): ("safetensors_metadata", self._safetensors_metadata),
-            }
-            if (method, action) in table:
-                name, handler = table[(method, action)]
-                return name, handler, args
+            if (method, action) in _REPO_ROUTES:
+                route = _REPO_ROUTES[(method, action)]
+                args = (_TYPE_BY_SEGMENT[segment], f"{unquote(namespace)}/{unquote(name)}", rest or "")
+                return route, getattr(self, f"_{route}"), args
         return None, None, ()
 
     # -- helpers ---------------------------------------------------------------------------------------------
@@ -763,7 +780,11 @@ class HubServer:
                 for name, target in sorted(refs[kind].items())
             ]
 
-        data: dict[str, Any] = {"branches": listing("branches", "refs/heads/"), "converts": [], "tags": listing("tags", "refs/tags/")}
+        data: dict[str, Any] = {
+            "branches": listing("branches", "refs/heads/"),
+            "converts": [],
+            "tags": listing("tags", "refs/tags/"),
+        }
         if request.flag("include_prs"):
             data["pullRequests"] = listing("pulls", "")
         return _json_reply(data)
@@ -798,7 +819,8 @@ class HubServer:
         if missing:
             raise _HttpError(404, f"Shards missing on main: {missing}", "EntryNotFound")
         index_without_map = {k: v for k, v in index.items() if k != "weight_map"}
-        return _json_reply({"index": index_without_map, "headers": {s: _safetensors_header(repo, tree[s]) for s in shards}})
+        headers = {shard: _safetensors_header(repo, tree[shard]) for shard in shards}
+        return _json_reply({"index": index_without_map, "headers": headers})
 
     # -- files -----------------------------------------------------------------------------------------------
 
@@ -873,7 +895,12 @@ class HubServer:
         refs[key[0]][key[1]] = commit.id
         repo.save_refs(refs)
         return _json_reply(
-            {"success": True, "commitOid": commit.id, "commitUrl": self._commit_url(repo, commit.id), "pullRequestUrl": pr_url}
+            {
+                "success": True,
+                "commitOid": commit.id,
+                "commitUrl": self._commit_url(repo, commit.id),
+                "pullRequestUrl": pr_url,
+            }
         )
 
     def _commit_target(self, repo: RepoStore, revision: str) -> tuple[str, str]:
@@ -980,7 +1007,8 @@ def _tree_entries(repo: RepoStore, tree: dict[str, str], prefix: str, *, recursi
             entries.append({"type": "file", "path": path, "size": repo.blob_size(oid), "oid": oid})
     for folder, listing in folders.items():
         if recursive or "/" not in folder[len(base) :]:
-            entries.append({"type": "directory", "path": folder, "oid": hashlib.sha1("\n".join(listing).encode()).hexdigest(), "size": 0})
+            oid = hashlib.sha1("\n".join(listing).encode()).hexdigest()
+            entries.append({"type": "directory", "path": folder, "oid": oid, "size": 0})
     return sorted(entries, key=lambda e: e["path"])
 
 
@@ -1059,66 +1087,86 @@ class _Patcher:
 def patch_hub_clients(endpoint: str, hf_home: Path, *, disable_xet: bool = False) -> Iterator[None]:
     """Point huggingface_hub (and transformers, peft, datasets if imported) at ``endpoint`` and ``hf_home``,
     whether they were imported before or not; restore everything on exit. See the module docstring for the list."""
-    import huggingface_hub
     from huggingface_hub import constants, hf_api
     from huggingface_hub.utils import _detect_agent, close_session
 
     hf_home = Path(hf_home)
     hub_cache = hf_home / "hub"
     patcher = _Patcher()
+    env = {
+        "HF_ENDPOINT": endpoint,
+        "HF_HOME": str(hf_home),
+        "HF_HUB_CACHE": "/tmp/hubsmoke/wrongcache",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "HF_HUB_DISABLE_XET": "1" if disable_xet else os.environ.get("HF_HUB_DISABLE_XET"),
+        "HF_TOKEN": None,
+        "HUGGING_FACE_HUB_TOKEN": None,
+        "HF_OIDC_RESOURCE": None,
+        "HF_HUB_OFFLINE": None,
+        "TRANSFORMERS_OFFLINE": None,
+        "HF_DATASETS_OFFLINE": None,
+    }
+    consts = {
+        "ENDPOINT": endpoint,
+        "HUGGINGFACE_CO_URL_TEMPLATE": endpoint + "/{repo_id}/resolve/{revision}/{filename}",
+        "HF_HOME": str(hf_home),
+        "HF_HUB_CACHE": "/tmp/hubsmoke/wrongcache",
+        "HUGGINGFACE_HUB_CACHE": str(hub_cache),
+        "HF_ASSETS_CACHE": str(hf_home / "assets"),
+        "HF_XET_CACHE": str(hf_home / "xet"),
+        "HF_TOKEN_PATH": str(hf_home / "token"),
+        "HF_STORED_TOKENS_PATH": str(hf_home / "stored_tokens"),
+        "AGENT_HARNESSES_PATH": str(hf_home / ".agent_harnesses.json"),
+        "HF_HUB_OFFLINE": False,
+        "HF_HUB_DISABLE_TELEMETRY": True,
+        "HF_HUB_DISABLE_XET": disable_xet or constants.HF_HUB_DISABLE_XET,
+    }
     try:
-        env = {
-            "HF_ENDPOINT": endpoint,
-            "HF_HOME": str(hf_home),
-            "HF_HUB_CACHE": str(hub_cache),
-            "HF_HUB_DISABLE_TELEMETRY": "1",
-            "HF_HUB_DISABLE_XET": "1" if disable_xet else None,
-            "HF_TOKEN": None,
-            "HUGGING_FACE_HUB_TOKEN": None,
-            "HF_OIDC_RESOURCE": None,
-            "HF_HUB_OFFLINE": None,
-            "TRANSFORMERS_OFFLINE": None,
-            "HF_DATASETS_OFFLINE": None,
-        }
         for name, value in env.items():
             patcher.setenv(name, value)
-        consts = {
-            "ENDPOINT": endpoint,
-            "HUGGINGFACE_CO_URL_TEMPLATE": endpoint + "/{repo_id}/resolve/{revision}/{filename}",
-            "HF_HOME": str(hf_home),
-            "HF_HUB_CACHE": str(hub_cache),
-            "HUGGINGFACE_HUB_CACHE": str(hub_cache),
-            "HF_ASSETS_CACHE": str(hf_home / "assets"),
-            "HF_XET_CACHE": str(hf_home / "xet"),
-            "HF_TOKEN_PATH": str(hf_home / "token"),
-            "HF_STORED_TOKENS_PATH": str(hf_home / "stored_tokens"),
-            "AGENT_HARNESSES_PATH": str(hf_home / ".agent_harnesses.json"),
-            "HF_HUB_OFFLINE": False,
-            "HF_HUB_DISABLE_TELEMETRY": True,
-            "HF_HUB_DISABLE_XET": bool(disable_xet) or constants.HF_HUB_DISABLE_XET,
-        }
         for name, value in consts.items():
             patcher.setattr(constants, name, value)
         patcher.setattr(hf_api.api, "endpoint", endpoint)
         patcher.setattr(_detect_agent, "_registry", {"standardEnvVars": [], "harnesses": {}})
-        if (transformers_hub := sys.modules.get("transformers.utils.hub")) is not None:
-            patcher.setattr(transformers_hub, "_hf_api", None)
-        if (datasets_config := sys.modules.get("datasets.config")) is not None:
-            patcher.setattr(datasets_config, "HF_ENDPOINT", endpoint)
-            patcher.setattr(datasets_config, "HUB_DATASETS_URL", endpoint + "/datasets/{repo_id}/resolve/{revision}/{path}")
-            patcher.setattr(datasets_config, "HF_HUB_OFFLINE", False)
-        if (hffs := sys.modules.get("huggingface_hub.hf_file_system")) is not None:
-            hffs.HfFileSystem.clear_instance_cache()  # cached instances keep the old endpoint
+        transformers_seen = _patch_transformers(patcher)
+        datasets_seen = _patch_datasets(patcher, endpoint)
+        _clear_hf_file_system_cache()
         close_session()  # drop pooled connections to earlier servers
-        assert huggingface_hub.constants.ENDPOINT == endpoint
         yield
     finally:
         close_session()
         patcher.restore()
-        if (transformers_hub := sys.modules.get("transformers.utils.hub")) is not None:
-            transformers_hub._hf_api = None  # an instance created inside the context points at the dead server
-        if (hffs := sys.modules.get("huggingface_hub.hf_file_system")) is not None:
-            hffs.HfFileSystem.clear_instance_cache()
+        # Libraries first imported inside the context captured the test endpoint: reset them too.
+        if not transformers_seen:
+            _patch_transformers(_Patcher())
+        if not datasets_seen:
+            _patch_datasets(_Patcher(), constants.ENDPOINT)
+        _clear_hf_file_system_cache()
+
+
+def _patch_transformers(patcher: _Patcher) -> bool:
+    """Drop transformers' lazily created shared ``HfApi`` (it keeps its endpoint); False if not imported."""
+    module = sys.modules.get("transformers.utils.hub")
+    if module is not None:
+        patcher.setattr(module, "_hf_api", None)
+    return module is not None
+
+
+def _patch_datasets(patcher: _Patcher, endpoint: str) -> bool:
+    """Point datasets' import-time ``HF_ENDPOINT`` copies at ``endpoint``; False if datasets is not imported."""
+    module = sys.modules.get("datasets.config")
+    if module is not None:
+        patcher.setattr(module, "HF_ENDPOINT", endpoint)
+        patcher.setattr(module, "HUB_DATASETS_URL", endpoint + "/datasets/{repo_id}/resolve/{revision}/{path}")
+        patcher.setattr(module, "HF_HUB_OFFLINE", False)
+        patcher.setattr(module, "HF_DATASETS_OFFLINE", False)
+    return module is not None
+
+
+def _clear_hf_file_system_cache() -> None:
+    """fsspec caches ``HfFileSystem`` instances, each with the endpoint it was created with."""
+    if (module := sys.modules.get("huggingface_hub.hf_file_system")) is not None:
+        module.HfFileSystem.clear_instance_cache()
 
 
 @contextmanager
@@ -1133,7 +1181,8 @@ def running_hub(
     """Start a :class:`HubServer` storing repos in ``tmp_path/hub_store`` and, unless ``patch_clients=False``,
     point the clients at it with ``HF_HOME=tmp_path/hf_home`` (:func:`patch_hub_clients`). Stops it on exit."""
     with ExitStack() as stack:
-        server = stack.enter_context(HubServer(Path(tmp_path) / "hub_store", username=username, require_token=require_token))
+        server = HubServer(Path(tmp_path) / "hub_store", username=username, require_token=require_token)
+        stack.enter_context(server)
         if patch_clients:
             stack.enter_context(patch_hub_clients(server.endpoint, Path(tmp_path) / "hf_home", disable_xet=disable_xet))
         yield server

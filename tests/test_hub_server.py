@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
+import subprocess
+import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -25,6 +27,7 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
+from huggingface_hub.utils._runtime import is_xet_available  # the check upload_folder itself makes
 from safetensors import safe_open
 
 from hub_server import HubServer, git_blob_oid, hub_server, running_hub  # noqa: F401 - hub_server is a fixture
@@ -89,6 +92,10 @@ def test_fixture_redirects_clients_imported_before_it(hub_server: HubServer, tmp
     assert url == f"{hub_server.endpoint}/{REPO}" and url.repo_id == REPO
     assert transformers.utils.hub.hf_api().repo_exists(REPO)
     assert hub_server.store.repo("model", REPO).exists
+    # ModelCard validates against constants.ENDPOINT, read at import: it must reach this server too.
+    huggingface_hub.ModelCard("---\nlicense: mit\n---\n# Card\n").push_to_hub(REPO)
+    assert "# Card" in Path(huggingface_hub.hf_hub_download(REPO, "README.md")).read_text()
+    assert "validate_yaml" in {r.route for r in hub_server.requests}
 
 
 def test_create_repo_conflict_and_exist_ok(hub_server: HubServer) -> None:
@@ -105,7 +112,7 @@ def test_create_repo_conflict_and_exist_ok(hub_server: HubServer) -> None:
     with pytest.raises(RepositoryNotFoundError):
         api.model_info("org/missing")
     assert not api.repo_exists("org/missing")
-    assert [r.route for r in hub_server.requests] == ["create_repo"] * 3 + ["repo_info"] * 2
+    assert [r.route for r in hub_server.requests] == ["create_repo"] * 3 + ["repo_info"] * 3
 
 
 def test_upload_branches_tags_refs_and_commits(hub_server: HubServer, step_dirs: list[Path]) -> None:
@@ -205,7 +212,9 @@ def test_dataset_repos(hub_server: HubServer) -> None:
 # -------------------------------------------------------------------------------------------- downloads
 
 
-def test_hf_hub_download_at_tag_and_snapshot_download(hub_server: HubServer, step_dirs: list[Path], tmp_path: Path) -> None:
+def test_hf_hub_download_at_tag_and_snapshot_download(
+    hub_server: HubServer, step_dirs: list[Path], tmp_path: Path
+) -> None:
     api = HfApi()
     oid1, _ = _push_steps(api, step_dirs)
     at_tag = Path(huggingface_hub.hf_hub_download(REPO, "notes.txt", revision="v1"))
@@ -215,7 +224,9 @@ def test_hf_hub_download_at_tag_and_snapshot_download(hub_server: HubServer, ste
     weights = huggingface_hub.hf_hub_download(REPO, "model.safetensors", revision="step-1")
     assert _sha256(weights) == _sha256(step_dirs[0] / "model.safetensors")
 
-    snapshot = Path(huggingface_hub.snapshot_download(REPO, revision="v1", allow_patterns=["*.json"]))
+    snapshot = Path(
+        huggingface_hub.snapshot_download(REPO, revision="v1", allow_patterns=["*.json"], cache_dir=tmp_path / "fresh")
+    )
     assert _local_files(snapshot) == {p for p in _local_files(step_dirs[0]) if p.endswith(".json")}
     for name in _local_files(snapshot):
         assert (snapshot / name).read_bytes() == (step_dirs[0] / name).read_bytes()
@@ -226,7 +237,9 @@ def test_hf_hub_download_at_tag_and_snapshot_download(hub_server: HubServer, ste
     assert all(r.route is not None for r in hub_server.requests)
 
 
-def test_get_safetensors_metadata_single_and_sharded(hub_server: HubServer, step_dirs: list[Path], tmp_path: Path) -> None:
+def test_get_safetensors_metadata_single_and_sharded(
+    hub_server: HubServer, step_dirs: list[Path], tmp_path: Path
+) -> None:
     api = HfApi()
     _push_steps(api, step_dirs[:1])
     meta = api.get_safetensors_metadata(REPO, revision="v1")
@@ -285,8 +298,7 @@ def test_fail_next_injects_a_500_then_the_retry_succeeds(hub_server: HubServer) 
     assert api.model_info(REPO).sha == head  # nothing was committed
     retried = api.create_commit(REPO, operations=[CommitOperationAdd("a.txt", b"a")], commit_message="a")
     assert api.model_info(REPO).sha == retried.oid != head
-    injected = [r for r in hub_server.requests if r.injected]
-    assert [(r.method, r.status) for r in injected] == [("POST", 500)]
+    assert [(r.status, r.injected) for r in hub_server.requests_to("commit")] == [(500, True), (200, False)]
 
 
 def test_backoff_routes_retry_through_an_injected_503(hub_server: HubServer) -> None:
@@ -294,25 +306,58 @@ def test_backoff_routes_retry_through_an_injected_503(hub_server: HubServer) -> 
     api.create_repo(REPO)
     hub_server.fail_next("/preupload/", status=503, count=1, retry_after=0)
     api.upload_file(path_or_fileobj=b"x", path_in_repo="x.txt", repo_id=REPO)
-    assert [r.status for r in hub_server.requests_to("preupload")] == [200]
-    assert [r.status for r in hub_server.requests if r.injected] == [503]
+    assert [(r.status, r.injected) for r in hub_server.requests_to("preupload")] == [(503, True), (200, False)]
+
+
+@pytest.mark.parametrize("disable_xet", [False, True])
+def test_upload_folder_path_and_an_injected_commit_failure(
+    tmp_path: Path, step_dirs: list[Path], disable_xet: bool
+) -> None:
+    """With hf_xet available, upload_folder commits through huggingface_hub's pipelined uploader, which retries a
+    5xx on the commit; with Xet disabled it makes one plain create_commit, which raises. Neither touches Xet."""
+    with running_hub(tmp_path, disable_xet=disable_xet) as hub:
+        api = HfApi()
+        api.create_repo(REPO)
+        pipelined = is_xet_available()
+        assert not (disable_xet and pipelined)
+        hub.fail_next(rf"^POST /api/models/{REPO}/commit/main$", status=500, retry_after=0)
+        if pipelined:
+            oid = api.upload_folder(repo_id=REPO, folder_path=step_dirs[0]).oid
+            assert api.model_info(REPO).sha == oid
+        else:
+            with pytest.raises(HfHubHTTPError):
+                api.upload_folder(repo_id=REPO, folder_path=step_dirs[0])
+        commits = [(r.status, r.injected) for r in hub.requests_to("commit")]
+        assert commits == [(500, True), (200, False)] if pipelined else [(500, True)]
+        assert all(r.route is not None for r in hub.requests)
+
+
+def test_subprocess_reaches_the_server_through_the_environment(hub_server: HubServer) -> None:
+    HfApi().create_repo(REPO)
+    code = f"from huggingface_hub import HfApi; print(HfApi().model_info({REPO!r}).sha)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.strip() == hub_server.store.repo("model", REPO).refs()["branches"]["main"]
 
 
 def test_token_is_sent_but_never_logged_and_can_be_required(tmp_path: Path) -> None:
     token = "hf_TopSecretValue123"
     with running_hub(tmp_path, require_token=True) as hub:
-        with pytest.raises(RepositoryNotFoundError) as excinfo:
-            HfApi().create_repo(REPO)  # 401 on a repo route reads as "not found", as on the Hub
+        with pytest.raises(HfHubHTTPError) as excinfo:
+            HfApi().create_repo(REPO)
         assert excinfo.value.response.status_code == 401
         api = HfApi(token=token)
         api.create_repo(REPO, private=True)
+        with pytest.raises(RepositoryNotFoundError):  # a 401 on a repo route reads as "not found", as on the Hub
+            HfApi(token=False).model_info(REPO)
         api.upload_file(path_or_fileobj=b"secret", path_in_repo="s.txt", repo_id=REPO)
         assert Path(api.hf_hub_download(REPO, "s.txt")).read_bytes() == b"secret"
         assert api.whoami()["name"] == hub.username
         hub.require_token = False
         with pytest.raises(RepositoryNotFoundError):  # private repo, anonymous caller
             HfApi(token=False).model_info(REPO)
-    assert [r.authenticated for r in hub.requests] == [False] + [True] * (len(hub.requests) - 2) + [False]
+    authenticated = [r.authenticated for r in hub.requests]
+    assert authenticated == [False, True, False] + [True] * (len(authenticated) - 4) + [False]
+    assert [r.status for r in hub.requests][:3] == [401, 200, 401]
     assert token not in repr(hub.requests)
     assert not any(token.encode() in p.read_bytes() for p in (tmp_path / "hub_store").rglob("*") if p.is_file())
 
@@ -328,16 +373,18 @@ def test_raw_http_range_keepalive_and_stop(tmp_path: Path) -> None:
         conn.request("POST", "/api/no/such/route", body=b"x" * 10_000)  # body must be drained for keep-alive
         response = conn.getresponse()
         assert response.status == 404 and json.loads(response.read())["error"]
-        for header, status, expected in [
-            ("bytes=0-9", 206, content[:10]),
-            ("bytes=-4", 206, content[-4:]),
-            (f"bytes=5-{10**9}", 206, content[5:]),
-            (None, 200, content),
+        size = len(content)
+        for header, status, expected, content_range in [
+            ("bytes=0-9", 206, content[:10], f"bytes 0-9/{size}"),
+            ("bytes=-4", 206, content[-4:], f"bytes {size - 4}-{size - 1}/{size}"),
+            (f"bytes=5-{10**9}", 206, content[5:], f"bytes 5-{size - 1}/{size}"),
+            (None, 200, content, None),
         ]:
             conn.request("GET", f"/{REPO}/resolve/main/.gitattributes", headers={"Range": header} if header else {})
             response = conn.getresponse()
             assert (response.status, response.read()) == (status, expected)
             assert response.getheader("ETag") == f'"{git_blob_oid(content)}"'
+            assert response.getheader("Content-Range") == content_range
         conn.request("GET", f"/{REPO}/resolve/main/.gitattributes", headers={"Range": f"bytes={len(content)}-"})
         response = conn.getresponse()
         assert response.status == 416 and response.getheader("Content-Range") == f"bytes */{len(content)}"
