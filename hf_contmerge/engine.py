@@ -119,7 +119,7 @@ class Engine:
                 )
             items = []
             for text in opts.stream[last:]:
-                items.append(resolve(text, token=token, allow_pickle=opts.allow_pickle, role="stream item"))
+                items.append(resolve(text, token=token, allow_pickle=opts.allow_pickle, role="stream item", base=base))
                 stack.callback(items[-1].close)
             plan = plan_stream(base, items)
             if opts.dry_run:

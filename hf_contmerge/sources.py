@@ -241,15 +241,24 @@ def read_config(folder: Path) -> dict:
         raise ContMergeError(f"{path} is not valid JSON ({e}). Re-download or re-save the model.") from None
 
 
-def resolve(text: str, *, token: str | None = None, allow_pickle: bool = False, role: str = "source") -> ResolvedSource:
-    """Parse, fetch and open one source; raise :class:`ContMergeError` for anything unusable."""
+def resolve(
+    text: str, *, token: str | None = None, allow_pickle: bool = False, role: str = "source", base: ResolvedSource | None = None
+) -> ResolvedSource:
+    """Parse, fetch and open one source; raise :class:`ContMergeError` for anything unusable.
+
+    A PEFT LoRA adapter folder (``adapter_config.json``) is opened over ``base`` (``lora_source.py``):
+    it answers the base's tensors plus its ``s·B@A`` deltas, and records kind ``lora``.
+    """
     spec = SourceSpec.parse(text)
     folder, revision = fetch(spec, token=token, allow_pickle=allow_pickle)
     label = f"{role} {text!r}"
     if (folder / ADAPTER_CONFIG).is_file() and not (folder / SAFE_SINGLE).is_file() and not (folder / SAFE_INDEX).is_file():
-        raise ContMergeError(
-            f"{label} is a PEFT adapter ({ADAPTER_CONFIG}). This version merges full checkpoints only; "
-            "merge the adapter into its base first (peft: merge_and_unload, then save_pretrained) and give that folder."
-        )
+        if base is None:
+            raise ContMergeError(f"{label} is a PEFT adapter; adapters are stream items, not a base. Give a full model as --base.")
+        from .lora_source import adapter_fingerprint, open_adapter
+
+        location = None if base.spec.is_local else base.spec.location
+        checkpoint = open_adapter(folder, label, base.folder, location, base.checkpoint, allow_pickle)
+        return ResolvedSource(spec, folder, "lora", revision, adapter_fingerprint(folder), dict(base.config), checkpoint)
     checkpoint = Checkpoint.open(folder, allow_pickle=allow_pickle, label=label)
     return ResolvedSource(spec, folder, "full", revision, fingerprint(checkpoint), read_config(folder), checkpoint)
