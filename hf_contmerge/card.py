@@ -40,8 +40,15 @@ def reproduce_command(state: StepState, out: str = "OUT") -> str:
     return shlex.join([*args, "--out", out])
 
 
+def _compact(value: object) -> object:
+    """Long lists (e.g. OPCM's projected tensors) are counted in the card; the state has them all."""
+    return f"[{len(value)} entries, see contmerge_state.json]" if isinstance(value, list) and len(value) > 6 else value
+
+
 def _notes(entry: dict) -> str:
-    notes = [f"names {entry['alignment']}"] if entry.get("alignment") not in (None, "same names") else []
+    notes = [f"{k}={v}" for k, v in (entry.get("method") or {}).items()]
+    if entry.get("alignment") not in (None, "same names"):
+        notes.append(f"names {entry['alignment']}")
     if entry.get("heads"):
         notes.append(f"head kept apart ({len(entry['heads'])} tensors)")
     if entry.get("kept_modules"):
@@ -72,7 +79,7 @@ def render_card(state: StepState) -> str:
         experimental=cls.experimental,
         params=state.params,
         options=state.options,
-        scalars=state.scalars,
+        scalars={k: _compact(v) for k, v in state.scalars.items()},
         base=state.base,
         stream=stream,
         heads=state.heads,

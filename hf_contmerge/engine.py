@@ -122,6 +122,7 @@ class Engine:
                 items.append(resolve(text, token=token, allow_pickle=opts.allow_pickle, role="stream item", base=base))
                 stack.callback(items[-1].close)
             plan = plan_stream(base, items)
+            self.method.bind(base.folder, base.config)
             if opts.dry_run:
                 self.log(plan.report())
                 todo = range(last + 1, len(opts.stream) + 1)
@@ -191,12 +192,13 @@ class Engine:
         return kp.dtype  # integer / bool buffers keep their dtype
 
     def _chunks(self, kp: KeyPlan) -> Iterator[tuple[int, int] | None]:
-        if not self.method.elementwise:
+        if not self.method.can_slice(kp.key):
             return iter([None])
         return iter_row_chunks(kp.shape, 4, int(self.options.chunk_mb * 2**20))
 
     def _write_tensors(self, ctx: _StepContext, partial: Path, scalars: dict[str, Any]) -> dict[str, Any]:
         plan, method, opts = ctx.plan, self.method, self.options
+        method.start_step(ctx.step, scalars)
         merged = plan.merged_keys
         specs = [TensorSpec(kp.key, kp.shape, self._out_dtype(kp)) for kp in plan.keys]
         weights = ShardedWriter(partial, specs, opts.shard_bytes)
@@ -296,6 +298,7 @@ class Engine:
             "alignment": item_plan.alignment.describe(),
             "heads": item_plan.heads,
             "kept_modules": item_plan.kept_modules,
+            "method": self.method.step_summary(scalars),
         }
         state = StepState(
             step=ctx.step,

@@ -161,22 +161,23 @@ def opcm_project_literal(
     return u @ p @ vh
 
 
-def _removal_core(
-    left: Tensor, right: Tensor, r: int, active: int, zero_diagonal: bool
-) -> Tensor:
-    r"""The ``active x active`` matrix ``C`` of coefficients OPCM removes, ``C = mask * P``.
+def _removed_rows(left: Tensor, right: Tensor, vh_a: Tensor, r: int, zero_diagonal: bool) -> Tensor:
+    r"""``C @ Vh_a`` (a x n), where ``C`` (a x a) holds the coefficients OPCM removes.
 
-    ``left`` is ``U_a^T tau_t`` (or a factor of it) and ``right`` the matching right part, so
-    that ``P = left @ right`` (active x active) would be ``U_a^T tau_t V_a``. Only the entries
-    that are removed are formed: the block ``P[:r, :r]`` and, if ``zero_diagonal``, the diagonal
-    ``P[i, i]`` for ``r <= i < active``.
+    ``left`` (a x p) and ``right`` (p x a) are such that ``P = left @ right = U_a^T tau_t V_a``
+    (``left = U_a^T tau_t`` and ``right = V_a`` for a dense ``tau_t``; ``left = U_a^T B`` and
+    ``right = A V_a`` for ``tau_t = B A``). ``C`` keeps ``P[:r, :r]`` and, if ``zero_diagonal``,
+    ``P[i, i]`` for ``r <= i < a``; nothing else. Only those entries of ``P`` are formed, and the
+    product uses the block-plus-diagonal structure: O(r^2 (n + p) + a (n + p)), not O(a^2 n).
     """
-    core = left.new_zeros(active, active)
+    active = vh_a.shape[0]
+    rows = vh_a.new_zeros(active, vh_a.shape[1])
     if r > 0:
-        core[:r, :r] = left[:r] @ right[:, :r]
+        rows[:r] = (left[:r] @ right[:, :r]) @ vh_a[:r]
     if zero_diagonal and active > r:
-        core.diagonal()[r:] = torch.einsum("ij,ji->i", left[r:active], right[:, r:active])
-    return core
+        diag = torch.einsum("ij,ji->i", left[r:], right[:, r:])
+        rows[r:] = diag[:, None] * vh_a[r:]
+    return rows
 
 
 def project_with_svd(
@@ -185,7 +186,7 @@ def project_with_svd(
     r"""OPCM projection of a dense ``tau_t`` given a (thin, possibly truncated) SVD of ``tau_bar``.
 
     ``u`` (m x k'), ``s`` (k'), ``vh`` (k' x n), columns/rows in the order of descending ``s``.
-    Computes ``tau' = tau_t - U_a C V_a^T`` with ``C`` from :func:`_removal_core`, where
+    Computes ``tau' = tau_t - U_a C V_a^T`` with ``C`` as in :func:`_removed_rows`, where
     ``a = k'`` if ``zero_diagonal`` else ``r``. With the full thin SVD (k' = min(m, n)) this is
     :func:`opcm_project`; with the SVD truncated to the non-zero directions the diagonal removal
     is restricted to them (the factored-path convention). Output float32 on ``u``'s device.
@@ -199,8 +200,7 @@ def project_with_svd(
     if active == 0:
         return tt.clone()
     u_a, vh_a = u32[:, :active], vh32[:active]
-    core = _removal_core(u_a.mT @ tt, vh_a.mT, r, active, zero_diagonal)
-    return tt - u_a @ (core @ vh_a)
+    return tt - u_a @ _removed_rows(u_a.mT @ tt, vh_a.mT, vh_a, r, zero_diagonal)
 
 
 def opcm_project(tau_bar: Tensor, tau_t: Tensor, alpha: float, zero_diagonal: bool) -> Tensor:
@@ -332,8 +332,8 @@ def opcm_project_lowrank(
         return bf.clone(), af.clone()
     u_a, vh_a = u[:, :active], vh[:active]
     # P = (U_a^T B)(A V_a): both parts are small (active x r_t and r_t x active).
-    core = _removal_core(u_a.mT @ bf, af @ vh_a.mT, r, active, zero_diagonal)
-    return torch.cat([bf, u_a], dim=1), torch.cat([af, -(core @ vh_a)], dim=0)
+    removed = _removed_rows(u_a.mT @ bf, af @ vh_a.mT, vh_a, r, zero_diagonal)
+    return torch.cat([bf, u_a], dim=1), torch.cat([af, -removed], dim=0)
 
 
 def factored_norm_sq(left: Tensor, right: Tensor) -> Tensor:

@@ -10,10 +10,11 @@ from ..errors import ContMergeError
 from .average import Average
 from .base import Method, MethodParams, TensorContext
 from .magmax import MagMax
+from .opcm import OPCM
 from .task_arithmetic import TaskArithmetic
 from .ties import Ties
 
-REGISTRY: dict[str, type[Method]] = {m.name: m for m in (Average, TaskArithmetic, Ties, MagMax)}
+REGISTRY: dict[str, type[Method]] = {m.name: m for m in (Average, TaskArithmetic, Ties, MagMax, OPCM)}
 
 
 def method_class(name: str) -> type[Method]:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
@@ -62,7 +63,24 @@ class Method(ABC):
     def __init__(self, params: MethodParams):
         self.params = params
 
+    def bind(self, base_folder: Path, base_config: dict[str, Any]) -> None:
+        """Called once before the first step with the base model's folder and config.
+
+        For methods that need to know the model (OPCM finds the linear weights from module types).
+        """
+
+    def can_slice(self, key: str) -> bool:
+        """Whether tensor ``key`` may be merged a dim-0 slice at a time (elementwise kernels)."""
+        return self.elementwise
+
     def init_scalars(self) -> dict[str, Any]:
+        return {}
+
+    def start_step(self, step: int, scalars: dict[str, Any]) -> None:
+        """Called before the first pass of each step with the scalars carried from the last one."""
+
+    def step_summary(self, scalars: dict[str, Any]) -> dict[str, Any]:
+        """What the lineage of this step should show (e.g. OPCM's λt); recorded in the state and card."""
         return {}
 
     @abstractmethod
