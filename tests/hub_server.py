@@ -71,6 +71,20 @@ takes the pipelined path but only opens a Xet upload for non-regular files). ``d
 ``constants.HF_HUB_DISABLE_XET`` and ``HF_HUB_DISABLE_XET=1``, which sends ``upload_folder`` through the legacy
 single ``create_commit`` path.
 
+Usage: ``tests/conftest.py`` re-exports the fixture with ``from hub_server import hub_server  # noqa: F401``
+(``tests/`` has no ``__init__.py``, so pytest puts it on ``sys.path``); a test then takes ``hub_server`` and uses
+``HfApi()``, ``hf_hub_download``, ``AutoModel.from_pretrained(repo_id, revision=...)`` as against the Hub. For other
+options use ``with running_hub(tmp_path, require_token=True, disable_xet=True) as hub:``. ``hub.store`` reads the
+server's state directly; ``hub.requests`` / ``hub.requests_to("commit")`` the log; ``hub.fail_next(...)`` injects
+faults.
+
+Not emulated: LFS/Xet storage (``lfsFile`` commit lines are refused), ``.gitignore`` handling in preupload
+(``shouldIgnore`` is always false), ``cardData`` in repo info (no YAML parser in the standard library: download
+``README.md`` instead), ``lastCommit``/security fields of ``expand=True`` listings, ``expand=`` filtering of repo
+info, pagination (one page), discussions and PR metadata beyond the ``refs/pr/N`` ref, spaces' runtime routes.
+A private repo read without a token answers 404 ``RepoNotFound`` (the Hub answers 401 with the same error code).
+Replies are built in memory, so keep test files small.
+
 Bounds: binds 127.0.0.1 on a free port chosen by the OS; daemon handler threads; a per-connection socket timeout;
 open connections are shut down on :meth:`HubServer.stop`. The request body is always read, even for errors, so
 HTTP/1.1 keep-alive stays in sync. The request log records method, path, route, status and whether an
@@ -336,7 +350,7 @@ class _Failure:
 
 @dataclass
 class _Request:
-    """What a route handler sees: the parsed request and the server it runs in."""
+    """What a route handler sees: the parsed request with its whole body."""
 
     method: str
     path: str
@@ -344,7 +358,6 @@ class _Request:
     headers: HTTPMessage
     body: bytes
     authenticated: bool
-    server: "HubServer"
 
     def json(self) -> Any:
         """The body as JSON (``{}`` when empty)."""
@@ -411,12 +424,13 @@ class _Handler(BaseHTTPRequestHandler):
         return self.rfile.read(int(self.headers.get("Content-Length") or 0))
 
     def _handle(self) -> None:
+        """Read the body first (keep-alive depends on it), answer, log, send."""
         body = self._read_body()
         raw_path, _, query = self.path.partition("?")
         auth = self.headers.get("Authorization", "")
         authenticated = auth.startswith("Bearer ") and len(auth) > len("Bearer ")
         request = _Request(
-            self.command, raw_path, parse_qs(query), self.headers, body, authenticated, self.server.hub
+            self.command, raw_path, parse_qs(query), self.headers, body, authenticated
         )
         route, reply, injected = self.server.hub.respond(request)
         self.server.hub.record(
@@ -425,6 +439,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(reply)
 
     def _send(self, reply: Reply) -> None:
+        """Status line, headers, and the body unless the request was HEAD."""
         self.send_response(reply.status)
         headers = {"Content-Length": str(len(reply.body)), **reply.headers}
         for key, value in headers.items():
@@ -567,8 +582,11 @@ class HubServer:
         self, route_pattern: str, status: int = 500, count: int = 1, retry_after: float | None = None
     ) -> None:
         """Answer the next ``count`` requests whose ``"<METHOD> <path>"`` matches ``route_pattern`` (``re.search``)
-        with ``status`` (e.g. 500, 503, 429) instead of handling them. The body is still read.
-        ``retry_after`` adds a ``Retry-After`` header (seconds), which huggingface_hub's backoff honours."""
+        with ``status`` (e.g. 500, 503, 429) instead of handling them; the body is still read and the log entry has
+        the route and ``injected=True``. ``retry_after`` adds a ``Retry-After`` header (seconds); huggingface_hub's
+        backoff (used by preupload, tree listings, downloads, the pipelined commit) then waits ``retry_after + 1`` s
+        instead of its 1, 2, 4... s schedule. Plain ``create_commit``, ``create_repo`` and branch/tag calls do not
+        retry."""
         with self._log_lock:
             self._failures.append(_Failure(re.compile(route_pattern), status, count, retry_after))
 
@@ -589,6 +607,7 @@ class HubServer:
     # -- dispatch --------------------------------------------------------------------------------------------
 
     def _take_failure(self, method: str, path: str) -> _Failure | None:
+        """The first pending failure matching ``"<METHOD> <path>"``, with its count decremented."""
         with self._log_lock:
             for failure in self._failures:
                 if failure.count > 0 and failure.pattern.search(f"{method} {path}"):
@@ -643,7 +662,8 @@ class HubServer:
     # -- helpers ---------------------------------------------------------------------------------------------
 
     def _repo(self, request: _Request, repo_type: str, repo_id: str) -> RepoStore:
-        """The existing repo, or 404 RepoNotFound (also for a private repo without a token, as on the Hub)."""
+        """The existing repo, or 404 RepoNotFound, also for a private repo read without a token (the Hub answers 401
+        there with the same error code; the client raises RepositoryNotFoundError for both)."""
         repo = self.store.repo(repo_type, repo_id)
         if not repo.exists or (repo.info()["private"] and not request.authenticated):
             raise _HttpError(404, "Repository not found", "RepoNotFound")
@@ -658,6 +678,7 @@ class HubServer:
         return commit_id
 
     def _commit_url(self, repo: RepoStore, commit_id: str) -> str:
+        """``{repo url}/commit/{id}``: the client parses the repo back out of it (``CommitInfo.repo_url``)."""
         return f"{self.repo_url(repo.repo_type, repo.repo_id)}/commit/{commit_id}"
 
     # -- account / misc routes -------------------------------------------------------------------------------
@@ -668,6 +689,7 @@ class HubServer:
         return _json_reply({"errors": [], "warnings": []})
 
     def _whoami(self, request: _Request) -> Reply:
+        """``whoami``: the configured user for any token, 401 without one."""
         if not request.authenticated:
             raise _HttpError(401, "Invalid credentials in Authorization header")
         return _json_reply(
@@ -702,6 +724,7 @@ class HubServer:
         return _json_reply({"url": url, "name": repo_id, "id": repo_id})
 
     def _delete_repo(self, request: _Request) -> Reply:
+        """``delete_repo``: removes the repo folder; 404 RepoNotFound if missing (``missing_ok`` relies on it)."""
         payload = request.json()
         repo_id = f"{payload.get('organization') or self.username}/{payload['name']}"
         repo = self._repo(request, payload.get("type") or "model", repo_id)
@@ -926,6 +949,7 @@ class HubServer:
         return _json_reply({})
 
     def _delete_branch(self, request: _Request, repo_type: str, repo_id: str, rest: str) -> Reply:
+        """``delete_branch``: 404 RevisionNotFound if missing; the default branch cannot go (403)."""
         repo = self._repo(request, repo_type, repo_id)
         branch = unquote(rest)
         refs = repo.refs()
@@ -950,6 +974,7 @@ class HubServer:
         return _json_reply({})
 
     def _delete_tag(self, request: _Request, repo_type: str, repo_id: str, rest: str) -> Reply:
+        """``delete_tag``: 404 RevisionNotFound if missing."""
         repo = self._repo(request, repo_type, repo_id)
         tag = unquote(rest)
         refs = repo.refs()
@@ -1066,11 +1091,13 @@ class _Patcher:
         self._undo: list[Callable[[], None]] = []
 
     def setattr(self, obj: Any, name: str, value: Any) -> None:
+        """``setattr`` that ``restore`` undoes."""
         old = getattr(obj, name, self._MISSING)
         setattr(obj, name, value)
         self._undo.append(lambda: delattr(obj, name) if old is self._MISSING else setattr(obj, name, old))
 
     def setenv(self, name: str, value: str | None) -> None:
+        """Set (or, for None, remove) an environment variable; ``restore`` undoes it."""
         old = os.environ.get(name)
         if value is None:
             os.environ.pop(name, None)
@@ -1079,6 +1106,7 @@ class _Patcher:
         self._undo.append(lambda: os.environ.pop(name, None) if old is None else os.environ.__setitem__(name, old))
 
     def restore(self) -> None:
+        """Undo every change, last first."""
         while self._undo:
             self._undo.pop()()
 
@@ -1096,7 +1124,7 @@ def patch_hub_clients(endpoint: str, hf_home: Path, *, disable_xet: bool = False
     env = {
         "HF_ENDPOINT": endpoint,
         "HF_HOME": str(hf_home),
-        "HF_HUB_CACHE": "/tmp/hubsmoke/wrongcache",
+        "HF_HUB_CACHE": str(hub_cache),
         "HF_HUB_DISABLE_TELEMETRY": "1",
         "HF_HUB_DISABLE_XET": "1" if disable_xet else os.environ.get("HF_HUB_DISABLE_XET"),
         "HF_TOKEN": None,
@@ -1110,7 +1138,7 @@ def patch_hub_clients(endpoint: str, hf_home: Path, *, disable_xet: bool = False
         "ENDPOINT": endpoint,
         "HUGGINGFACE_CO_URL_TEMPLATE": endpoint + "/{repo_id}/resolve/{revision}/{filename}",
         "HF_HOME": str(hf_home),
-        "HF_HUB_CACHE": "/tmp/hubsmoke/wrongcache",
+        "HF_HUB_CACHE": str(hub_cache),
         "HUGGINGFACE_HUB_CACHE": str(hub_cache),
         "HF_ASSETS_CACHE": str(hf_home / "assets"),
         "HF_XET_CACHE": str(hf_home / "xet"),
@@ -1121,6 +1149,7 @@ def patch_hub_clients(endpoint: str, hf_home: Path, *, disable_xet: bool = False
         "HF_HUB_DISABLE_TELEMETRY": True,
         "HF_HUB_DISABLE_XET": disable_xet or constants.HF_HUB_DISABLE_XET,
     }
+    transformers_seen = datasets_seen = True  # until known: nothing to reset on exit
     try:
         for name, value in env.items():
             patcher.setenv(name, value)
@@ -1129,7 +1158,7 @@ def patch_hub_clients(endpoint: str, hf_home: Path, *, disable_xet: bool = False
         patcher.setattr(hf_api.api, "endpoint", endpoint)
         patcher.setattr(_detect_agent, "_registry", {"standardEnvVars": [], "harnesses": {}})
         transformers_seen = _patch_transformers(patcher)
-        datasets_seen = _patch_datasets(patcher, endpoint)
+        datasets_seen = _patch_datasets(patcher, endpoint, offline=False)
         _clear_hf_file_system_cache()
         close_session()  # drop pooled connections to earlier servers
         yield
@@ -1140,7 +1169,7 @@ def patch_hub_clients(endpoint: str, hf_home: Path, *, disable_xet: bool = False
         if not transformers_seen:
             _patch_transformers(_Patcher())
         if not datasets_seen:
-            _patch_datasets(_Patcher(), constants.ENDPOINT)
+            _patch_datasets(_Patcher(), constants.ENDPOINT, offline=constants.HF_HUB_OFFLINE)
         _clear_hf_file_system_cache()
 
 
@@ -1152,14 +1181,14 @@ def _patch_transformers(patcher: _Patcher) -> bool:
     return module is not None
 
 
-def _patch_datasets(patcher: _Patcher, endpoint: str) -> bool:
-    """Point datasets' import-time ``HF_ENDPOINT`` copies at ``endpoint``; False if datasets is not imported."""
+def _patch_datasets(patcher: _Patcher, endpoint: str, *, offline: bool) -> bool:
+    """Set datasets' import-time copies of ``HF_ENDPOINT`` and the offline flags; False if datasets is not imported."""
     module = sys.modules.get("datasets.config")
     if module is not None:
         patcher.setattr(module, "HF_ENDPOINT", endpoint)
         patcher.setattr(module, "HUB_DATASETS_URL", endpoint + "/datasets/{repo_id}/resolve/{revision}/{path}")
-        patcher.setattr(module, "HF_HUB_OFFLINE", False)
-        patcher.setattr(module, "HF_DATASETS_OFFLINE", False)
+        patcher.setattr(module, "HF_HUB_OFFLINE", offline)
+        patcher.setattr(module, "HF_DATASETS_OFFLINE", offline)
     return module is not None
 
 

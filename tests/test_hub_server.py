@@ -283,6 +283,28 @@ def test_transformers_api_created_before_the_fixture_is_redirected(tmp_path: Pat
     assert huggingface_hub.constants.ENDPOINT != hub.endpoint  # restored on exit
 
 
+def test_peft_adapter_from_a_repo_revision(hub_server: HubServer, tmp_path: Path) -> None:
+    """peft checks files with huggingface_hub's module-level ``file_exists``, bound to the import-time HfApi."""
+    import peft  # imported here: it is slow to import and only this test needs it
+
+    config = _tiny_llama(seed=0).config
+    lora = peft.get_peft_model(
+        _tiny_llama(seed=0), peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
+    lora.save_pretrained(tmp_path / "adapter")
+    api = HfApi()
+    api.create_repo("org/lora")
+    oid = api.upload_folder(repo_id="org/lora", folder_path=tmp_path / "adapter").oid
+    api.create_tag("org/lora", tag="v1", revision=oid)
+    api.upload_file(path_or_fileobj=b"later", path_in_repo="later.txt", repo_id="org/lora")
+    torch.manual_seed(0)
+    loaded = peft.PeftModel.from_pretrained(transformers.LlamaForCausalLM(config), "org/lora", revision="v1")
+    expected = {k: v for k, v in lora.state_dict().items() if "lora_" in k}
+    got = {k: v for k, v in loaded.state_dict().items() if "lora_" in k}
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+    assert {r.path.rsplit("/", 2)[-2] for r in hub_server.requests_to("resolve")} == {"v1"}
+
+
 # ------------------------------------------------------------------------------- faults, auth, transport
 
 
@@ -363,17 +385,17 @@ def test_token_is_sent_but_never_logged_and_can_be_required(tmp_path: Path) -> N
 
 
 def test_raw_http_range_keepalive_and_stop(tmp_path: Path) -> None:
-    hub = HubServer(tmp_path / "store").start()
+    hub = HubServer(tmp_path / "store", request_timeout=60).start()
     repo = hub.store.repo("model", REPO)
     repo.create(private=False, author="me")
     content = repo.read_blob(repo.commit(repo.resolve("main")).tree[".gitattributes"])
+    size = len(content)
     host, port = urlsplit(hub.endpoint).hostname, urlsplit(hub.endpoint).port
-    conn = http.client.HTTPConnection(host, port, timeout=5)
+    conn = http.client.HTTPConnection(host, port, timeout=3)  # one keep-alive connection for every request
     try:
         conn.request("POST", "/api/no/such/route", body=b"x" * 10_000)  # body must be drained for keep-alive
         response = conn.getresponse()
         assert response.status == 404 and json.loads(response.read())["error"]
-        size = len(content)
         for header, status, expected, content_range in [
             ("bytes=0-9", 206, content[:10], f"bytes 0-9/{size}"),
             ("bytes=-4", 206, content[-4:], f"bytes {size - 4}-{size - 1}/{size}"),
@@ -385,10 +407,14 @@ def test_raw_http_range_keepalive_and_stop(tmp_path: Path) -> None:
             assert (response.status, response.read()) == (status, expected)
             assert response.getheader("ETag") == f'"{git_blob_oid(content)}"'
             assert response.getheader("Content-Range") == content_range
-        conn.request("GET", f"/{REPO}/resolve/main/.gitattributes", headers={"Range": f"bytes={len(content)}-"})
+        conn.request("GET", f"/{REPO}/resolve/main/.gitattributes", headers={"Range": f"bytes={size}-"})
         response = conn.getresponse()
-        assert response.status == 416 and response.getheader("Content-Range") == f"bytes */{len(content)}"
+        assert response.status == 416 and response.getheader("Content-Range") == f"bytes */{size}"
         response.read()
+        assert [r.status for r in hub.requests] == [404, 206, 206, 206, 200, 416]
+        hub.stop()
+        # The idle keep-alive connection was closed by stop(), not left to the 60 s request timeout.
+        assert conn.sock.recv(1) == b""
     finally:
         conn.close()
         hub.stop()
