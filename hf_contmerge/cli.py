@@ -112,7 +112,7 @@ def cmd_inspect(ns: argparse.Namespace) -> int:
 
     token = ns.token
     base = resolve(ns.base, token=token, allow_pickle=ns.allow_pickle, role="base")
-    items = [resolve(s, token=token, allow_pickle=ns.allow_pickle, role="stream item", base=base) for s in ns.stream]
+    items = [resolve(s, token=token, allow_pickle=ns.allow_pickle, role="stream item", base=base, lazy=True) for s in ns.stream]
     try:
         print(plan_stream(base, items).report())
     finally:

@@ -119,7 +119,7 @@ class Engine:
                 )
             items = []
             for text in opts.stream[last:]:
-                items.append(resolve(text, token=token, allow_pickle=opts.allow_pickle, role="stream item", base=base))
+                items.append(resolve(text, token=token, allow_pickle=opts.allow_pickle, role="stream item", base=base, lazy=True))
                 stack.callback(items[-1].close)
             plan = plan_stream(base, items)
             self.method.bind(base.folder, base.config)

@@ -38,6 +38,15 @@ class MergeOptions(BaseModel):
     allow_pickle: bool = Field(False, description="accept pickle (.bin) checkpoints; unpickling can run code")
     allow_nonfinite: bool = Field(False, description="accept NaN/Inf values in stream items instead of refusing")
     quiet: bool = Field(False, description="no progress bars")
+    push_to: str | None = Field(None, description="Hub repo ORG/NAME to push every step to as it completes "
+                                "(with --push-layout per-step: a name template containing {step})")
+    private: bool = Field(False, description="create the --push-to repo as private")
+    push_layout: Literal["single", "per-step"] = Field(
+        "single", description="single: one repo, main = latest step, a tag per step; per-step: one repo per step"
+    )
+    revision_prefix: str = Field("step-", description="prefix of the tag that marks each pushed step (step-1, step-2, …)")
+    push_existing: bool = Field(False, description="allow pushing into an existing repo that hf-contmerge did not create")
+    push_retries: int = Field(5, ge=0, description="retries (with exponential backoff) of a failed push")
     token: SecretStr | None = Field(None, description="Hub token (default: HF_TOKEN or the saved login); never written anywhere", exclude=True)
 
     @field_validator("shard_size")
@@ -58,6 +67,21 @@ class MergeOptions(BaseModel):
         if not re.fullmatch(r"cpu|auto|cuda(:\d+)?|mps", v):
             raise ValueError(f"{v!r} is not a device: use cpu, cuda, cuda:N or auto")
         return v
+
+    @field_validator("push_to")
+    @classmethod
+    def _push_to(cls, v: str | None) -> str | None:
+        import re
+
+        if v is not None and not re.fullmatch(r"[A-Za-z0-9][\w.\-]*/[\w.\-{}]+", v):
+            raise ValueError(f"{v!r} is not a Hub repo id ORG/NAME")
+        return v
+
+    @model_validator(mode="after")
+    def _push_layout(self) -> MergeOptions:
+        if self.push_to and self.push_layout == "per-step" and "{step}" not in self.push_to:
+            raise ValueError("--push-layout per-step needs a --push-to template containing {step}, e.g. org/model-step-{step}")
+        return self
 
     @model_validator(mode="after")
     def _method(self) -> MergeOptions:

@@ -24,6 +24,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+import torch
+
 from .errors import ContMergeError
 from .sources import ResolvedSource
 
@@ -131,13 +133,22 @@ class StreamPlan:
         for i, (item, plan) in enumerate(zip(self.items, self.item_plans), start=1):
             ick = item.checkpoint
             size = sum(ick.info(k).nbytes for k in ick.keys())
-            lines.append(f"step {i:<3} {item.spec.text}  ({_rev(item)}), {item.kind}, {_size(size)}, names {plan.alignment.describe()}")
+            fetch = f", {_size(item.download_bytes)} to download" if item.download_bytes else ""
+            lines.append(f"step {i:<3} {item.spec.text}  ({_rev(item)}), {item.kind}, {_size(size)}{fetch}, names {plan.alignment.describe()}")
             if plan.heads:
                 lines.append(f"       task head kept apart: {', '.join(plan.heads)}")
             if plan.kept_modules:
                 lines.append(f"       not in this item, base values kept: {', '.join(plan.kept_modules)}")
+        per_step = sum(_size_of(kp) for kp in self.keys)
+        lines.append(f"each step writes about {_size(per_step)} of weights plus its carried float32 state")
         lines.append("pre-flight: OK")
         return "\n".join(lines)
+
+
+def _size_of(kp: KeyPlan) -> int:
+    from .safetensors_io import itemsize
+
+    return int(torch.Size(kp.shape).numel()) * itemsize(kp.dtype)
 
 
 def _rev(src: ResolvedSource) -> str:

@@ -16,6 +16,8 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -163,7 +165,8 @@ class ResolvedSource:
     revision: str | None  # commit hash for Hub sources
     fingerprint: str
     config: dict = field(default_factory=dict)
-    checkpoint: Checkpoint | None = None
+    checkpoint: Checkpoint | RemoteCheckpoint | None = None
+    download_bytes: int = 0  # weights still to be fetched (lazy Hub sources)
 
     def identity(self) -> dict[str, str | None]:
         """What the state file and the card record about this source (never a token)."""
@@ -174,11 +177,9 @@ class ResolvedSource:
             self.checkpoint.close()
 
 
-def fetch(spec: SourceSpec, *, token: str | None = None, allow_pickle: bool = False) -> tuple[Path, str | None]:
-    """The local folder for ``spec`` and its resolved commit hash (None for local folders)."""
-    if spec.is_local:
-        return Path(spec.location), None
-    from huggingface_hub import snapshot_download
+@contextmanager
+def hub_errors(spec: SourceSpec) -> Iterator[None]:
+    """Turn huggingface_hub's exceptions into one clear message (never echoing a token)."""
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
@@ -187,9 +188,8 @@ def fetch(spec: SourceSpec, *, token: str | None = None, allow_pickle: bool = Fa
         RevisionNotFoundError,
     )
 
-    patterns = ["*.safetensors", *SIDE_PATTERNS] + (["*.bin"] if allow_pickle else [])
     try:
-        folder = Path(snapshot_download(spec.location, revision=spec.revision, allow_patterns=patterns, token=token))
+        yield
     except GatedRepoError:
         raise ContMergeError(f"{spec.text} is gated: accept its terms on the Hub and pass --token (or log in).") from None
     except RepositoryNotFoundError:
@@ -205,9 +205,79 @@ def fetch(spec: SourceSpec, *, token: str | None = None, allow_pickle: bool = Fa
             "Download it first, unset HF_HUB_OFFLINE, or give a local folder."
         ) from None
     except HfHubHTTPError as e:
-        raise ContMergeError(f"Fetching {spec.text} failed: {e.__class__.__name__} {getattr(e.response, 'status_code', '')}.") from None
+        status = getattr(getattr(e, "response", None), "status_code", "")
+        raise ContMergeError(f"Fetching {spec.text} from the Hub failed ({e.__class__.__name__} {status}). Try again later.") from None
+
+
+def fetch(spec: SourceSpec, *, token: str | None = None, allow_pickle: bool = False, revision: str | None = None) -> tuple[Path, str | None]:
+    """The local folder for ``spec`` (downloaded weights, configs, tokenizer) and its commit hash."""
+    if spec.is_local:
+        return Path(spec.location), None
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.safetensors", *SIDE_PATTERNS] + (["*.bin"] if allow_pickle else [])
+    with hub_errors(spec):
+        folder = Path(snapshot_download(spec.location, revision=revision or spec.revision, allow_patterns=patterns, token=token))
     # snapshot_download returns .../snapshots/<commit hash>
     return folder, folder.name if re.fullmatch(r"[0-9a-f]{40}", folder.name) else None
+
+
+class RemoteCheckpoint:
+    """A Hub checkpoint known from its safetensors headers alone; weights are fetched on first read.
+
+    The pre-flight of a whole stream needs only names, shapes and dtypes, which
+    ``get_safetensors_metadata`` reads with HTTP range requests. The download happens when the
+    item's step starts, pinned to the commit resolved in the pre-flight, and what arrives must
+    match the headers the pre-flight saw.
+    """
+
+    def __init__(self, spec: SourceSpec, sha: str, tensors: dict[str, TensorInfo], token: str | None, allow_pickle: bool):
+        self.spec, self.sha, self._tensors = spec, sha, tensors
+        self._token, self._allow_pickle = token, allow_pickle
+        self._real: Checkpoint | None = None
+        self.folder: Path | None = None
+
+    def keys(self) -> list[str]:
+        return list(self._tensors)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._tensors
+
+    def info(self, key: str) -> TensorInfo:
+        return self._tensors[key]
+
+    def fetch(self) -> Checkpoint:
+        if self._real is None:
+            self.folder, _ = fetch(self.spec, token=self._token, allow_pickle=self._allow_pickle, revision=self.sha)
+            real = Checkpoint.open(self.folder, allow_pickle=self._allow_pickle, label=f"stream item {self.spec.text!r}")
+            changed = [k for k in self._tensors if k not in real or (real.info(k).shape, real.info(k).dtype)
+                       != (self._tensors[k].shape, self._tensors[k].dtype)] + [k for k in real.keys() if k not in self._tensors]
+            if changed:
+                raise ContMergeError(
+                    f"{self.spec.text} at {self.sha[:12]} does not match its own headers read in the pre-flight "
+                    f"(tensor {changed[0]!r}); the download is damaged. Delete it from the Hub cache and run again with --resume."
+                )
+            self._real = real
+        return self._real
+
+    def read(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        return self.fetch().read(key, rows)
+
+    def file_of(self, key: str) -> Path:
+        return self.fetch().file_of(key)
+
+    def close(self) -> None:
+        if self._real is not None:
+            self._real.close()
+
+
+def remote_metadata(spec: SourceSpec, token: str | None) -> tuple[str, dict[str, int]]:
+    """Commit hash and file sizes of a Hub source, without downloading anything large."""
+    from huggingface_hub import HfApi
+
+    with hub_errors(spec):
+        info = HfApi(token=token).model_info(spec.location, revision=spec.revision, files_metadata=True)
+    return info.sha, {f.rfilename: f.size or 0 for f in info.siblings or []}
 
 
 def fingerprint(checkpoint: Checkpoint) -> str:
@@ -242,16 +312,38 @@ def read_config(folder: Path) -> dict:
 
 
 def resolve(
-    text: str, *, token: str | None = None, allow_pickle: bool = False, role: str = "source", base: ResolvedSource | None = None
+    text: str, *, token: str | None = None, allow_pickle: bool = False, role: str = "source", base: ResolvedSource | None = None,
+    lazy: bool = False,
 ) -> ResolvedSource:
     """Parse, fetch and open one source; raise :class:`ContMergeError` for anything unusable.
 
     A PEFT LoRA adapter folder (``adapter_config.json``) is opened over ``base`` (``lora_source.py``):
-    it answers the base's tensors plus its ``s·B@A`` deltas, and records kind ``lora``.
+    it answers the base's tensors plus its ``s·B@A`` deltas, and records kind ``lora``. With
+    ``lazy``, a Hub checkpoint is known from its headers only (:class:`RemoteCheckpoint`) until its
+    tensors are first read.
     """
     spec = SourceSpec.parse(text)
-    folder, revision = fetch(spec, token=token, allow_pickle=allow_pickle)
     label = f"{role} {text!r}"
+    if lazy and not spec.is_local:
+        sha, files = remote_metadata(spec, token)
+        weights = [n for n in files if n.endswith(".safetensors") and "/" not in n and n.startswith("model")]
+        if weights and ADAPTER_CONFIG not in files:
+            from huggingface_hub import get_safetensors_metadata, hf_hub_download
+
+            with hub_errors(spec):
+                meta = get_safetensors_metadata(spec.location, revision=sha, token=token)
+                config = json.loads(Path(hf_hub_download(spec.location, "config.json", revision=sha, token=token)).read_text()) \
+                    if "config.json" in files else {}
+            tensors: dict[str, TensorInfo] = {}
+            for file_meta in meta.files_metadata.values():
+                for key, t in file_meta.tensors.items():
+                    begin, end = t.data_offsets
+                    tensors[key] = TensorInfo(t.dtype, tuple(t.shape), begin, end)
+            checkpoint = RemoteCheckpoint(spec, sha, tensors, token, allow_pickle)
+            source = ResolvedSource(spec, Path(), "full", sha, sha[:16], config, checkpoint)
+            source.download_bytes = sum(files[n] for n in weights)
+            return source
+    folder, revision = fetch(spec, token=token, allow_pickle=allow_pickle)
     if (folder / ADAPTER_CONFIG).is_file() and not (folder / SAFE_SINGLE).is_file() and not (folder / SAFE_INDEX).is_file():
         if base is None:
             raise ContMergeError(f"{label} is a PEFT adapter; adapters are stream items, not a base. Give a full model as --base.")
@@ -261,4 +353,5 @@ def resolve(
         checkpoint = open_adapter(folder, label, base.folder, location, base.checkpoint, allow_pickle)
         return ResolvedSource(spec, folder, "lora", revision, adapter_fingerprint(folder), dict(base.config), checkpoint)
     checkpoint = Checkpoint.open(folder, allow_pickle=allow_pickle, label=label)
-    return ResolvedSource(spec, folder, "full", revision, fingerprint(checkpoint), read_config(folder), checkpoint)
+    return ResolvedSource(spec, folder, "full", revision, revision[:16] if revision else fingerprint(checkpoint),
+                          read_config(folder), checkpoint)

@@ -39,3 +39,6 @@ def cli(capsys):
         return code, out.out, out.err
 
     return run
+
+
+from hub_server import hub_server  # noqa: E402,F401  (a local Hub on 127.0.0.1, see hub_server.py)
