@@ -22,6 +22,7 @@ from hf_contmerge.linalg import (
     project_with_svd,
     rank_cutoff,
     recompress,
+    thin_svd,
     thin_svd_from_factors,
 )
 
@@ -57,8 +58,10 @@ def _assert_rel_close(actual: Tensor, expected: Tensor, scale: Tensor | float) -
     assert err <= REL_TOL * float(scale), f"error {err:.3e} vs scale {float(scale):.3e}"
 
 
-def _literal_with_basis(u: Tensor, vh: Tensor, tau_t: Tensor, r: int, zero_diagonal: bool) -> Tensor:
-    """The literal definition in float64 with an explicit full orthonormal basis (U m x m, Vh n x n)."""
+def _literal_with_basis(
+    u: Tensor, vh: Tensor, tau_t: Tensor, r: int, zero_diagonal: bool
+) -> Tensor:
+    """The literal definition in float64 with full orthonormal bases U (m x m), Vh (n x n)."""
     u, vh, tau_t = u.double(), vh.double(), tau_t.double()
     p = u.mT @ tau_t @ vh.mT
     p[:r, :r] = 0
@@ -151,6 +154,19 @@ def test_rank_cutoff_rejects_nan_and_matrices() -> None:
 # --- dense projection ----------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("shape", [(12, 9), (9, 12), (1, 7), (7, 1)])
+def test_thin_svd(shape: tuple[int, int]) -> None:
+    x = _randn(*shape, seed=sum(shape))
+    u, s, vh = thin_svd(x)
+    k = min(shape)
+    assert u.shape == (shape[0], k) and s.shape == (k,) and vh.shape == (k, shape[1])
+    assert u.dtype == s.dtype == vh.dtype == torch.float32
+    _assert_rel_close(u.double() @ torch.diag(s.double()) @ vh.double(), x, x.norm())
+    torch.testing.assert_close(s.double(), torch.linalg.svdvals(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(u.mT @ u, torch.eye(k), rtol=0, atol=1e-5)
+    torch.testing.assert_close(vh @ vh.mT, torch.eye(k), rtol=0, atol=1e-5)
+
+
 def test_literal_matches_float64_reimplementation() -> None:
     tau_bar, tau_t = _randn(12, 9, seed=10), _randn(12, 9, seed=11)
     u, s, vh = torch.linalg.svd(tau_bar, full_matrices=True)
@@ -200,7 +216,7 @@ def test_fast_equals_literal_rank_deficient_with_diagonal_same_basis(
     m, n, rank = shape
     tau_bar = _low_rank(m, n, rank, seed=17).float()
     tau_t = _randn(m, n, seed=19).float()
-    u, s, vh = torch.linalg.svd(tau_bar, full_matrices=False)
+    u, s, vh = thin_svd(tau_bar)  # the basis opcm_project uses
     u_full = _complete_basis(u.double(), seed=21)
     vh_full = _complete_basis(vh.double().mT, seed=23).mT
     expected = _literal_with_basis(u_full, vh_full, tau_t, rank_cutoff(s, alpha), True)
@@ -267,6 +283,27 @@ def test_zero_diagonal_clears_every_diagonal_coefficient() -> None:
     assert float(torch.diagonal(u.mT @ tau_t @ vh.mT).abs().min()) > 1e-3  # was not zero
 
 
+@pytest.mark.parametrize("alpha", [0.3, 0.5, 0.99])
+@pytest.mark.parametrize("shape", DEFICIENT_SHAPES)
+def test_dense_diagonal_restricted_to_range(shape: tuple[int, int, int], alpha: float) -> None:
+    m, n, rank = shape
+    tau_bar = _low_rank(m, n, rank, seed=57)
+    tau_t = _randn(m, n, seed=58)
+    got = opcm_project(tau_bar, tau_t, alpha, True, diagonal_in_null_space=False)
+    expected = _restricted_dense(tau_bar, tau_t, rank, alpha, True)
+    _assert_rel_close(got, expected, tau_t.norm())
+
+
+def test_zero_tau_bar_literal_artefact_and_its_fix() -> None:
+    """For tau_bar = 0 the literal definition zeroes tau_t[i, i] (identity bases from LAPACK);
+    restricting the diagonal to the range of tau_bar leaves tau_t untouched."""
+    tau_t = torch.arange(12.0).reshape(4, 3) + 1
+    literal = opcm_project(torch.zeros(4, 3), tau_t, 0.5, True)
+    assert float(literal.diagonal().abs().max()) == 0.0
+    restricted = opcm_project(torch.zeros(4, 3), tau_t, 0.5, True, diagonal_in_null_space=False)
+    assert torch.equal(restricted, tau_t)
+
+
 def test_shape_mismatch_is_refused() -> None:
     with pytest.raises(ValueError):
         opcm_project(torch.zeros(3, 4), torch.zeros(4, 3), 0.5, True)
@@ -292,7 +329,8 @@ def test_thin_svd_from_factors(m: int, n: int, q: int, rank: int) -> None:
     product = left @ right
     _assert_rel_close(u.double() @ torch.diag(s.double()) @ vh.double(), product, product.norm())
     expected_s = torch.linalg.svdvals(product)
-    torch.testing.assert_close(s.double(), expected_s[:rank], rtol=1e-5, atol=1e-5 * float(expected_s[0]))
+    atol = 1e-5 * float(expected_s[0])
+    torch.testing.assert_close(s.double(), expected_s[:rank], rtol=1e-5, atol=atol)
     torch.testing.assert_close(u.mT @ u, torch.eye(rank), rtol=0, atol=1e-5)
     torch.testing.assert_close(vh @ vh.mT, torch.eye(rank), rtol=0, atol=1e-5)
 
@@ -344,6 +382,17 @@ def test_lowrank_rank_deficient_restricts_diagonal(
     if not zero_diagonal:  # without the diagonal the dense path agrees at any rank
         dense = opcm_project(left @ right, b @ a, alpha, False)
         _assert_rel_close(new_left @ new_right, dense, tau_t.norm())
+
+
+def test_lowrank_equals_dense_restricted_when_rank_deficient() -> None:
+    left, right = _randn(12, 4, seed=115).float(), _randn(4, 9, seed=116).float()
+    b, a = _randn(12, 2, seed=117).float(), _randn(2, 9, seed=118).float()
+    for zero_diagonal in (False, True):
+        new_left, new_right = opcm_project_lowrank(left, right, (b, a), 0.5, zero_diagonal)
+        dense = opcm_project(
+            left @ right, b @ a, 0.5, zero_diagonal, diagonal_in_null_space=False
+        )
+        _assert_rel_close(new_left @ new_right, dense, (b @ a).norm())
 
 
 def test_lowrank_rank_deficient_differs_from_dense_with_diagonal() -> None:

@@ -45,19 +45,23 @@ def lora_stream(tmp_path_factory):
     return root / "base", adapters, merged
 
 
-@pytest.mark.parametrize("method,params", METHODS, ids=[m for m, _ in METHODS])
+ALL = [*METHODS, ("opcm", {"alpha": 0.5})]
+
+
+@pytest.mark.parametrize("method,params", ALL, ids=[m for m, _ in ALL])
 def test_lora_stream_equals_merged_stream(tmp_path, cli, lora_stream, method, params):
     base, adapters, merged = lora_stream
     for name, stream in (("lora", adapters), ("full", merged), ("mixed", [adapters[0], merged[1], adapters[2]])):
         code, _, err = cli("merge", "--base", base, "--stream", *stream, "--method", method, *_sets(params),
                            "--out", tmp_path / name, "--quiet", "--chunk-mb", "0.002")
         assert code == 0, err
+    tol = 1e-5 if method == "opcm" else 1e-6  # OPCM's SVDs see τ̄ with different float32 rounding
     for t in (1, 2, 3):
         full = weights(tmp_path / f"full/step-{t}")
         for name in ("lora", "mixed"):
             got = weights(tmp_path / f"{name}/step-{t}")
             for k, v in full.items():
-                torch.testing.assert_close(got[k], v, atol=1e-6, rtol=1e-5, msg=lambda m: f"{name} step {t} {k}: {m}")
+                torch.testing.assert_close(got[k], v, atol=tol, rtol=10 * tol, msg=lambda m: f"{name} step {t} {k}: {m}")
     state = json.loads((tmp_path / "mixed/step-3/contmerge_state.json").read_text())
     assert [s["kind"] for s in state["stream"]] == ["lora", "full", "lora"]
     assert "| lora |" in (tmp_path / "mixed/step-3/README.md").read_text()

@@ -27,6 +27,12 @@ Choices:
   defect not copied).
 - ``zero_diagonal`` (default true) is the maintained reference; ``false`` reproduces the code the
   paper's numbers were produced with (its diagonal fill was a no-op).
+- [choice] The diagonal removal is restricted to the numerically non-zero singular directions of
+  τ̄ (``s_i > max(m, n)·eps·s0``). Where τ̄ is rank-deficient (a weight the stream has barely
+  touched, any LoRA stream) the literal definition removes diagonal entries along whatever
+  null-space basis the SVD routine returned (for τ̄ = 0, LAPACK's identity: τt[i, i] itself),
+  which is arbitrary. For full-rank τ̄ the two are identical. The same convention serves LoRA
+  streams, so a LoRA stream and its merged checkpoints give the same result.
 - ``alpha`` ≥ 1 protects nothing (r = 0): with ``zero_diagonal=false`` the step is then continual
   task arithmetic with adaptive scaling.
 """
@@ -93,7 +99,7 @@ class OPCM(Method):
             return {"merged": item.clone()}
         tau_bar, tau = prev["merged"] - base, item - base
         if ctx.key in self.linear and tau.dim() == 2:
-            tau = opcm_project(tau_bar, tau, self.params.alpha, self.params.zero_diagonal)
+            tau = opcm_project(tau_bar, tau, self.params.alpha, self.params.zero_diagonal, diagonal_in_null_space=False)
             self._projected.add(ctx.key)
         return {"merged": self._lambda_prev * tau_bar + tau}  # pass 1: the unscaled task vector
 
