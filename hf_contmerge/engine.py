@@ -98,8 +98,12 @@ class Engine:
         opts = self.options
         if not opts.stream:
             raise ContMergeError("No stream items: give at least one fine-tune with --stream (or `stream:` in the recipe).")
+        if opts.resume_from and not opts.dry_run:
+            from .published import materialise
+
+            materialise(opts.resume_from, opts.out, opts.token_value(), check=self._check_resume)
         done = outdir.complete_steps(opts.out)
-        if done and not opts.resume:
+        if done and not (opts.resume or opts.resume_from):
             raise ContMergeError(
                 f"--out {opts.out} already holds steps {done[0]}..{done[-1]} of an earlier run. Pass --resume to "
                 "continue it, or choose another --out. Nothing was written."

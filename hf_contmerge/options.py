@@ -33,6 +33,8 @@ class MergeOptions(BaseModel):
     shard_size: str = Field("5GB", description="largest safetensors shard, e.g. 5GB or 500MB")
     chunk_mb: float = Field(256, gt=0, description="slice size (MiB, float32) for elementwise kernels on large tensors")
     resume: bool = Field(False, description="continue the run in --out after its last complete step")
+    resume_from: str | None = Field(None, description="continue from a step published on the Hub, ORG/NAME[@REV] "
+                                    "(e.g. @step-3); the --stream must start with the items that step holds")
     dry_run: bool = Field(False, description="run the pre-flight and print the plan; write nothing")
     seed: int = Field(0, description="random seed (recorded; used by data-dependent methods)")
     allow_pickle: bool = Field(False, description="accept pickle (.bin) checkpoints; unpickling can run code")

@@ -1,0 +1,62 @@
+"""Continue a stream from a step published on the Hub (``--resume-from ORG/NAME[@REV]``).
+
+A pushed step folder holds everything the next step needs (weights, ``contmerge_state.json``, the
+carried float32 tensors in ``contmerge_state/``, task heads). It is downloaded at the asked revision
+(a tag such as ``step-3``, a branch, or a commit), checked to be an hf-contmerge step, and placed
+in ``OUT/step-K`` the same atomic way a computed step is; the run then proceeds as ``--resume``,
+which compares the recorded base, method, parameters and stream prefix with what is asked.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from . import outdir
+from .errors import ContMergeError
+from .sources import SourceSpec, hub_errors
+from .state import StepState, read_state
+
+
+def materialise(published: str, out: Path, token: str | None, check: Callable[[StepState], None]) -> int:
+    """Bring the published step into ``out`` (unless already there); return its step number.
+
+    ``check`` validates the published state against what is asked (it raises to refuse) before
+    anything is written.
+    """
+    from huggingface_hub import snapshot_download
+
+    spec = SourceSpec.parse(published)
+    if spec.is_local:
+        raise ContMergeError(f"--resume-from {published!r} is a local folder; use --out on that folder with --resume instead.")
+    with hub_errors(spec):
+        folder = Path(snapshot_download(spec.location, revision=spec.revision, token=token))
+    state = read_state(folder)  # refuses a repo that holds no hf-contmerge step
+    check(state)
+    done = outdir.complete_steps(out)
+    if state.step in done:
+        local = read_state(outdir.step_dir(out, state.step))
+        if (local.base, local.stream, local.method, local.params) != (state.base, state.stream, state.method, state.params):
+            raise ContMergeError(
+                f"--out {out} already has a step-{state.step} that differs from the one published in {published}. "
+                "Use another --out to continue from the published step."
+            )
+        return state.step
+    if done and done[-1] > state.step:
+        raise ContMergeError(f"--out {out} already holds steps up to {done[-1]}, past the published step {state.step}.")
+    outdir.claim(out)
+    partial = outdir.new_partial(out, state.step)
+    try:
+        for path in sorted(folder.rglob("*")):
+            rel = path.relative_to(folder)
+            if path.is_dir() or rel.parts[0] == ".cache" or rel.name == ".gitattributes":
+                continue
+            dest = outdir.safe_relative(partial, str(rel))  # repo file names never escape the step folder
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, dest)
+        outdir.publish(partial, outdir.step_dir(out, state.step))
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return state.step
