@@ -19,10 +19,10 @@ import torch
 from .errors import ContMergeError
 from .lora import AdapterError, LoraAdapter
 from .safetensors_io import TensorInfo
-from .sources import Checkpoint
+from .sources import Checkpoint, TensorIndex
 
 
-class LoraCheckpoint:
+class LoraCheckpoint(TensorIndex):
     """Checkpoint interface (``keys``, ``info``, ``read``) over a base checkpoint and an adapter."""
 
     def __init__(self, base: Checkpoint, adapter: LoraAdapter):
@@ -35,15 +35,6 @@ class LoraCheckpoint:
             shape = tuple(adapter.replacement_shape(k))
             n = int(torch.Size(shape).numel())
             self._info[k] = TensorInfo("F32", shape, 0, 4 * n)
-
-    def keys(self) -> list[str]:
-        return list(self._info)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._info
-
-    def info(self, key: str) -> TensorInfo:
-        return self._info[key]
 
     def read(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         if key in self._replaced:

@@ -61,7 +61,32 @@ class SourceSpec:
         return cls(text, location, revision or None, False)
 
 
-class Checkpoint:
+class TensorIndex:
+    """Names, shapes and dtypes of a checkpoint's tensors, known before any is read.
+
+    What the pre-flight and the engine ask of every kind of source (a folder, a Hub repo known from
+    its headers, a LoRA adapter over its base); ``read`` gives a tensor or a dim-0 row range of it.
+    """
+
+    _info: dict[str, TensorInfo]
+
+    def keys(self) -> list[str]:
+        return list(self._info)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._info
+
+    def info(self, key: str) -> TensorInfo:
+        return self._info[key]
+
+    def read(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release open files; the default holds none."""
+
+
+class Checkpoint(TensorIndex):
     """The weights of one model folder: safetensors (single or sharded), or opted-in pickles."""
 
     def __init__(self, folder: Path, files: list[SafetensorsFile] | None = None, pickles: list[Path] | None = None):
@@ -111,15 +136,6 @@ class Checkpoint:
         except Exception as e:  # torch raises many types for a bad pickle
             raise ContMergeError(f"{path} could not be read as a PyTorch checkpoint ({e}). Re-save it.") from None
 
-    def keys(self) -> list[str]:
-        return list(self._info)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._info
-
-    def info(self, key: str) -> TensorInfo:
-        return self._info[key]
-
     def file_of(self, key: str) -> Path:
         where = self._where[key]
         return where.path if isinstance(where, SafetensorsFile) else where
@@ -165,7 +181,7 @@ class ResolvedSource:
     revision: str | None  # commit hash for Hub sources
     fingerprint: str
     config: dict = field(default_factory=dict)
-    checkpoint: Checkpoint | RemoteCheckpoint | None = None
+    checkpoint: TensorIndex | None = None
     download_bytes: int = 0  # weights still to be fetched (lazy Hub sources)
 
     def identity(self) -> dict[str, str | None]:
@@ -222,7 +238,7 @@ def fetch(spec: SourceSpec, *, token: str | None = None, allow_pickle: bool = Fa
     return folder, folder.name if re.fullmatch(r"[0-9a-f]{40}", folder.name) else None
 
 
-class RemoteCheckpoint:
+class RemoteCheckpoint(TensorIndex):
     """A Hub checkpoint known from its safetensors headers alone; weights are fetched on first read.
 
     The pre-flight of a whole stream needs only names, shapes and dtypes, which
@@ -232,26 +248,17 @@ class RemoteCheckpoint:
     """
 
     def __init__(self, spec: SourceSpec, sha: str, tensors: dict[str, TensorInfo], token: str | None, allow_pickle: bool):
-        self.spec, self.sha, self._tensors = spec, sha, tensors
+        self.spec, self.sha, self._info = spec, sha, tensors
         self._token, self._allow_pickle = token, allow_pickle
         self._real: Checkpoint | None = None
         self.folder: Path | None = None
-
-    def keys(self) -> list[str]:
-        return list(self._tensors)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._tensors
-
-    def info(self, key: str) -> TensorInfo:
-        return self._tensors[key]
 
     def fetch(self) -> Checkpoint:
         if self._real is None:
             self.folder, _ = fetch(self.spec, token=self._token, allow_pickle=self._allow_pickle, revision=self.sha)
             real = Checkpoint.open(self.folder, allow_pickle=self._allow_pickle, label=f"stream item {self.spec.text!r}")
-            changed = [k for k in self._tensors if k not in real or (real.info(k).shape, real.info(k).dtype)
-                       != (self._tensors[k].shape, self._tensors[k].dtype)] + [k for k in real.keys() if k not in self._tensors]
+            changed = [k for k in self._info if k not in real or (real.info(k).shape, real.info(k).dtype)
+                       != (self._info[k].shape, self._info[k].dtype)] + [k for k in real.keys() if k not in self._info]
             if changed:
                 raise ContMergeError(
                     f"{self.spec.text} at {self.sha[:12]} does not match its own headers read in the pre-flight "
