@@ -111,7 +111,7 @@ def cmd_inspect(ns: argparse.Namespace) -> int:
     from .sources import resolve
 
     token = ns.token
-    base = resolve(ns.base, token=token, allow_pickle=ns.allow_pickle, role="base")
+    base = resolve(ns.base, token=token, allow_pickle=ns.allow_pickle, role="base", lazy=True)
     items = [resolve(s, token=token, allow_pickle=ns.allow_pickle, role="stream item", base=base, lazy=True) for s in ns.stream]
     try:
         print(plan_stream(base, items).report())

@@ -114,7 +114,7 @@ class Engine:
             self._check_resume(previous)
         token = opts.token_value()
         with ExitStack() as stack:
-            base = resolve(opts.base, token=token, allow_pickle=opts.allow_pickle, role="base")
+            base = resolve(opts.base, token=token, allow_pickle=opts.allow_pickle, role="base", lazy=True)
             stack.callback(base.close)
             if previous is not None and previous.base["fingerprint"] != base.fingerprint:
                 raise ContMergeError(
@@ -126,7 +126,7 @@ class Engine:
                 items.append(resolve(text, token=token, allow_pickle=opts.allow_pickle, role="stream item", base=base, lazy=True))
                 stack.callback(items[-1].close)
             plan = plan_stream(base, items)
-            self.method.bind(base.folder, base.config)
+            self.method.bind(base.config)
             if opts.dry_run:
                 self.log(plan.report())
                 todo = range(last + 1, len(opts.stream) + 1)
@@ -135,6 +135,7 @@ class Engine:
             if last >= len(opts.stream):
                 self.log(f"{opts.out}: all {last} steps are already complete; nothing to do.")
                 return []
+            base.ensure_local()  # every step reads it, and its config and tokenizer go into each step
             outdir.claim(opts.out)
             results = []
             for j in range(len(items)):

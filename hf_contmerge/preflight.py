@@ -125,8 +125,9 @@ class StreamPlan:
         ck = self.base.checkpoint
         total = sum(ck.info(k.key).nbytes for k in self.keys)
         dtypes = Counter(k.dtype for k in self.keys)
+        fetch_base = f", {_size(self.base.download_bytes)} to download" if self.base.download_bytes else ""
         lines = [
-            f"base   {self.base.spec.text}  ({_rev(self.base)})",
+            f"base   {self.base.spec.text}  ({_rev(self.base)}){fetch_base}",
             f"       {len(self.keys)} tensors, {_size(total)}, dtypes {dict(dtypes)}; "
             f"{len(self.merged_keys)} merged, {len(self.keys) - len(self.merged_keys)} copied (non-float)",
         ]

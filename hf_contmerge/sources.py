@@ -184,6 +184,13 @@ class ResolvedSource:
     checkpoint: TensorIndex | None = None
     download_bytes: int = 0  # weights still to be fetched (lazy Hub sources)
 
+    def ensure_local(self) -> Path:
+        """Download a lazily resolved Hub checkpoint now (pinned to its pre-flight commit); its folder."""
+        if isinstance(self.checkpoint, RemoteCheckpoint):
+            self.checkpoint.fetch()
+            self.folder = self.checkpoint.folder
+        return self.folder
+
     def identity(self) -> dict[str, str | None]:
         """What the state file and the card record about this source (never a token)."""
         return {"source": self.spec.text, "kind": self.kind, "revision": self.revision, "fingerprint": self.fingerprint}
@@ -357,7 +364,7 @@ def resolve(
         from .lora_source import adapter_fingerprint, open_adapter
 
         location = None if base.spec.is_local else base.spec.location
-        checkpoint = open_adapter(folder, label, base.folder, location, base.checkpoint, allow_pickle)
+        checkpoint = open_adapter(folder, label, base.ensure_local(), location, base.checkpoint, allow_pickle)
         return ResolvedSource(spec, folder, "lora", revision, adapter_fingerprint(folder), dict(base.config), checkpoint)
     checkpoint = Checkpoint.open(folder, allow_pickle=allow_pickle, label=label)
     return ResolvedSource(spec, folder, "full", revision, revision[:16] if revision else fingerprint(checkpoint),

@@ -65,10 +65,11 @@ def test_hub_preflight_reads_headers_only(tmp_path, streams, cli, hub_server):
     assert code == 2 and "org/odd" in err and "mlp" in err
     assert not (tmp_path / "out").exists()
     assert not _full_downloads(hub_server, "org/ft-0") and not _full_downloads(hub_server, "org/odd")
+    assert not _full_downloads(hub_server, "org/base")
     code, out, err = cli("inspect", "--base", "org/base", "--stream", "org/ft-0", "org/ft-1")
     assert code == 0, err
     assert "to download" in out and "revision" in out
-    assert not _full_downloads(hub_server, "org/ft-1")
+    assert not _full_downloads(hub_server, "org/ft-1") and not _full_downloads(hub_server, "org/base")
 
 
 def test_hub_errors_are_clear(tmp_path, streams, cli, hub_server):

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
@@ -63,8 +62,8 @@ class Method(ABC):
     def __init__(self, params: MethodParams):
         self.params = params
 
-    def bind(self, base_folder: Path, base_config: dict[str, Any]) -> None:
-        """Called once before the first step with the base model's folder and config.
+    def bind(self, base_config: dict[str, Any]) -> None:
+        """Called once, after the pre-flight, with the base model's config (``config.json`` as a dict).
 
         For methods that need to know the model (OPCM finds the linear weights from module types).
         """

@@ -40,7 +40,6 @@ Choices:
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 from pydantic import Field
@@ -69,13 +68,14 @@ class OPCM(Method):
         self._lambda_prev = 1.0
         self._projected: set[str] = set()
 
-    def bind(self, base_folder: Path, base_config: dict[str, Any]) -> None:
+    def bind(self, base_config: dict[str, Any]) -> None:
         from transformers import AutoConfig
 
         from ..naming import linear_weight_layout
 
         try:
-            config = AutoConfig.from_pretrained(base_folder)
+            values = dict(base_config)
+            config = AutoConfig.for_model(values.pop("model_type"), **values)
             self.linear = set(linear_weight_layout(config))
         except (OSError, ValueError, KeyError) as e:
             raise ContMergeError(
