@@ -88,6 +88,10 @@ def cmd_merge(ns: argparse.Namespace) -> int:
     from .engine import Engine
 
     options = options_from_args(ns)
+    if options.quiet:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
     Engine(options, log=(lambda _: None) if options.quiet else (lambda m: print(m, file=sys.stderr))).run()
     return 0
 

@@ -33,6 +33,7 @@ from .heads import copy_heads, write_head
 from .methods import Method, TensorContext, build_method
 from .options import MergeOptions
 from .preflight import KeyPlan, StreamPlan, plan_stream
+from .push import PushTarget, check_target, commit_message, push_missing, push_step
 from .safetensors_io import SAFE_DTYPES, ShardedWriter, TensorSpec, iter_row_chunks
 from .sources import Checkpoint, ResolvedSource, resolve
 from .state import STATE_DIR, STATE_FILE, StepState, open_slot, read_state
@@ -127,11 +128,16 @@ class Engine:
                 stack.callback(items[-1].close)
             plan = plan_stream(base, items)
             self.method.bind(base.config)
+            target = PushTarget.from_options(opts)
+            if target:  # refuse a foreign repo or a bad token before anything is computed
+                check_target(target, token, steps=range(last + 1, len(opts.stream) + 1), log=self.log)
             if opts.dry_run:
                 self.log(plan.report())
                 todo = range(last + 1, len(opts.stream) + 1)
                 self.log(f"dry run: would write {', '.join(f'step-{t}' for t in todo) or 'nothing'} in {opts.out}")
                 return []
+            if target and done:  # steps computed earlier whose push failed: push them, never recompute
+                push_missing(opts.out, target, token, done, log=self.log)
             if last >= len(opts.stream):
                 self.log(f"{opts.out}: all {last} steps are already complete; nothing to do.")
                 return []
@@ -143,6 +149,8 @@ class Engine:
                 previous = result.state
                 results.append(result)
                 self.log(f"wrote {result.folder}")
+                if target:
+                    push_step(result.folder, result.step, target, token, commit_message(result.state), log=self.log)
             return results
 
     def _check_resume(self, previous: StepState) -> None:
