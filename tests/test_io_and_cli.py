@@ -183,3 +183,15 @@ def test_card_names_hub_models_as_base_model():
     assert card.data.base_model == ["org/base", "org/ft-1", "org/ft-2"]
     assert card.data.base_model_relation == "merge"
     assert "b" * 40 in card.text
+
+
+def test_device_auto_runs_and_missing_cuda_is_a_clear_error(tmp_path, streams, cli):
+    base, items = streams("llama")
+    code, _, err = cli("merge", "--base", base, "--stream", *items[:1], "--method", "opcm", "--device", "auto",
+                       "--out", tmp_path / "auto", "--quiet")
+    assert code == 0, err
+    if not torch.cuda.is_available():
+        code, _, err = cli("merge", "--base", base, "--stream", *items[:1], "--method", "opcm", "--device", "cuda",
+                           "--out", tmp_path / "cuda", "--quiet")
+        assert code == 2 and "no CUDA GPU" in err
+        assert not (tmp_path / "cuda").exists()
