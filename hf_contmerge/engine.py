@@ -225,22 +225,8 @@ class Engine:
         bar = tqdm(total=total * (2 if method.two_pass else 1), unit="el", unit_scale=True, desc=f"step {ctx.step}", disable=opts.quiet, leave=False)
         with bar:
             if method.two_pass:
-                scratch_dir = partial / "_pass1"
-                scratch_dir.mkdir()
-                scratch = {
-                    s: ShardedWriter(scratch_dir, [TensorSpec(kp.key, kp.shape, "F32") for kp in merged], opts.shard_bytes, prefix=s)
-                    for s in method.slots
-                }
-                for kp in merged:
-                    for rows in self._chunks(kp):
-                        _, new = self._merge_chunk(ctx, kp, rows)
-                        for s, w in scratch.items():
-                            w.write(kp.key, new[s].cpu())
-                        bar.update(_numel(kp.shape, rows))
-                for w in scratch.values():
-                    w.close()
+                first = self._first_pass(ctx, partial / "_pass1", bar)
                 scalars = method.end_pass(ctx.step, scalars, ctx.stats)
-                first = {s: Checkpoint.open(scratch_dir, prefix=s) for s in method.slots}
             for n, kp in enumerate(plan.keys, start=1):
                 failpoint(f"step-{ctx.step}:tensor-{n}")
                 if not kp.merged:
@@ -267,6 +253,24 @@ class Engine:
         for w in slot_writers.values():
             w.close()
         return scalars
+
+    def _first_pass(self, ctx: _StepContext, scratch_dir: Path, bar: tqdm) -> dict[str, Checkpoint]:
+        """Pass 1 of a two-pass method: every merged tensor's first-pass slots, to a scratch area."""
+        merged = ctx.plan.merged_keys
+        scratch_dir.mkdir()
+        scratch = {
+            s: ShardedWriter(scratch_dir, [TensorSpec(kp.key, kp.shape, "F32") for kp in merged], self.options.shard_bytes, prefix=s)
+            for s in self.method.slots
+        }
+        for kp in merged:
+            for rows in self._chunks(kp):
+                _, new = self._merge_chunk(ctx, kp, rows)
+                for s, w in scratch.items():
+                    w.write(kp.key, new[s].to("cpu", torch.float32))
+                bar.update(_numel(kp.shape, rows))
+        for w in scratch.values():
+            w.close()
+        return {s: Checkpoint.open(scratch_dir, prefix=s) for s in self.method.slots}
 
     def _read(self, ck: Checkpoint, key: str, rows: tuple[int, int] | None) -> torch.Tensor:
         return ck.read(key, rows).to(self.device, torch.float32)
