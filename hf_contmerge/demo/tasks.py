@@ -18,9 +18,10 @@ Choices shared by all tasks:
   uncased, so such copies are the same input). A text that occurs under two labels is dropped.
 * Splits are disjoint by *group*: the movie for the Rotten Tomatoes tasks (so sentences of one plot
   summary and reviews of one film never straddle train and test), the text itself for ``topic``.
-  With seed ``s`` the sorted groups are shuffled by ``random.Random(s)`` and the first
-  ``ceil(f * n_groups)`` go to test, with ``f`` from :data:`TEST_FRACTION` (0.2; 0.3 for ``topic``,
-  whose smallest class has only 119 distinct utterances, so that its test split is not tiny).
+  Groups are stratified by the set of labels they hold; with seed ``s`` each stratum's sorted groups
+  are shuffled by ``random.Random(s)`` and the first ``ceil(f * n)`` go to test, ``f`` from
+  :data:`TEST_FRACTION` (0.2; 0.3 for ``topic``, whose smallest class has only 119 distinct
+  utterances, so that its test split is not tiny).
 * Each split is then balanced: every class is down-sampled to the smallest class of that split, and
   capped at ``max_examples // n_classes`` per class, then shuffled. Everything is seeded, so the same
   seed and caps give the same datasets.
@@ -171,10 +172,24 @@ def deduplicate(records: Sequence[Record]) -> list[Record]:
 def group_split(
     records: Sequence[Record], seed: int, test_fraction: float
 ) -> tuple[list[Record], list[Record]]:
-    """Split by group: the first ``ceil(test_fraction * n_groups)`` of the seeded shuffle go to test."""
-    groups = sorted({g for _, _, g in records})
-    random.Random(seed).shuffle(groups)
-    test_groups = set(groups[: math.ceil(test_fraction * len(groups))])
+    """Split by group, stratified by the set of labels a group holds.
+
+    Groups with the same label set form a stratum; each stratum's sorted groups are shuffled by
+    ``random.Random(seed)`` and its first ``ceil(test_fraction * n)`` go to test. For ``topic``
+    (one text per group) this is a plain stratified split, so no class comes out short by chance.
+    """
+    labels_of: dict[str, set[int]] = defaultdict(set)
+    for _, label, group in records:
+        labels_of[group].add(label)
+    strata: dict[tuple[int, ...], list[str]] = defaultdict(list)
+    for group in sorted(labels_of):
+        strata[tuple(sorted(labels_of[group]))].append(group)
+    rng = random.Random(seed)
+    test_groups: set[str] = set()
+    for key in sorted(strata):
+        groups = strata[key]
+        rng.shuffle(groups)
+        test_groups.update(groups[: math.ceil(test_fraction * len(groups))])
     train = [r for r in records if r[2] not in test_groups]
     test = [r for r in records if r[2] in test_groups]
     return train, test
