@@ -13,7 +13,7 @@ import re
 import shlex
 from importlib import resources
 
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .methods import method_class
 from .sources import SourceSpec
@@ -56,21 +56,37 @@ def _notes(entry: dict) -> str:
     return "; ".join(notes)
 
 
+def _eval_results(evaluation: dict | None) -> list[EvalResult]:
+    """The merged model's own scores (the last row) as model-index entries, one per task seen."""
+    if not evaluation or not evaluation.get("rows"):
+        return []
+    row = evaluation["rows"][-1]
+    return [
+        EvalResult(task_type=evaluation.get("task_type", "text-classification"), dataset_type=task, dataset_name=task,
+                   metric_type=evaluation.get("metric", "accuracy"), metric_value=round(score, 6))
+        for task, score in zip(evaluation["tasks"], row["scores"])
+        if score is not None
+    ]
+
+
 def render_card(state: StepState) -> str:
     cls = method_class(state.method)
     ids = [i for i in (_hub_id(state.base["source"]), *(_hub_id(s["source"]) for s in state.stream)) if i]
+    title = f"Continual merge ({state.method}), step {state.step}"
     data = ModelCardData(
         base_model=list(dict.fromkeys(ids)) or None,
         base_model_relation="merge" if ids else None,
         library_name="transformers",
         tags=["merge", "continual-merging", "hf-contmerge", state.method],
+        model_name=title if state.evaluation else None,
+        eval_results=_eval_results(state.evaluation) or None,
     )
     template = resources.files("hf_contmerge.model_cards").joinpath(TEMPLATE).read_text()
     stream = [{**s, "notes": _notes(s)} for s in state.stream]
     card = ModelCard.from_template(
         data,
         template_str=template,
-        title=f"Continual merge ({state.method}), step {state.step}",
+        title=title,
         step=state.step,
         method=state.method,
         summary=cls.summary,

@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or your saved login)")
     inspect.set_defaults(func=cmd_inspect)
     demo = sub.add_parser("demo", help="build a small real stream offline (MiniLM fine-tunes) and merge it")
-    demo.add_argument("--method", default="task_arithmetic", choices=list(REGISTRY))
+    demo.add_argument("--method", default="opcm", choices=list(REGISTRY))
     demo.add_argument("--set", action="append", metavar="KEY=VALUE")
     demo.add_argument("--out", type=Path, default=None, help="output folder (default: a fresh folder in the cache)")
     demo.add_argument("--quiet", action="store_true")

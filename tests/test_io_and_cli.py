@@ -195,3 +195,22 @@ def test_device_auto_runs_and_missing_cuda_is_a_clear_error(tmp_path, streams, c
                            "--out", tmp_path / "cuda", "--quiet")
         assert code == 2 and "no CUDA GPU" in err
         assert not (tmp_path / "cuda").exists()
+
+
+def test_recorded_evaluation_reaches_card_metadata(tmp_path, streams, cli):
+    from huggingface_hub import ModelCard
+
+    from hf_contmerge.state import read_state, record_evaluation
+
+    base, items = streams("llama")
+    out = tmp_path / "out"
+    assert cli("merge", "--base", base, "--stream", *items[:2], "--method", "average", "--out", out, "--quiet")[0] == 0
+    evaluation = {"description": "demo accuracy", "tasks": ["a", "b"],
+                  "rows": [{"name": "experts", "scores": [0.9, 0.8], "mean": 0.85},
+                           {"name": "merged, step 2", "scores": [0.7, 0.6], "mean": 0.65}]}
+    record_evaluation(out / "step-2", evaluation)
+    card = ModelCard.load(out / "step-2" / "README.md")
+    assert [(r.dataset_name, r.metric_value) for r in card.data.eval_results] == [("a", 0.7), ("b", 0.6)]
+    assert "| merged, step 2 | 70.00 | 60.00 | 65.00 |" in card.text
+    assert read_state(out / "step-2").evaluation == evaluation
+    assert not list((out / "step-2").glob(".*tmp*"))  # the atomic rewrite left nothing behind

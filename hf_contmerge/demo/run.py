@@ -41,9 +41,13 @@ def _print_row(row: dict[str, Any], width: int) -> None:
     print(f"{row['name']:<22}{cells}{mean:>{width}}")
 
 
-def run_demo(method: str = "task_arithmetic", out: Path | None = None, params: dict[str, Any] | None = None, quiet: bool = False) -> dict[str, Any]:
+def run_demo(method: str = "opcm", out: Path | None = None, params: dict[str, Any] | None = None, quiet: bool = False) -> dict[str, Any]:
     from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # keep the printed table readable
+    hf_logging.set_verbosity_error()
     tasks = load_tasks()
     experts = build_experts(tasks, progress=not quiet)
     base = BASE_MODEL_DIR()
@@ -65,7 +69,7 @@ def run_demo(method: str = "task_arithmetic", out: Path | None = None, params: d
     for r in rows:
         _print_row(r, width)
 
-    merger = ContinualMerger(base=str(base), method=method, params=params or {}, out=out, quiet=quiet)
+    merger = ContinualMerger(base=str(base), method=method, params=params or {}, out=out, quiet=True)
     matrix: list[list[float | None]] = []
     for t, expert in enumerate(experts, start=1):
         result = merger.step(str(expert))
