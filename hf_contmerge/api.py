@@ -12,6 +12,7 @@ API writes is what the CLI writes, and either can continue the other's ``out`` f
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +38,16 @@ class ContinualMerger:
     """Continual merging into ``out``; construct once, call :meth:`step` for every new fine-tune.
 
     Keyword arguments are :class:`MergeOptions` fields (``dtype``, ``device``, ``shard_size``,
-    ``allow_pickle``, ``token`` …). With ``resume=True`` an ``out`` that already holds steps is
-    continued; otherwise it must be new or empty.
+    ``allow_pickle``, ``token``, ``push_to`` …). With ``resume=True`` an ``out`` that already holds
+    steps is continued; otherwise it must be new or empty. ``evaluate(result) -> dict`` scores each
+    step before it is pushed, so its card (and model-index metadata) carries the results
+    (format: ``state.record_evaluation``).
     """
 
-    def __init__(self, base: str, method: str, out: str | Path, params: dict[str, Any] | None = None, **options: Any):
+    def __init__(self, base: str, method: str, out: str | Path, params: dict[str, Any] | None = None,
+                 evaluate: Callable[[StepResult], dict[str, Any]] | None = None, **options: Any):
         options.setdefault("quiet", True)
+        self.evaluate = evaluate
         self.options = MergeOptions.create(base=base, method=method, out=Path(out), params=params or {}, **options)
         done = outdir.complete_steps(self.options.out)
         if done and not self.options.resume:
@@ -66,7 +71,7 @@ class ContinualMerger:
     def step(self, source: str) -> StepResult:
         """Merge one more fine-tune (folder or Hub id) and write the next step folder."""
         opts = self.options.model_copy(update={"stream": [*self.history, source], "resume": bool(self.history) or self.options.resume})
-        (result,) = Engine(opts, log=lambda _: None).run()
+        (result,) = Engine(opts, log=lambda _: None, evaluate=self.evaluate).run()
         self.history.append(source)
         return result
 

@@ -36,7 +36,7 @@ from .preflight import KeyPlan, StreamPlan, plan_stream
 from .push import PushTarget, check_target, commit_message, push_missing, push_step
 from .safetensors_io import SAFE_DTYPES, ShardedWriter, TensorSpec, iter_row_chunks
 from .sources import Checkpoint, ResolvedSource, resolve
-from .state import STATE_DIR, STATE_FILE, StepState, open_slot, read_state
+from .state import STATE_DIR, STATE_FILE, StepState, open_slot, read_state, record_evaluation
 
 OUT_DTYPE = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 # Files of the base folder that are not copied into a step (weights, our own files, its card).
@@ -87,8 +87,12 @@ class _StepContext:
 class Engine:
     """Runs a validated :class:`MergeOptions` to completion (``run``), or one step at a time."""
 
-    def __init__(self, options: MergeOptions, log: Callable[[str], None] = print):
+    def __init__(self, options: MergeOptions, log: Callable[[str], None] = print,
+                 evaluate: Callable[[StepResult], dict[str, Any]] | None = None):
+        """``evaluate``, if given, scores each written step; its result goes into the step's state and
+        card (``state.record_evaluation``) before the step is pushed, so the published card has it."""
         self.options = options
+        self.evaluate = evaluate
         self.method: Method = build_method(options.method, options.params)
         self.device = resolve_device(options.device)
         self.log = log
@@ -149,6 +153,8 @@ class Engine:
                 previous = result.state
                 results.append(result)
                 self.log(f"wrote {result.folder}")
+                if self.evaluate is not None:
+                    result.state = record_evaluation(result.folder, self.evaluate(result))
                 if target:
                     push_step(result.folder, result.step, target, token, commit_message(result.state), log=self.log)
             return results

@@ -64,3 +64,32 @@ def test_foreign_repo_is_refused_before_any_work(tmp_path, streams, cli, hub_ser
     assert not (tmp_path / "out").exists()
     code, _, err = _merge(cli, base, items[:1], tmp_path / "out", "--push-existing", "--quiet")
     assert code == 0, err
+
+
+def test_api_evaluates_each_step_before_it_is_pushed(tmp_path, streams, hub_server):
+    """The published card carries base_model_relation: merge and the step's evaluation results."""
+    from huggingface_hub import HfApi, ModelCard, hf_hub_download
+
+    from hf_contmerge import ContinualMerger
+
+    base, items = streams("llama", n=2)
+    api = HfApi(token=TOKEN)
+    for repo, folder in (("org/base", base), ("org/ft-0", items[0]), ("org/ft-1", items[1])):
+        api.create_repo(repo)
+        api.upload_folder(folder_path=folder, repo_id=repo)
+    seen = []
+
+    def evaluate(result):
+        seen.append(result.step)
+        scores = [0.5 + 0.1 * i for i in range(result.step)]
+        return {"description": "toy scores", "tasks": [f"task{i}" for i in range(result.step)],
+                "rows": [{"name": f"merged, step {result.step}", "scores": scores, "mean": sum(scores) / len(scores)}]}
+
+    merger = ContinualMerger(base="org/base", method="opcm", out=tmp_path / "out", push_to="org/merged", token=TOKEN,
+                             evaluate=evaluate)
+    merger.run(["org/ft-0", "org/ft-1"])
+    assert seen == [1, 2]
+    card = ModelCard.load(hf_hub_download("org/merged", "README.md", revision="step-2", token=TOKEN))
+    assert card.data.base_model_relation == "merge"
+    assert card.data.base_model == ["org/base", "org/ft-0", "org/ft-1"]
+    assert [(r.dataset_name, r.metric_value) for r in card.data.eval_results] == [("task0", 0.5), ("task1", 0.6)]

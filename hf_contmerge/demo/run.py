@@ -16,7 +16,6 @@ from typing import Any
 
 from ..api import ContinualMerger
 from ..heads import load_task_model
-from ..state import record_evaluation
 from .evaluate import evaluate
 from .experts import BASE_MODEL_DIR, build_experts, cache_root
 from .tasks import load_tasks
@@ -69,10 +68,11 @@ def run_demo(method: str = "opcm", out: Path | None = None, params: dict[str, An
     for r in rows:
         _print_row(r, width)
 
-    merger = ContinualMerger(base=str(base), method=method, params=params or {}, out=out, quiet=True)
     matrix: list[list[float | None]] = []
-    for t, expert in enumerate(experts, start=1):
-        result = merger.step(str(expert))
+    summary: dict[str, float] = {}
+
+    def evaluate_step(result) -> dict[str, Any]:
+        t = result.step
         scores: list[float | None] = [None] * len(tasks)
         for i in range(t):
             scores[i] = evaluate(load_task_model(result.folder, i + 1), tokenizer, tasks[i])
@@ -80,18 +80,21 @@ def run_demo(method: str = "opcm", out: Path | None = None, params: dict[str, An
         row = _row(f"merged, step {t}", scores)
         rows.append(row)
         _print_row(row, width)
-        acc = row["mean"]
-        bwt = sum(matrix[-1][i] - matrix[i][i] for i in range(t - 1)) / (t - 1) if t > 1 else 0.0
-        evaluation = {
+        summary["ACC"] = row["mean"]
+        summary["BWT"] = sum(matrix[-1][i] - matrix[i][i] for i in range(t - 1)) / (t - 1) if t > 1 else 0.0
+        return {
             "description": (
                 f"Accuracy (%) on the held-out split of each demo task, each with its own head (heads are not merged). "
-                f"After step {t}: ACC {100 * acc:.2f}, BWT {100 * bwt:+.2f} (over the tasks seen so far)."
+                f"After step {t}: ACC {100 * summary['ACC']:.2f}, BWT {100 * summary['BWT']:+.2f} (over the tasks seen so far)."
             ),
             "tasks": names,
             "rows": list(rows),
-            "metrics": {"ACC": acc, "BWT": bwt},
+            "metrics": dict(summary),
         }
-        record_evaluation(result.folder, evaluation)
+
+    merger = ContinualMerger(base=str(base), method=method, params=params or {}, out=out, quiet=True, evaluate=evaluate_step)
+    merger.run([str(e) for e in experts])
+    acc, bwt = summary["ACC"], summary["BWT"]
     print(f"ACC {100 * acc:.2f}   BWT {100 * bwt:+.2f}   (final model over all {len(tasks)} tasks; BWT = mean a[T][i] − a[i][i])")
     print(f"steps written to {out}; each step's README.md holds its card and these results", file=sys.stderr)
     return {"rows": rows, "ACC": acc, "BWT": bwt, "out": out}
