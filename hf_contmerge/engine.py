@@ -17,9 +17,12 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +42,7 @@ from .sources import Checkpoint, ResolvedSource, resolve
 from .state import STATE_DIR, STATE_FILE, StepState, open_slot, read_state, record_evaluation
 
 OUT_DTYPE = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+PIPELINE_DEPTH = 2  # chunks read ahead, and chunks queued for writing, at most
 # Files of the base folder that are not copied into a step (weights, our own files, its card).
 SKIP_SIDE = {"model.safetensors.index.json", "pytorch_model.bin.index.json", "adapter_config.json", "README.md", STATE_FILE}
 
@@ -211,47 +215,38 @@ class Engine:
         return kp.dtype  # integer / bool buffers keep their dtype
 
     def _chunks(self, kp: KeyPlan) -> Iterator[tuple[int, int] | None]:
-        if not self.method.can_slice(kp.key):
+        if kp.merged and not self.method.can_slice(kp.key):
             return iter([None])
         return iter_row_chunks(kp.shape, 4, int(self.options.chunk_mb * 2**20))
 
     def _write_tensors(self, ctx: _StepContext, partial: Path, scalars: dict[str, Any]) -> dict[str, Any]:
         plan, method, opts = ctx.plan, self.method, self.options
         method.start_step(ctx.step, scalars)
-        merged = plan.merged_keys
-        specs = [TensorSpec(kp.key, kp.shape, self._out_dtype(kp)) for kp in plan.keys]
-        weights = ShardedWriter(partial, specs, opts.shard_bytes)
-        state_dir = partial / STATE_DIR
-        state_dir.mkdir()
-        slot_writers = {
-            s: ShardedWriter(state_dir, [TensorSpec(kp.key, kp.shape, "F32") for kp in merged], opts.shard_bytes, prefix=s)
-            for s in method.slots
-        }
+        weights = ShardedWriter(partial, [TensorSpec(kp.key, kp.shape, self._out_dtype(kp)) for kp in plan.keys], opts.shard_bytes)
+        slot_writers = self._slot_writers(ctx, partial / STATE_DIR)
         total = sum(_numel(kp.shape, None) for kp in plan.keys)
-        bar = tqdm(total=total * (2 if method.two_pass else 1), unit="el", unit_scale=True, desc=f"step {ctx.step}", disable=opts.quiet, leave=False)
+        bar = tqdm(total=total * (2 if method.two_pass else 1), unit="el", unit_scale=True, desc=f"step {ctx.step}",
+                   disable=opts.quiet, leave=False)
+        first: dict[str, Checkpoint] = {}
         with bar:
             if method.two_pass:
-                first = self._first_pass(ctx, partial / "_pass1", bar)
+                scratch = self._slot_writers(ctx, partial / "_pass1")
+                self._pipeline(ctx, [(kp, rows) for kp in plan.merged_keys for rows in self._chunks(kp)],
+                               {}, lambda kp, base, new: [(scratch[s], kp.key, new[s].float()) for s in method.slots], bar)
+                for w in scratch.values():
+                    w.close()
                 scalars = method.end_pass(ctx.step, scalars, ctx.stats)
-            for n, kp in enumerate(plan.keys, start=1):
-                failpoint(f"step-{ctx.step}:tensor-{n}")
-                if not kp.merged:
-                    self._copy_base(ctx, kp, weights)
-                    bar.update(_numel(kp.shape, None))
-                    continue
-                for rows in self._chunks(kp):
-                    if method.two_pass:
-                        base = self._read(ctx.plan.base.checkpoint, kp.key, rows)
-                        slots = method.finish(ctx.step, base, {s: self._read(first[s], kp.key, rows) for s in method.slots}, scalars)
-                    else:
-                        base, slots = self._merge_chunk(ctx, kp, rows)
-                    for s, w in slot_writers.items():
-                        w.write(kp.key, slots[s].to("cpu", torch.float32))
-                    weights.write(kp.key, method.weight(base, slots).to("cpu", SAFE_DTYPES[self._out_dtype(kp)]))
-                    bar.update(_numel(kp.shape, rows))
+                first = {s: Checkpoint.open(partial / "_pass1", prefix=s) for s in method.slots}
+
+            def emit(kp: KeyPlan, base: torch.Tensor, slots: dict[str, torch.Tensor]) -> list:
+                out = [(slot_writers[s], kp.key, slots[s].float()) for s in method.slots]
+                return [*out, (weights, kp.key, method.weight(base, slots).to(SAFE_DTYPES[self._out_dtype(kp)]))]
+
+            work = [(kp, rows) for kp in plan.keys for rows in self._chunks(kp)]
+            self._pipeline(ctx, work, first, emit, bar, scalars=scalars, copy_to=weights)
+            for ck in first.values():
+                ck.close()
             if method.two_pass:
-                for ck in first.values():
-                    ck.close()
                 shutil.rmtree(partial / "_pass1")
             else:
                 scalars = method.end_pass(ctx.step, scalars, ctx.stats)
@@ -260,51 +255,84 @@ class Engine:
             w.close()
         return scalars
 
-    def _first_pass(self, ctx: _StepContext, scratch_dir: Path, bar: tqdm) -> dict[str, Checkpoint]:
-        """Pass 1 of a two-pass method: every merged tensor's first-pass slots, to a scratch area."""
-        merged = ctx.plan.merged_keys
-        scratch_dir.mkdir()
-        scratch = {
-            s: ShardedWriter(scratch_dir, [TensorSpec(kp.key, kp.shape, "F32") for kp in merged], self.options.shard_bytes, prefix=s)
-            for s in self.method.slots
-        }
-        for kp in merged:
-            for rows in self._chunks(kp):
-                _, new = self._merge_chunk(ctx, kp, rows)
-                for s, w in scratch.items():
-                    w.write(kp.key, new[s].to("cpu", torch.float32))
+    def _slot_writers(self, ctx: _StepContext, folder: Path) -> dict[str, ShardedWriter]:
+        folder.mkdir()
+        specs = [TensorSpec(kp.key, kp.shape, "F32") for kp in ctx.plan.merged_keys]
+        return {s: ShardedWriter(folder, specs, self.options.shard_bytes, prefix=s) for s in self.method.slots}
+
+    def _pipeline(self, ctx: _StepContext, work: list[tuple[KeyPlan, tuple[int, int] | None]], first: dict[str, Checkpoint],
+                  emit: Callable[..., list], bar: tqdm, scalars: dict[str, Any] | None = None,
+                  copy_to: ShardedWriter | None = None) -> None:
+        """Merge ``work`` (tensor, rows) in order: reads run ahead in a reader thread and
+        writes drain in a writer thread, so the disk works while this thread computes.
+
+        Reads and writes each keep the planned order (one thread each), and every kernel and every
+        statistic runs here, in order, so the bytes are the same as a sequential run. Both threads
+        spend their time in ``preadv``/``write`` (which release the GIL).
+        """
+        with ThreadPoolExecutor(1, thread_name_prefix="contmerge-read") as reader, \
+                ThreadPoolExecutor(1, thread_name_prefix="contmerge-write") as writer:
+            loads: deque = deque()
+            writes: deque = deque()
+            items = iter(work)
+            for item in islice(items, PIPELINE_DEPTH):
+                loads.append((item, reader.submit(self._load, ctx, *item, first)))
+            n_key = 0
+            last_key = None
+            while loads:
+                (kp, rows), future = loads.popleft()
+                if (nxt := next(items, None)) is not None:
+                    loads.append((nxt, reader.submit(self._load, ctx, *nxt, first)))
+                if kp.key != last_key:
+                    n_key, last_key = n_key + 1, kp.key
+                    failpoint(f"step-{ctx.step}:tensor-{n_key}")
+                raw = future.result()
+                if not kp.merged:  # copied from the base (integer buffers), in the output dtype
+                    out = [(copy_to, kp.key, raw["base"].to(SAFE_DTYPES[self._out_dtype(kp)]))]
+                else:
+                    base, slots = self._compute(ctx, kp, rows, raw, scalars if first else None)
+                    out = emit(kp, base, slots)
+                writes.append(writer.submit(_store, [(w, key, t.cpu()) for w, key, t in out]))
+                while len(writes) > PIPELINE_DEPTH:
+                    writes.popleft().result()
                 bar.update(_numel(kp.shape, rows))
-        for w in scratch.values():
-            w.close()
-        return {s: Checkpoint.open(scratch_dir, prefix=s) for s in self.method.slots}
+            for future in writes:
+                future.result()
 
-    def _read(self, ck: Checkpoint, key: str, rows: tuple[int, int] | None) -> torch.Tensor:
-        return ck.read(key, rows).to(self.device, torch.float32)
-
-    def _merge_chunk(self, ctx: _StepContext, kp: KeyPlan, rows: tuple[int, int] | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The base slice and the method's new slots for it (first pass of two-pass methods)."""
-        base = self._read(ctx.plan.base.checkpoint, kp.key, rows)
+    def _load(self, ctx: _StepContext, kp: KeyPlan, rows: tuple[int, int] | None, first: dict[str, Checkpoint]) -> dict[str, Any]:
+        """Everything one chunk needs, as stored on disk (reader thread)."""
+        raw: dict[str, Any] = {"base": ctx.plan.base.checkpoint.read(kp.key, rows)}
+        if not kp.merged:
+            return raw
+        if first:
+            raw["first"] = {s: ck.read(kp.key, rows) for s, ck in first.items()}
+            return raw
         ikey = kp.item_keys[ctx.item_index]
-        if ikey is None:  # the item lacks this whole module: its task vector is zero here
+        raw["item"] = None if ikey is None else ctx.item.checkpoint.read(ikey, rows)
+        raw["prev"] = {s: ck.read(kp.key, rows) for s, ck in ctx.prev_slots.items()} or None
+        return raw
+
+    def _compute(self, ctx: _StepContext, kp: KeyPlan, rows: tuple[int, int] | None, raw: dict[str, Any],
+                 scalars: dict[str, Any] | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The base chunk (float32, on device) and the method's slots for it; second pass if ``scalars``."""
+        f32 = lambda t: t.to(self.device, torch.float32)  # noqa: E731
+        base = f32(raw["base"])
+        if scalars is not None:
+            return base, self.method.finish(ctx.step, base, {s: f32(t) for s, t in raw["first"].items()}, scalars)
+        if raw["item"] is None:  # the item lacks this whole module: its task vector is zero here
             item = base
         else:
-            item = self._read(ctx.item.checkpoint, ikey, rows)
+            item = f32(raw["item"])
             if not self.options.allow_nonfinite and not bool(torch.isfinite(item).all()):
                 raise ContMergeError(
-                    f"stream item {ctx.item.spec.text!r} has NaN or Inf values in tensor {ikey!r}. Step {ctx.step} "
-                    "was not written. Fix or drop the item, or pass --allow-nonfinite to merge it anyway."
+                    f"stream item {ctx.item.spec.text!r} has NaN or Inf values in tensor {kp.item_keys[ctx.item_index]!r}. "
+                    f"Step {ctx.step} was not written. Fix or drop the item, or pass --allow-nonfinite to merge it anyway."
                 )
-        prev = {s: self._read(ck, kp.key, rows) for s, ck in ctx.prev_slots.items()} or None
-        tctx = TensorContext(kp.key, kp.shape, rows)
-        new = self.method.merge(ctx.step, base, item, prev, tctx)
+        prev = {s: f32(t) for s, t in raw["prev"].items()} if raw["prev"] else None
+        new = self.method.merge(ctx.step, base, item, prev, TensorContext(kp.key, kp.shape, rows))
         for name, value in self.method.stats(ctx.step, base, item, prev, new).items():
             ctx.stats[name] = ctx.stats.get(name, 0.0) + float(value)
         return base, new
-
-    def _copy_base(self, ctx: _StepContext, kp: KeyPlan, weights: ShardedWriter) -> None:
-        dtype = SAFE_DTYPES[self._out_dtype(kp)]
-        for rows in iter_row_chunks(kp.shape, 4, int(self.options.chunk_mb * 2**20)):
-            weights.write(kp.key, ctx.plan.base.checkpoint.read(kp.key, rows).to(dtype))
 
     # ------------------------------------------------------------------ side files, heads, state, card
     def _finish_folder(self, ctx: _StepContext, partial: Path, prev_folder: Path | None, previous: StepState | None, scalars: dict[str, Any]) -> StepState:
@@ -360,6 +388,12 @@ class Engine:
                 if key in data or key == "dtype":
                     data[key] = self.options.dtype
             config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _store(writes: list[tuple[ShardedWriter, str, torch.Tensor]]) -> None:
+    """Writer thread: append chunks to their writers, in the order they were queued."""
+    for writer, key, tensor in writes:
+        writer.write(key, tensor)
 
 
 def _numel(shape: tuple[int, ...], rows: tuple[int, int] | None) -> int:

@@ -31,7 +31,7 @@ class MergeOptions(BaseModel):
     )
     device: str = Field("cpu", description="where kernels run: cpu, cuda, cuda:N or auto")
     shard_size: str = Field("5GB", description="largest safetensors shard, e.g. 5GB or 500MB")
-    chunk_mb: float = Field(256, gt=0, description="slice size (MiB, float32) for elementwise kernels on large tensors")
+    chunk_mb: float = Field(16, gt=0, description="slice size (MiB, float32) for elementwise kernels on large tensors")
     resume: bool = Field(False, description="continue the run in --out after its last complete step")
     resume_from: str | None = Field(None, description="continue from a step published on the Hub, ORG/NAME[@REV] "
                                     "(e.g. @step-3); the --stream must start with the items that step holds")
