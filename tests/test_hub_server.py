@@ -30,7 +30,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils._runtime import is_xet_available  # the check upload_folder itself makes
 from safetensors import safe_open
 
-from hub_server import HubServer, git_blob_oid, hub_server, running_hub  # noqa: F401 - hub_server is a fixture
+from hub_server import HubServer, git_blob_oid, running_hub
 
 REPO = "org/tiny-llama"
 

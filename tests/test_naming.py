@@ -8,16 +8,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import (
-    BertConfig,
     CLIPConfig,
     Dinov2Config,
-    GPT2Config,
-    LlamaConfig,
     LlamaModel,
     PretrainedConfig,
     T5Config,
-    ViTConfig,
 )
+
+from tiny_configs import bert, gpt2, llama, vit
 
 from hf_contmerge.naming import (
     file_layout,
@@ -27,26 +25,6 @@ from hf_contmerge.naming import (
     meta_model,
     transposed_linear_file_keys,
 )
-
-
-def llama(tied: bool = False, arch: str = "LlamaForCausalLM") -> LlamaConfig:
-    return LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
-                       num_key_value_heads=1, tie_word_embeddings=tied, architectures=[arch])
-
-
-def gpt2() -> GPT2Config:
-    return GPT2Config(vocab_size=40, n_embd=16, n_layer=2, n_head=2, n_positions=32, bos_token_id=0, eos_token_id=0,
-                      architectures=["GPT2LMHeadModel"])
-
-
-def bert() -> BertConfig:
-    return BertConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
-                      max_position_embeddings=32, num_labels=3, architectures=["BertForSequenceClassification"])
-
-
-def vit() -> ViTConfig:
-    return ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=24, image_size=8,
-                     patch_size=4, num_labels=3, architectures=["ViTForImageClassification"])
 
 
 def dinov2_swiglu() -> Dinov2Config:

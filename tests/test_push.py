@@ -38,7 +38,7 @@ from hf_contmerge.push import (
     retry_delay,
 )
 from hf_contmerge.state import read_state
-from hub_server import HubServer, git_blob_oid, hub_server, running_hub  # noqa: F401 - hub_server is a fixture
+from hub_server import HubServer, git_blob_oid, running_hub
 from tiny_models import make_stream, weights
 
 TOKEN = "hf_SECRETtoken123"
