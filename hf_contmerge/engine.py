@@ -14,6 +14,7 @@ knows nothing about any particular method.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import signal
@@ -323,7 +324,8 @@ class Engine:
             item = base
         else:
             item = f32(raw["item"])
-            if not self.options.allow_nonfinite and not bool(torch.isfinite(item).all()):
+            # a NaN/Inf anywhere makes the sum non-finite: one reduction, then the exact check to confirm
+            if not self.options.allow_nonfinite and not math.isfinite(item.sum()) and not bool(torch.isfinite(item).all()):
                 raise ContMergeError(
                     f"stream item {ctx.item.spec.text!r} has NaN or Inf values in tensor {kp.item_keys[ctx.item_index]!r}. "
                     f"Step {ctx.step} was not written. Fix or drop the item, or pass --allow-nonfinite to merge it anyway."
