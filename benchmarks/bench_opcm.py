@@ -1,0 +1,87 @@
+"""Dense OPCM at 7B layer shapes: step time against the sum of its SVDs alone, and peak RSS.
+
+An OPCM step t ≥ 2 takes one thin SVD per linear weight (for a Llama-7B layer: four 4096×4096 and
+three 11008×4096 matrices), then a global rescale that needs a second pass over the model. The SVDs
+are the irreducible cost; everything else (reading, projecting, two passes, writing) is overhead.
+This script times, in one run on the same machine and thread count:
+
+1. the SVDs alone: ``linalg.thin_svd`` on float32 random matrices of every linear weight's shape,
+   each timed once, summed;
+2. ``hf-contmerge merge --method opcm`` step 2 (the first step with projections) on a synthetic
+   stream (``make_synthetic.py``), as a subprocess, with its wall time and peak RSS (``wait4``).
+
+Target (issue): step time within 20 % of the SVD sum, peak RSS under 3 GiB.
+
+    python benchmarks/bench_opcm.py --depth 1 --scratch /work/bench-scratch
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_stream import insert_section, machine, run_measured  # noqa: E402
+from make_synthetic import ensure, llama_shapes  # noqa: E402
+
+from hf_contmerge.linalg import thin_svd  # noqa: E402
+
+SECTION = "## OPCM (dense) at 7B layer shapes"
+LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def svd_seconds(depth: int) -> float:
+    total = 0.0
+    g = torch.Generator().manual_seed(0)
+    for name, shape in llama_shapes(depth):
+        if name.rsplit(".", 2)[-2] in LINEAR:
+            x = torch.randn(shape, generator=g) * 0.002
+            t0 = time.perf_counter()
+            thin_svd(x)
+            total += time.perf_counter() - t0
+    return total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--depth", type=int, default=1)
+    parser.add_argument("--scratch", type=Path, default=Path("/work/bench-scratch"))
+    parser.add_argument("--results", type=Path, default=Path(__file__).parent / "RESULTS.md")
+    args = parser.parse_args()
+    folders = ensure(args.scratch / f"llama-d{args.depth}-opcm", args.depth, 2)
+    base, items = folders[0], folders[1:]
+    out = args.scratch / f"opcm-d{args.depth}-out"
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    cli = [sys.executable, "-m", "hf_contmerge.cli", "merge", "--base", str(base), "--method", "opcm", "--out", str(out), "--quiet"]
+    here = Path(__file__).parent.parent
+    step1 = run_measured([*cli, "--stream", str(items[0])], {}, here)
+    step2 = run_measured([*cli, "--stream", *map(str, items), "--resume"], {}, here)
+    svd = svd_seconds(args.depth)
+    ratio = step2[0] / svd
+    rows = [
+        "| depth | SVDs alone (s) | OPCM step 2 wall (s) | overhead | step 2 peak RSS | step 1 wall (s) | step 1 peak RSS |",
+        "|---|---|---|---|---|---|---|",
+        f"| {args.depth} | {svd:.1f} | {step2[0]:.1f} | {100 * (ratio - 1):+.0f} % | {step2[1] / 2**20:.2f} GiB | "
+        f"{step1[0]:.1f} | {step1[1] / 2**20:.2f} GiB |",
+    ]
+    block = "\n".join([
+        f"### {date.today().isoformat()}: depth {args.depth}",
+        "",
+        f"Command: `python benchmarks/bench_opcm.py --depth {args.depth}`. Machine: {machine()}.",
+        "",
+        *rows,
+    ])
+    print(block)
+    insert_section(args.results, block, SECTION)
+
+
+if __name__ == "__main__":
+    main()
