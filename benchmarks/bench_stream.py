@@ -317,15 +317,17 @@ def step_table(rows: list[StepRow]) -> str:
 
 def summary_table(rows: list[StepRow]) -> str:
     head = ("| depth | model GB | method | variant | merge GB/s | copy GB/s | merge/copy (≥ 0.7) | max peak RSS GiB (< 2) | "
-            "step 2 s | step T s | T/2 (within ±15 %) |\n" + "|---" * 11 + "|\n")
+            "step 2 s | step T s | T/2 (within ±15 %) | copy T/2 | T/2 ÷ copy T/2 |\n" + "|---" * 13 + "|\n")
     out = []
     for depth, method, variant in dict.fromkeys((r.depth, r.method, r.variant) for r in rows):
         rs = [r for r in rows if (r.depth, r.method, r.variant) == (depth, method, variant)]
         merge = sum(r.read + r.written for r in rs) / sum(r.merge_s for r in rs) / GB
         copy = sum(r.copy_bytes for r in rs) / sum(r.copy_s for r in rs) / GB
         s2, st = rs[1].merge_s if len(rs) > 1 else float("nan"), rs[-1].merge_s
+        c2, ct = rs[1].copy_s if len(rs) > 1 else float("nan"), rs[-1].copy_s
         out.append(f"| {depth} | {make_synthetic.model_bytes(depth) / GB:.2f} | {method} | {variant} | {merge:.3f} | {copy:.3f} | "
-                   f"{merge / copy:.2f} | {max(r.rss_kib for r in rs) / 2**20:.2f} | {s2:.1f} | {st:.1f} | {st / s2:.2f} |")
+                   f"{merge / copy:.2f} | {max(r.rss_kib for r in rs) / 2**20:.2f} | {s2:.1f} | {st:.1f} | {st / s2:.2f} | "
+                   f"{ct / c2:.2f} | {st / s2 / (ct / c2):.2f} |")
     return head + "\n".join(out) + "\n"
 
 
