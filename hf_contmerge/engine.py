@@ -23,7 +23,6 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +42,9 @@ from .sources import Checkpoint, ResolvedSource, resolve
 from .state import STATE_DIR, STATE_FILE, StepState, open_slot, read_state, record_evaluation
 
 OUT_DTYPE = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
-PIPELINE_DEPTH = 2  # chunks read ahead, and chunks queued for writing, at most
+# Reads run ahead, and writes queue behind, by at most this many chunks' worth of bytes (at least
+# one item each way): a whole 11008 x 4096 matrix (unsliced kernels) then waits alone, not two deep.
+PIPELINE_CHUNKS = 2
 # Files of the base folder that are not copied into a step (weights, our own files, its card).
 SKIP_SIDE = {"model.safetensors.index.json", "pytorch_model.bin.index.json", "adapter_config.json", "README.md", STATE_FILE}
 
@@ -271,33 +272,51 @@ class Engine:
         statistic runs here, in order, so the bytes are the same as a sequential run. Both threads
         spend their time in ``preadv``/``write`` (which release the GIL).
         """
+        budget = PIPELINE_CHUNKS * int(self.options.chunk_mb * 2**20)
         with ThreadPoolExecutor(1, thread_name_prefix="contmerge-read") as reader, \
                 ThreadPoolExecutor(1, thread_name_prefix="contmerge-write") as writer:
             loads: deque = deque()
             writes: deque = deque()
-            items = iter(work)
-            for item in islice(items, PIPELINE_DEPTH):
-                loads.append((item, reader.submit(self._load, ctx, *item, first)))
+            next_load, read_ahead, written_behind = 0, 0, 0
+
+            def fill() -> None:
+                nonlocal next_load, read_ahead
+                while next_load < len(work) and (not loads or read_ahead < budget):
+                    kp, rows = work[next_load]
+                    size = 4 * _numel(kp.shape, rows)  # float32-equivalent bytes of one tensor read
+                    loads.append((work[next_load], size, reader.submit(self._load, ctx, kp, rows, first)))
+                    read_ahead += size
+                    next_load += 1
+
             n_key = 0
             last_key = None
+            fill()
             while loads:
-                (kp, rows), future = loads.popleft()
-                if (nxt := next(items, None)) is not None:
-                    loads.append((nxt, reader.submit(self._load, ctx, *nxt, first)))
+                (kp, rows), size, future = loads.popleft()
+                read_ahead -= size
                 if kp.key != last_key:
                     n_key, last_key = n_key + 1, kp.key
                     failpoint(f"step-{ctx.step}:tensor-{n_key}")
+                fill()  # the reader moves on while this chunk is computed
                 raw = future.result()
                 if not kp.merged:  # copied from the base (integer buffers), in the output dtype
                     out = [(copy_to, kp.key, raw["base"].to(SAFE_DTYPES[self._out_dtype(kp)]))]
                 else:
                     base, slots = self._compute(ctx, kp, rows, raw, scalars if first else None)
                     out = emit(kp, base, slots)
-                writes.append(writer.submit(_store, [(w, key, t.cpu()) for w, key, t in out]))
-                while len(writes) > PIPELINE_DEPTH:
-                    writes.popleft().result()
+                    del base, slots  # free this tensor's buffers before the next one is computed
+                del raw
+                out = [(w, key, t.cpu()) for w, key, t in out]
+                nbytes = sum(t.numel() * t.element_size() for _, _, t in out)
+                writes.append((nbytes, writer.submit(_store, out)))
+                written_behind += nbytes
+                del out
+                while len(writes) > 1 and written_behind > budget:
+                    done_bytes, done = writes.popleft()
+                    done.result()
+                    written_behind -= done_bytes
                 bar.update(_numel(kp.shape, rows))
-            for future in writes:
+            for _, future in writes:
                 future.result()
 
     def _load(self, ctx: _StepContext, kp: KeyPlan, rows: tuple[int, int] | None, first: dict[str, Checkpoint]) -> dict[str, Any]:

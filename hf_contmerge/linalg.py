@@ -86,10 +86,32 @@ __all__ = [
     "factored_norm_sq",
     "add_factored",
     "recompress",
+    "sum_sq",
 ]
 
 _F32 = torch.float32
 _EPS32 = torch.finfo(_F32).eps
+
+
+_SUM_BLOCK = 1 << 20  # elements per block of sum_sq: a 4 MiB float32 temporary, whatever the tensor
+
+
+def sum_sq(x: Tensor, minus: Tensor | None = None) -> float:
+    r"""``||x - minus||_F^2`` (or ``||x||_F^2``) as a Python float, accumulated in float64.
+
+    Blockwise over the flattened tensors, so the only temporaries are one block (float32 and its
+    float64 square sum), not a float64 copy of the whole tensor: an 11008 x 4096 float32 matrix
+    would otherwise cost ~0.7 GB of temporaries per norm.
+    """
+    flat = x.reshape(-1)
+    other = None if minus is None else minus.reshape(-1)
+    total = 0.0
+    for start in range(0, flat.numel(), _SUM_BLOCK):
+        block = flat[start : start + _SUM_BLOCK]
+        if other is not None:
+            block = block - other[start : start + _SUM_BLOCK]
+        total += float(torch.linalg.vector_norm(block, dtype=torch.float64).square())
+    return total
 
 
 def _f32(x: Tensor, device: torch.device | None = None) -> Tensor:

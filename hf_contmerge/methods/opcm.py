@@ -46,7 +46,7 @@ from pydantic import Field
 from torch import Tensor
 
 from ..errors import ContMergeError
-from ..linalg import opcm_project
+from ..linalg import opcm_project, sum_sq
 from .base import Method, MethodParams, TensorContext
 
 
@@ -101,13 +101,14 @@ class OPCM(Method):
         if ctx.key in self.linear and tau.dim() == 2:
             tau = opcm_project(tau_bar, tau, self.params.alpha, self.params.zero_diagonal, diagonal_in_null_space=False)
             self._projected.add(ctx.key)
-        return {"merged": self._lambda_prev * tau_bar + tau}  # pass 1: the unscaled task vector
+        # pass 1: the unscaled task vector, built in τ̄'s buffer (whole 7B matrices: one temporary fewer)
+        return {"merged": tau_bar.mul_(self._lambda_prev).add_(tau)}
 
     def stats(self, step: int, base: Tensor, item: Tensor, prev: dict[str, Tensor] | None, new: dict[str, Tensor]) -> dict[str, float]:
-        tau_sq = float((item - base).double().pow(2).sum())
+        tau_sq = sum_sq(item, base)
         if prev is None:
             return {"tau_sq": tau_sq}
-        return {"tau_sq": tau_sq, "unscaled_sq": float(new["merged"].double().pow(2).sum())}
+        return {"tau_sq": tau_sq, "unscaled_sq": sum_sq(new["merged"])}
 
     def end_pass(self, step: int, scalars: dict[str, Any], stats: dict[str, float]) -> dict[str, Any]:
         norm_sum, count = scalars["norm_sum"] + math.sqrt(stats.get("tau_sq", 0.0)), scalars["count"] + 1
