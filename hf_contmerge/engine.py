@@ -37,9 +37,10 @@ from .methods import Method, TensorContext, build_method
 from .options import MergeOptions
 from .preflight import KeyPlan, StreamPlan, plan_stream
 from .push import PushTarget, check_target, commit_message, push_missing, push_step
-from .safetensors_io import SAFE_DTYPES, ShardedWriter, TensorSpec, iter_row_chunks
+from .lowrank import LEFT, RIGHT, LowRank, worth_factoring
+from .safetensors_io import SAFE_DTYPES, AppendWriter, ShardedWriter, TensorSpec, iter_row_chunks
 from .sources import Checkpoint, ResolvedSource, resolve
-from .state import STATE_DIR, STATE_FILE, StepState, open_slot, read_state, record_evaluation
+from .state import LOWRANK_PREFIX, STATE_DIR, STATE_FILE, StepState, open_lowrank, open_slot, read_state, record_evaluation
 
 OUT_DTYPE = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 # Reads run ahead, and writes queue behind, by at most this many chunks' worth of bytes (at least
@@ -83,11 +84,35 @@ class _StepContext:
     plan: StreamPlan
     item_index: int  # index into plan.items / item_plans
     prev_slots: dict[str, Checkpoint] = field(default_factory=dict)
+    prev_lowrank: dict[str, Checkpoint] = field(default_factory=dict)  # slot -> its factored tensors, if any
+    lowrank: dict[str, int] = field(default_factory=dict)  # keys merged in factored form -> rank bound
+    first: dict[str, Checkpoint] = field(default_factory=dict)  # pass-1 slots (two-pass methods, pass 2)
+    factors: tuple[str, dict[str, LowRank]] | None = None  # final factors of the key being written
+    ranks: dict[str, int] = field(default_factory=dict)  # rank of the factors carried, per factored key
     stats: dict[str, float] = field(default_factory=dict)
 
     @property
     def item(self) -> ResolvedSource:
         return self.plan.items[self.item_index]
+
+
+@dataclass(frozen=True)
+class _Work:
+    """One unit of the pipeline: a dense tensor or dim-0 slice (``dense``), a factored tensor's
+    merge or finish (``lowrank``), or rows of a factored tensor's published weight (``rows``)."""
+
+    kp: KeyPlan
+    rows: tuple[int, int] | None
+    kind: str
+
+
+def _read_lowrank(ck: Checkpoint, key: str) -> LowRank:
+    return LowRank(ck.read(key + LEFT).to(torch.float32), ck.read(key + RIGHT).to(torch.float32))
+
+
+def _slot_files(slots: tuple[str, ...], lowrank: dict[str, int]) -> list[str]:
+    """File prefixes of a slot set: the dense files, and the factored ones when any tensor is factored."""
+    return [*slots, *(LOWRANK_PREFIX + s for s in slots if lowrank)]
 
 
 class Engine:
@@ -200,6 +225,10 @@ class Engine:
                     for slot in self.method.slots:
                         ctx.prev_slots[slot] = open_slot(prev_folder, slot)
                         stack.callback(ctx.prev_slots[slot].close)
+                        if (factored := open_lowrank(prev_folder, slot)) is not None:
+                            ctx.prev_lowrank[slot] = factored
+                            stack.callback(factored.close)
+                ctx.lowrank = self._lowrank_plan(ctx)
                 scalars = dict(previous.scalars) if previous else self.method.init_scalars()
                 scalars = self._write_tensors(ctx, partial, scalars)
             state = self._finish_folder(ctx, partial, prev_folder, previous, scalars)
@@ -216,61 +245,101 @@ class Engine:
             return kp.dtype if self.options.dtype == "auto" else OUT_DTYPE[self.options.dtype]
         return kp.dtype  # integer / bool buffers keep their dtype
 
-    def _chunks(self, kp: KeyPlan) -> Iterator[tuple[int, int] | None]:
-        if kp.merged and not self.method.can_slice(kp.key):
-            return iter([None])
-        return iter_row_chunks(kp.shape, 4, int(self.options.chunk_mb * 2**20))
+    def _lowrank_plan(self, ctx: _StepContext) -> dict[str, int]:
+        """Tensors merged in factored form this step, each with a bound of its factors' rank.
+
+        A tensor qualifies when the method has a low-rank form for it, the item's task vector on it
+        is low-rank (a LoRA target, or untouched: rank 0), every slot of the previous step is
+        factored (or this is step 1), and the factors stay smaller than the dense matrix
+        (``lowrank.worth_factoring``). Decided before the step from ranks in the headers, so the
+        writers can be planned.
+        """
+        method, idx = self.method, ctx.item_index
+        if self.options.lowrank == "off" or not method.lowrank:
+            return {}
+        item = ctx.item.checkpoint
+        plan: dict[str, int] = {}
+        for kp in ctx.plan.merged_keys:
+            if len(kp.shape) != 2 or not method.lowrank_key(kp.key):
+                continue
+            ikey = kp.item_keys[idx]
+            rank = 0 if ikey is None else item.low_rank(ikey)
+            if rank is None:
+                continue
+            if ctx.prev_slots:
+                prev = [ctx.prev_lowrank.get(s) for s in method.slots]
+                if any(ck is None or kp.key + LEFT not in ck for ck in prev):
+                    continue
+                rank += max(ck.info(kp.key + LEFT).shape[1] for ck in prev)
+            if worth_factoring(kp.shape, rank):
+                plan[kp.key] = rank
+        return plan
 
     def _write_tensors(self, ctx: _StepContext, partial: Path, scalars: dict[str, Any]) -> dict[str, Any]:
         plan, method, opts = ctx.plan, self.method, self.options
         method.start_step(ctx.step, scalars)
         weights = ShardedWriter(partial, [TensorSpec(kp.key, kp.shape, self._out_dtype(kp)) for kp in plan.keys], opts.shard_bytes)
-        slot_writers = self._slot_writers(ctx, partial / STATE_DIR)
+        state = self._slot_writers(ctx, partial / STATE_DIR)
         total = sum(_numel(kp.shape, None) for kp in plan.keys)
         bar = tqdm(total=total * (2 if method.two_pass else 1), unit="el", unit_scale=True, desc=f"step {ctx.step}",
                    disable=opts.quiet, leave=False)
-        first: dict[str, Checkpoint] = {}
         with bar:
             if method.two_pass:
                 scratch = self._slot_writers(ctx, partial / "_pass1")
-                self._pipeline(ctx, [(kp, rows) for kp in plan.merged_keys for rows in self._chunks(kp)],
-                               {}, lambda kp, base, new: [(scratch[s], kp.key, new[s].float()) for s in method.slots], bar)
+                work = [_Work(kp, rows, "lowrank" if kp.key in ctx.lowrank else "dense")
+                        for kp in plan.merged_keys for rows in self._chunks(ctx, kp)]
+                self._pipeline(ctx, work, lambda w, raw: self._first_pass(ctx, scratch, w, raw), bar)
                 for w in scratch.values():
                     w.close()
                 scalars = method.end_pass(ctx.step, scalars, ctx.stats)
-                first = {s: Checkpoint.open(partial / "_pass1", prefix=s) for s in method.slots}
-
-            def emit(kp: KeyPlan, base: torch.Tensor, slots: dict[str, torch.Tensor]) -> list:
-                out = [(slot_writers[s], kp.key, slots[s].float()) for s in method.slots]
-                return [*out, (weights, kp.key, method.weight(base, slots).to(SAFE_DTYPES[self._out_dtype(kp)]))]
-
-            work = [(kp, rows) for kp in plan.keys for rows in self._chunks(kp)]
-            self._pipeline(ctx, work, first, emit, bar, scalars=scalars, copy_to=weights)
-            for ck in first.values():
+                ctx.first = {s: Checkpoint.open(partial / "_pass1", prefix=s) for s in _slot_files(method.slots, ctx.lowrank)}
+            work = []
+            for kp in plan.keys:
+                if kp.key in ctx.lowrank:
+                    work.append(_Work(kp, None, "lowrank"))
+                    work += [_Work(kp, rows, "rows") for rows in iter_row_chunks(kp.shape, 4, int(opts.chunk_mb * 2**20))]
+                else:
+                    work += [_Work(kp, rows, "dense") for rows in self._chunks(ctx, kp)]
+            self._pipeline(ctx, work, lambda w, raw: self._final_pass(ctx, weights, state, w, raw, scalars), bar)
+            for ck in ctx.first.values():
                 ck.close()
             if method.two_pass:
                 shutil.rmtree(partial / "_pass1")
             else:
                 scalars = method.end_pass(ctx.step, scalars, ctx.stats)
         weights.close()
-        for w in slot_writers.values():
+        for w in state.values():
             w.close()
         return scalars
 
-    def _slot_writers(self, ctx: _StepContext, folder: Path) -> dict[str, ShardedWriter]:
+    def _slot_writers(self, ctx: _StepContext, folder: Path) -> dict[str, ShardedWriter | AppendWriter]:
+        """Writers of the carried slots: one planned writer per slot for the dense tensors, and an
+        append writer per slot for the factored ones (ranks are known only once computed)."""
         folder.mkdir()
-        specs = [TensorSpec(kp.key, kp.shape, "F32") for kp in ctx.plan.merged_keys]
-        return {s: ShardedWriter(folder, specs, self.options.shard_bytes, prefix=s) for s in self.method.slots}
+        specs = [TensorSpec(kp.key, kp.shape, "F32") for kp in ctx.plan.merged_keys if kp.key not in ctx.lowrank]
+        writers: dict[str, ShardedWriter | AppendWriter] = {
+            s: ShardedWriter(folder, specs, self.options.shard_bytes, prefix=s) for s in self.method.slots
+        }
+        if ctx.lowrank:
+            names = [n for key in ctx.lowrank for n in (key + LEFT, key + RIGHT)]
+            for s in self.method.slots:
+                writers[LOWRANK_PREFIX + s] = AppendWriter(folder, names, self.options.shard_bytes, prefix=LOWRANK_PREFIX + s)
+        return writers
 
-    def _pipeline(self, ctx: _StepContext, work: list[tuple[KeyPlan, tuple[int, int] | None]], first: dict[str, Checkpoint],
-                  emit: Callable[..., list], bar: tqdm, scalars: dict[str, Any] | None = None,
-                  copy_to: ShardedWriter | None = None) -> None:
-        """Merge ``work`` (tensor, rows) in order: reads run ahead in a reader thread and
+    def _chunks(self, ctx: _StepContext, kp: KeyPlan) -> Iterator[tuple[int, int] | None]:
+        if kp.key in ctx.lowrank or (kp.merged and not self.method.can_slice(kp.key)):
+            return iter([None])
+        return iter_row_chunks(kp.shape, 4, int(self.options.chunk_mb * 2**20))
+
+    # ------------------------------------------------------------------ the pipeline and its kernels
+    def _pipeline(self, ctx: _StepContext, work: list[_Work], handle: Callable[[_Work, dict[str, Any]], list], bar: tqdm) -> None:
+        """Run ``handle`` on every ``work`` item in order: reads run ahead in a reader thread and
         writes drain in a writer thread, so the disk works while this thread computes.
 
         Reads and writes each keep the planned order (one thread each), and every kernel and every
         statistic runs here, in order, so the bytes are the same as a sequential run. Both threads
-        spend their time in ``preadv``/``write`` (which release the GIL).
+        spend their time in ``preadv``/``write`` (which release the GIL). ``handle`` returns the
+        ``(writer, name, tensor)`` triples to append.
         """
         budget = PIPELINE_CHUNKS * int(self.options.chunk_mb * 2**20)
         with ThreadPoolExecutor(1, thread_name_prefix="contmerge-read") as reader, \
@@ -282,9 +351,9 @@ class Engine:
             def fill() -> None:
                 nonlocal next_load, read_ahead
                 while next_load < len(work) and (not loads or read_ahead < budget):
-                    kp, rows = work[next_load]
-                    size = 4 * _numel(kp.shape, rows)  # float32-equivalent bytes of one tensor read
-                    loads.append((work[next_load], size, reader.submit(self._load, ctx, kp, rows, first)))
+                    w = work[next_load]
+                    size = 0 if w.kind == "lowrank" else 4 * _numel(w.kp.shape, w.rows)  # float32-equivalent bytes
+                    loads.append((w, size, reader.submit(self._load, ctx, w)))
                     read_ahead += size
                     next_load += 1
 
@@ -292,53 +361,105 @@ class Engine:
             last_key = None
             fill()
             while loads:
-                (kp, rows), size, future = loads.popleft()
+                w, size, future = loads.popleft()
                 read_ahead -= size
-                if kp.key != last_key:
-                    n_key, last_key = n_key + 1, kp.key
+                if w.kp.key != last_key:
+                    n_key, last_key = n_key + 1, w.kp.key
                     failpoint(f"step-{ctx.step}:tensor-{n_key}")
                 fill()  # the reader moves on while this chunk is computed
-                raw = future.result()
-                if not kp.merged:  # copied from the base (integer buffers), in the output dtype
-                    out = [(copy_to, kp.key, raw["base"].to(SAFE_DTYPES[self._out_dtype(kp)]))]
-                else:
-                    base, slots = self._compute(ctx, kp, rows, raw, scalars if first else None)
-                    out = emit(kp, base, slots)
-                    del base, slots  # free this tensor's buffers before the next one is computed
-                del raw
-                out = [(w, key, t.cpu()) for w, key, t in out]
+                out = [(wr, key, t.cpu()) for wr, key, t in handle(w, future.result())]
                 nbytes = sum(t.numel() * t.element_size() for _, _, t in out)
                 writes.append((nbytes, writer.submit(_store, out)))
                 written_behind += nbytes
-                del out
+                del out  # this chunk's buffers go once written, not when the next chunk replaces them
                 while len(writes) > 1 and written_behind > budget:
                     done_bytes, done = writes.popleft()
                     done.result()
                     written_behind -= done_bytes
-                bar.update(_numel(kp.shape, rows))
+                bar.update(0 if w.kind == "lowrank" and (ctx.first or not self.method.two_pass) else _numel(w.kp.shape, w.rows))
             for _, future in writes:
                 future.result()
 
-    def _load(self, ctx: _StepContext, kp: KeyPlan, rows: tuple[int, int] | None, first: dict[str, Checkpoint]) -> dict[str, Any]:
-        """Everything one chunk needs, as stored on disk (reader thread)."""
+    def _load(self, ctx: _StepContext, w: _Work) -> dict[str, Any]:
+        """Everything one work item needs, as stored on disk (reader thread)."""
+        kp, rows = w.kp, w.rows
+        if w.kind == "lowrank":  # factors only: the item's task vector and the carried slots, or pass 1's
+            if ctx.first:
+                return {"first": {s: _read_lowrank(ctx.first[LOWRANK_PREFIX + s], kp.key) for s in self.method.slots}}
+            ikey = kp.item_keys[ctx.item_index]
+            tau = LowRank.zeros(kp.shape) if ikey is None else LowRank(*ctx.item.checkpoint.low_rank_delta(ikey))
+            prev = {s: _read_lowrank(ctx.prev_lowrank[s], kp.key) for s in self.method.slots} if ctx.prev_slots else None
+            return {"tau": tau, "prev": prev}
         raw: dict[str, Any] = {"base": ctx.plan.base.checkpoint.read(kp.key, rows)}
-        if not kp.merged:
+        if not kp.merged or w.kind == "rows":
             return raw
-        if first:
-            raw["first"] = {s: ck.read(kp.key, rows) for s, ck in first.items()}
+        if ctx.first:
+            raw["first"] = {s: ctx.first[s].read(kp.key, rows) for s in self.method.slots}
             return raw
         ikey = kp.item_keys[ctx.item_index]
         raw["item"] = None if ikey is None else ctx.item.checkpoint.read(ikey, rows)
-        raw["prev"] = {s: ck.read(kp.key, rows) for s, ck in ctx.prev_slots.items()} or None
+        raw["prev"] = None
+        if ctx.prev_slots:
+            raw["prev"] = {s: self._read_prev(ctx, s, kp.key, rows) for s in self.method.slots}
         return raw
 
-    def _compute(self, ctx: _StepContext, kp: KeyPlan, rows: tuple[int, int] | None, raw: dict[str, Any],
-                 scalars: dict[str, Any] | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The base chunk (float32, on device) and the method's slots for it; second pass if ``scalars``."""
+    def _read_prev(self, ctx: _StepContext, slot: str, key: str, rows: tuple[int, int] | None) -> torch.Tensor:
+        """A previous slot's tensor (rows), dense; a factored one is expanded to ``base + L @ R``."""
+        lowrank = ctx.prev_lowrank.get(slot)
+        if lowrank is not None and key + LEFT in lowrank:
+            base = ctx.plan.base.checkpoint.read(key, rows).to(torch.float32)
+            return base + _read_lowrank(lowrank, key).rows(rows)
+        return ctx.prev_slots[slot].read(key, rows)
+
+    def _first_pass(self, ctx: _StepContext, scratch: dict, w: _Work, raw: dict[str, Any]) -> list:
+        """Pass 1 of a two-pass method: first-pass slots to the scratch area, statistics summed."""
+        if w.kind == "lowrank":
+            tau, prev, new = self._merge_lowrank(ctx, w, raw)
+            return [(scratch[LOWRANK_PREFIX + s], name, t) for s in self.method.slots for name, t in new[s].state_tensors(w.kp.key)]
+        _, new = self._merge_dense(ctx, w, raw)
+        return [(scratch[s], w.kp.key, new[s].float()) for s in self.method.slots]
+
+    def _final_pass(self, ctx: _StepContext, weights: ShardedWriter, state: dict, w: _Work, raw: dict[str, Any],
+                    scalars: dict[str, Any]) -> list:
+        """The published weights and the carried slots (pass 2 of a two-pass method, else the only pass)."""
+        method, kp = self.method, w.kp
+        out_dtype = SAFE_DTYPES[self._out_dtype(kp)]
+        if w.kind == "lowrank":  # final factors of the key: kept for its rows, written to the state
+            if ctx.first:
+                slots = method.finish_lowrank(ctx.step, {s: f.to(self.device) for s, f in raw["first"].items()}, scalars)
+            else:
+                _, _, slots = self._merge_lowrank(ctx, w, raw)
+            ctx.factors = (kp.key, slots)
+            ctx.ranks[kp.key] = max(f.rank for f in slots.values())
+            return [(state[LOWRANK_PREFIX + s], name, t) for s in method.slots for name, t in slots[s].state_tensors(kp.key)]
+        if not kp.merged:  # copied from the base (integer buffers), in the output dtype
+            return [(weights, kp.key, raw["base"].to(out_dtype))]
+        base = raw["base"].to(self.device, torch.float32)
+        if w.kind == "rows":
+            key, factors = ctx.factors
+            slots = {s: base + f.rows(w.rows) for s, f in factors.items()}
+            return [(weights, kp.key, method.weight(base, slots).to(out_dtype))]
+        if ctx.first:
+            slots = method.finish(ctx.step, base, {s: t.to(self.device, torch.float32) for s, t in raw["first"].items()}, scalars)
+        else:
+            base, slots = self._merge_dense(ctx, w, raw)
+        out = [(state[s], kp.key, slots[s].float()) for s in method.slots]
+        return [*out, (weights, kp.key, method.weight(base, slots).to(out_dtype))]
+
+    def _merge_lowrank(self, ctx: _StepContext, w: _Work, raw: dict[str, Any]) -> tuple[LowRank, dict | None, dict[str, LowRank]]:
+        tau = raw["tau"].to(self.device)
+        prev = {s: f.to(self.device) for s, f in raw["prev"].items()} if raw["prev"] else None
+        ctx_t = TensorContext(w.kp.key, w.kp.shape, None)
+        new = self.method.merge_lowrank(ctx.step, tau, prev, ctx_t)
+        for name, value in self.method.stats_lowrank(ctx.step, tau, prev, new).items():
+            ctx.stats[name] = ctx.stats.get(name, 0.0) + float(value)
+        return tau, prev, new
+
+    def _merge_dense(self, ctx: _StepContext, w: _Work, raw: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The base chunk (float32, on device) and the method's new slots for it; statistics summed."""
+        kp, rows = w.kp, w.rows
         f32 = lambda t: t.to(self.device, torch.float32)  # noqa: E731
         base = f32(raw["base"])
-        if scalars is not None:
-            return base, self.method.finish(ctx.step, base, {s: f32(t) for s, t in raw["first"].items()}, scalars)
         if raw["item"] is None:  # the item lacks this whole module: its task vector is zero here
             item = base
         else:
@@ -382,6 +503,7 @@ class Engine:
             scalars=scalars,
             slots=list(self.method.slots),
             heads=heads,
+            lowrank=dict(ctx.ranks),
         )
         (partial / STATE_FILE).write_text(state.to_json())
         (partial / "README.md").write_text(render_card(state))

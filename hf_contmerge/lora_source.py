@@ -50,6 +50,18 @@ class LoraCheckpoint(TensorIndex):
             b = b[rows[0] : rows[1]]
         return base.to(torch.float32) + s * (b @ a)
 
+    def low_rank(self, key: str) -> int | None:
+        if key in self._replaced:
+            return None
+        return self.adapter.rank(key) if key in self._targets else 0
+
+    def low_rank_delta(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if key not in self._targets:
+            info = self._info[key]
+            return torch.zeros(info.shape[0], 0), torch.zeros(0, info.shape[1])
+        b, a, s = self.adapter.factors(key)
+        return b * s, a
+
     def close(self) -> None:
         self._factors = None  # the base checkpoint belongs to the base source
 

@@ -31,6 +31,10 @@ class MergeOptions(BaseModel):
     )
     device: str = Field("cpu", description="where kernels run: cpu, cuda, cuda:N or auto")
     shard_size: str = Field("5GB", description="largest safetensors shard, e.g. 5GB or 500MB")
+    lowrank: Literal["auto", "off"] = Field(
+        "auto", description="auto: carry the task vectors of LoRA streams as low-rank factors where the method has a "
+        "low-rank form (opcm), with the SVD taken from the factors; off: always dense (same results up to float32 rounding)"
+    )
     chunk_mb: float = Field(16, gt=0, description="slice size (MiB, float32) for elementwise kernels on large tensors")
     resume: bool = Field(False, description="continue the run in --out after its last complete step")
     resume_from: str | None = Field(None, description="continue from a step published on the Hub, ORG/NAME[@REV] "
@@ -101,7 +105,7 @@ class MergeOptions(BaseModel):
 
     def recorded(self) -> dict[str, Any]:
         """What the state file and card record (never the token, never local-only flags)."""
-        return {"dtype": self.dtype, "shard_size": self.shard_size, "seed": self.seed}
+        return {"dtype": self.dtype, "shard_size": self.shard_size, "seed": self.seed, "lowrank": self.lowrank}
 
     @classmethod
     def create(cls, **values: Any) -> MergeOptions:

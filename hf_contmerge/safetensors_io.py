@@ -317,6 +317,110 @@ class ShardedWriter:
         return self.files
 
 
+class AppendWriter:
+    """Write tensors whose shapes are not known in advance (low-rank factors), in arrival order.
+
+    The header of a safetensors file comes first, so room for it is reserved up front: enough for
+    every name in ``names`` with dimensions and offsets of up to 20 digits. Data is appended as
+    tensors arrive (a tensor may come in dim-0 chunks after :meth:`begin`), and :meth:`close` writes
+    the real header into the reserved room, padded with spaces, which the format allows. A shard is
+    closed and the next one started once it holds ``max_shard_size`` bytes; names follow
+    :class:`ShardedWriter` (``{prefix}.safetensors`` or ``{prefix}-0000i-of-0000N.safetensors`` plus an
+    index). Only the names written appear in the files.
+    """
+
+    def __init__(self, folder: Path, names: Iterable[str], max_shard_size: int = 5 * 10**9, prefix: str = "model",
+                 metadata: dict[str, str] | None = None):
+        self.folder, self.prefix, self.max_shard_size = Path(folder), prefix, max_shard_size
+        self.metadata = {"format": "pt", **(metadata or {})}
+        entry = len('"":{"dtype":"BF16","shape":[],"data_offsets":[,]},') + 2 * 20 + 4 * 21
+        names = list(names)
+        self._reserved = 8 + len(json.dumps({"__metadata__": self.metadata})) + sum(len(json.dumps(n)) + entry for n in names)
+        self._reserved += -self._reserved % 8
+        self._names = set(names)
+        self._shards: list[tuple[Path, dict[str, object]]] = []  # (temporary path, header) per shard
+        self._file = None
+        self._offset = 0
+        self._current: tuple[str, int] | None = None  # name and bytes still expected
+        self.weight_map: dict[str, str] = {}
+        self.files: list[Path] = []
+
+    def begin(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        """Announce tensor ``name``; its bytes follow through :meth:`write` (one or more dim-0 chunks)."""
+        if self._current is not None:
+            raise RuntimeError(f"internal: {self._current[0]!r} is incomplete")
+        if name not in self._names or any(name in h for _, h in self._shards):
+            raise RuntimeError(f"internal: {name!r} was not planned for this writer, or written twice")
+        if self._file is None or self._offset >= self.max_shard_size:
+            self._start_shard()
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        self._shards[-1][1][name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape),
+                                     "data_offsets": [self._offset, self._offset + nbytes]}
+        self._current = (name, nbytes)
+        self._flush_if_done()
+
+    def write(self, name: str, chunk: torch.Tensor) -> None:
+        """Append ``chunk``: a whole tensor (begun implicitly) or the next rows of the begun one."""
+        if self._current is None:
+            self.begin(name, tuple(chunk.shape), chunk.dtype)
+            if self._current is None:  # an empty tensor is complete once begun
+                return
+        if self._current[0] != name:
+            raise RuntimeError(f"internal: {name!r} written while {self._current[0]!r} is incomplete")
+        data = _tensor_bytes(chunk)
+        if len(data) > self._current[1]:
+            raise RuntimeError(f"internal: {name!r} got more bytes than its shape holds")
+        self._file.write(data)
+        self._offset += len(data)
+        self._current = (name, self._current[1] - len(data))
+        self._flush_if_done()
+
+    def _flush_if_done(self) -> None:
+        if self._current is not None and self._current[1] == 0:
+            self._current = None
+
+    def _start_shard(self) -> None:
+        self._finish_shard()
+        path = self.folder / f".{self.prefix}-{len(self._shards) + 1:05d}.partial"
+        self._file = open(path, "wb")
+        self._file.write(b"\0" * self._reserved)
+        self._shards.append((path, {"__metadata__": self.metadata}))
+        self._offset = 0
+
+    def _finish_shard(self) -> None:
+        if self._file is None:
+            return
+        blob = json.dumps(self._shards[-1][1], separators=(",", ":")).encode()
+        if len(blob) + 8 > self._reserved:
+            raise RuntimeError("internal: safetensors header outgrew its reserved room")
+        self._file.seek(0)
+        self._file.write(struct.pack("<Q", self._reserved - 8) + blob + b" " * (self._reserved - 8 - len(blob)))
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        self._file = None
+
+    def close(self) -> list[Path]:
+        """Finish the last shard, name the shards, write the index when sharded; the files written."""
+        if self._current is not None:
+            raise RuntimeError(f"internal: closed before {self._current[0]!r} was complete")
+        if self._file is None:
+            self._start_shard()  # nothing was written: still an (empty) valid file
+        self._finish_shard()
+        n = len(self._shards)
+        for i, (tmp, header) in enumerate(self._shards, 1):
+            name = f"{self.prefix}.safetensors" if n == 1 else f"{self.prefix}-{i:05d}-of-{n:05d}.safetensors"
+            os.replace(tmp, self.folder / name)
+            self.files.append(self.folder / name)
+            self.weight_map.update({k: name for k in header if k != "__metadata__"})
+        if n > 1:
+            sizes = sum(e["data_offsets"][1] - e["data_offsets"][0] for _, h in self._shards for k, e in h.items() if k != "__metadata__")
+            index = self.folder / f"{self.prefix}.safetensors.index.json"
+            index.write_text(json.dumps({"metadata": {"total_size": sizes}, "weight_map": dict(sorted(self.weight_map.items()))}, indent=2) + "\n")
+            self.files.append(index)
+        return self.files
+
+
 def write_small(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """Write a small safetensors file (task heads, scalars) with the safetensors library itself."""
     from safetensors.torch import save_file

@@ -82,6 +82,15 @@ class TensorIndex:
     def read(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         raise NotImplementedError
 
+    def low_rank(self, key: str) -> int | None:
+        """The rank of this source's task vector on ``key`` when it is known to be low-rank
+        (a LoRA target: r; a tensor the source leaves at the base: 0), else None."""
+        return None
+
+    def low_rank_delta(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Factors ``(L, R)``, float32, with task vector ``L @ R`` on ``key`` (when ``low_rank`` is not None)."""
+        raise NotImplementedError
+
     def close(self) -> None:
         """Release open files; the default holds none."""
 

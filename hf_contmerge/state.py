@@ -5,7 +5,8 @@ parameters, the options that change bits, the base and every stream item so far 
 resolved commit hash, content fingerprint, how names were aligned, heads, modules the item lacked),
 the method's carried scalars, and where its carried float32 tensors are: one safetensors set per
 slot in ``contmerge_state/`` (``{slot}.safetensors`` or sharded with an index), keyed by the
-output's tensor names. It never holds a token. It holds no timestamp either, so a resumed run
+output's tensor names; tensors carried as low-rank factors (LoRA streams) are in
+``lowrank-{slot}.safetensors`` as ``KEY::left`` and ``KEY::right`` (dense value: base + left @ right). It never holds a token. It holds no timestamp either, so a resumed run
 writes the same bytes as an uninterrupted one.
 """
 
@@ -23,6 +24,7 @@ from .sources import Checkpoint
 
 STATE_FILE = "contmerge_state.json"
 STATE_DIR = "contmerge_state"
+LOWRANK_PREFIX = "lowrank-"  # contmerge_state/lowrank-{slot}.safetensors: factored tensors (KEY::left, KEY::right)
 FORMAT = "hf-contmerge/state"
 FORMAT_VERSION = 1
 
@@ -38,6 +40,7 @@ class StepState:
     scalars: dict[str, Any] = field(default_factory=dict)
     slots: list[str] = field(default_factory=list)
     heads: list[dict[str, Any]] = field(default_factory=list)
+    lowrank: dict[str, int] = field(default_factory=dict)  # tensors carried as factors -> their rank
     evaluation: dict[str, Any] | None = None
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
@@ -84,6 +87,15 @@ def open_slot(step_folder: Path, slot: str) -> Checkpoint:
     """The carried tensors of ``slot`` written with a step."""
     folder = Path(step_folder) / STATE_DIR
     return Checkpoint.open(folder, prefix=slot, label=f"carried state {slot!r} of {step_folder}")
+
+
+def open_lowrank(step_folder: Path, slot: str) -> Checkpoint | None:
+    """The factored tensors of ``slot`` (``KEY::left``, ``KEY::right``), or None if the step has none."""
+    folder = Path(step_folder) / STATE_DIR
+    prefix = LOWRANK_PREFIX + slot
+    if not ((folder / f"{prefix}.safetensors").is_file() or (folder / f"{prefix}.safetensors.index.json").is_file()):
+        return None
+    return Checkpoint.open(folder, prefix=prefix, label=f"carried low-rank state {slot!r} of {step_folder}")
 
 
 def record_evaluation(step_folder: Path, evaluation: dict[str, Any]) -> StepState:

@@ -14,6 +14,12 @@ A method is a pure per-tensor kernel plus a description:
   if ``two_pass``, the engine stores the first-pass slots, calls ``end_pass`` with the sums and
   the carried scalars, then ``finish`` on every tensor to get the final slots (OPCM's global
   rescaling needs this).
+- Optional low-rank form (``lowrank``): for tensors where ``lowrank_key`` holds and every task
+  vector so far is low-rank (LoRA streams), the engine passes task vectors and slots as
+  :class:`~hf_contmerge.lowrank.LowRank` factors, slot values being deltas from the base tensor
+  (dense slot = ``base + L @ R``), to ``merge_lowrank`` / ``stats_lowrank`` / ``finish_lowrank``.
+  They must give the same results as the dense kernels up to float32 rounding; ``weight`` then sees
+  the dense slot rows ``base + L @ R``.
 - Scalars carried across steps (counters, norms) live in a JSON-able dict: ``init_scalars`` and
   ``end_pass`` update it; it is written to ``contmerge_state.json``.
 
@@ -29,6 +35,8 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor
+
+from ..lowrank import LowRank
 
 
 class MethodParams(BaseModel):
@@ -55,6 +63,7 @@ class Method(ABC):
     elementwise: ClassVar[bool] = True
     two_pass: ClassVar[bool] = False
     needs_data: ClassVar[bool] = False
+    lowrank: ClassVar[bool] = False  # implements merge_lowrank (and finish_lowrank if two_pass)
     # Set when the implementation is an interpretation of the paper; shown in --help and the card.
     interpretation: ClassVar[str | None] = None
     experimental: ClassVar[bool] = False
@@ -100,4 +109,21 @@ class Method(ABC):
 
     def finish(self, step: int, base: Tensor, slots: dict[str, Tensor], scalars: dict[str, Any]) -> dict[str, Tensor]:
         """Second pass of a ``two_pass`` method: final slots from the first-pass slots."""
+        return slots
+
+    # ---------------------------------------------------------------- low-rank form (LoRA streams)
+    def lowrank_key(self, key: str) -> bool:
+        """Whether tensor ``key``'s slots may be carried as low-rank factors (``lowrank`` methods)."""
+        return False
+
+    def merge_lowrank(self, step: int, tau: LowRank, prev: dict[str, LowRank] | None, ctx: TensorContext) -> dict[str, LowRank]:
+        """``merge`` on factors: ``tau`` is the item's task vector, ``prev`` the slots as deltas from the base."""
+        raise NotImplementedError(f"{self.name} has no low-rank form")
+
+    def stats_lowrank(self, step: int, tau: LowRank, prev: dict[str, LowRank] | None, new: dict[str, LowRank]) -> dict[str, float]:
+        """``stats`` on factors; the same sums as the dense ``stats`` would give."""
+        return {}
+
+    def finish_lowrank(self, step: int, slots: dict[str, LowRank], scalars: dict[str, Any]) -> dict[str, LowRank]:
+        """``finish`` on factors (two-pass methods)."""
         return slots

@@ -1,0 +1,130 @@
+"""OPCM on LoRA streams in factored form (--lowrank auto) against the dense path (--lowrank off).
+
+The two paths are the same maths (METHODS.md OPCM; the diagonal removal restricted to τ̄'s
+non-zero singular directions in both), so every step's weights and λ must agree to float32
+rounding; the factored state must be what the state files say, become dense exactly when the
+factors stop being smaller, and resume bit-identically.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file
+from transformers import LlamaForCausalLM
+
+from tiny_models import llama, perturb, save, weights
+
+PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+RANK = 4
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory) -> tuple[Path, list[Path], Path]:
+    """A tiny Llama base (k/v_proj 16 x 32, so rank 12 is no longer worth factoring there), four
+    rank-4 LoRA adapters on every projection, and one full fine-tune."""
+    root = tmp_path_factory.mktemp("lowrank")
+    torch.manual_seed(0)
+    base = llama()
+    base.save_pretrained(root / "base")
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+    out = []
+    for i in range(4):
+        model = LlamaForCausalLM(base.config)
+        model.load_state_dict(state)
+        peft_model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=8, target_modules=PROJ))
+        g = torch.Generator().manual_seed(100 + i)
+        with torch.no_grad():
+            for p in peft_model.parameters():
+                if p.requires_grad:
+                    p.copy_(0.1 * torch.randn(p.shape, generator=g))
+        peft_model.save_pretrained(root / f"adapter{i}")
+        out.append(root / f"adapter{i}")
+    fine_tune = LlamaForCausalLM(base.config)
+    fine_tune.load_state_dict(state)
+    full = save(perturb(fine_tune, seed=7), root / "full")
+    return root / "base", out, full
+
+
+def _run(cli, base: Path, stream: list[Path], out: Path, *extra: object) -> None:
+    code, _, err = cli("merge", "--base", base, "--stream", *stream, "--method", "opcm", "--out", out, "--quiet",
+                       "--dtype", "float32", "--chunk-mb", "0.001", *extra)
+    assert code == 0, err
+
+
+def _state(folder: Path) -> dict:
+    return json.loads((folder / "contmerge_state.json").read_text())
+
+
+def _assert_same(a: Path, b: Path, steps: int) -> None:
+    for t in range(1, steps + 1):
+        wa, wb = weights(a / f"step-{t}"), weights(b / f"step-{t}")
+        assert wa.keys() == wb.keys()
+        for k in wa:
+            torch.testing.assert_close(wa[k], wb[k], atol=2e-6, rtol=1e-4, msg=lambda m: f"step {t} {k}: {m}")
+        la, lb = _state(a / f"step-{t}")["scalars"]["lambda"], _state(b / f"step-{t}")["scalars"]["lambda"]
+        assert la == pytest.approx(lb, rel=1e-5)
+
+
+def test_factored_equals_dense_and_densifies_when_factors_stop_being_smaller(tmp_path, cli, adapters):
+    base, items, _ = adapters
+    _run(cli, base, items[:3], tmp_path / "lr")
+    _run(cli, base, items[:3], tmp_path / "dense", "--lowrank", "off")
+    _assert_same(tmp_path / "lr", tmp_path / "dense", 3)
+
+    linear = {f"model.layers.{i}.{m}.{p}.weight" for i in range(2) for m, ps in
+              (("self_attn", PROJ[:4]), ("mlp", PROJ[4:])) for p in ps} | {"lm_head.weight"}
+    s1, s2, s3 = (_state(tmp_path / f"lr/step-{t}") for t in (1, 2, 3))
+    assert set(s1["lowrank"]) == linear  # lm_head: untouched by the adapters, rank 0
+    assert s1["lowrank"]["lm_head.weight"] == 0 and s1["lowrank"]["model.layers.0.self_attn.q_proj.weight"] == RANK
+    # unscaled = λ τ̄ + τ' spans τ̄'s columns and the new B's: rank 2r after step 2, generically
+    assert s2["lowrank"]["model.layers.0.mlp.up_proj.weight"] == 2 * RANK
+    # step 3 bound 3r = 12: 12·(16 + 32) ≥ 16·32 for k/v_proj (densified), 12·(32 + 32) < 32·32 for q_proj
+    kv = {k for k in linear if "k_proj" in k or "v_proj" in k}
+    assert set(s3["lowrank"]) == linear - kv
+    assert s3["lowrank"]["model.layers.1.self_attn.q_proj.weight"] == 3 * RANK
+
+    state_dir = tmp_path / "lr/step-3/contmerge_state"
+    factors, dense = load_file(state_dir / "lowrank-merged.safetensors"), load_file(state_dir / "merged.safetensors")
+    assert set(factors) == {k + s for k in linear - kv for s in ("::left", "::right")}
+    assert not (linear - kv) & set(dense) and kv <= set(dense)
+    # the carried factors are the merged task vector: θ(3) − θ0 = L @ R
+    theta3, theta0 = weights(tmp_path / "lr/step-3"), weights(base)
+    k = "model.layers.0.mlp.down_proj.weight"
+    torch.testing.assert_close(factors[k + "::left"] @ factors[k + "::right"], theta3[k] - theta0[k], atol=1e-6, rtol=1e-4)
+    assert not any((tmp_path / "dense/step-3/contmerge_state").glob("lowrank-*"))
+    assert _state(tmp_path / "dense/step-3")["lowrank"] == {}
+
+
+def test_full_item_in_a_lora_stream_makes_tensors_dense_from_then_on(tmp_path, cli, adapters):
+    base, items, full = adapters
+    stream = [items[0], full, items[1]]
+    _run(cli, base, stream, tmp_path / "lr")
+    _run(cli, base, stream, tmp_path / "dense", "--lowrank", "off")
+    _assert_same(tmp_path / "lr", tmp_path / "dense", 3)
+    assert _state(tmp_path / "lr/step-1")["lowrank"] and not _state(tmp_path / "lr/step-2")["lowrank"]
+    assert not _state(tmp_path / "lr/step-3")["lowrank"]
+
+
+def test_factored_resume_is_bit_identical(tmp_path, cli, adapters):
+    base, items, _ = adapters
+    _run(cli, base, items, tmp_path / "once")
+    _run(cli, base, items[:2], tmp_path / "twice")
+    _run(cli, base, items, tmp_path / "twice", "--resume")
+    for rel in ("step-4/model.safetensors", "step-4/contmerge_state/lowrank-merged.safetensors",
+                "step-4/contmerge_state/merged.safetensors", "step-4/contmerge_state.json"):
+        assert (tmp_path / "once" / rel).read_bytes() == (tmp_path / "twice" / rel).read_bytes(), rel
+
+
+def test_dense_previous_step_continues_dense(tmp_path, cli, adapters):
+    """A run begun with --lowrank off and resumed with auto keeps dense state (never guesses factors)."""
+    base, items, _ = adapters
+    _run(cli, base, items[:1], tmp_path / "o", "--lowrank", "off")
+    _run(cli, base, items[:2], tmp_path / "o", "--resume")
+    assert _state(tmp_path / "o/step-2")["lowrank"] == {}
+    _run(cli, base, items[:2], tmp_path / "ref", "--lowrank", "off")
+    _assert_same(tmp_path / "o", tmp_path / "ref", 2)
