@@ -37,6 +37,9 @@ def reproduce_command(state: StepState, out: str = "OUT") -> str:
         args += ["--set", f"{k}={v}"]
     if state.options.get("dtype", "auto") != "auto":
         args += ["--dtype", state.options["dtype"]]
+    for name, default in (("lowrank", "auto"), ("output_format", "full"), ("max_rank", None)):
+        if state.options.get(name, default) != default:
+            args += ["--" + name.replace("_", "-"), str(state.options[name])]
     return shlex.join([*args, "--out", out])
 
 
@@ -73,11 +76,14 @@ def render_card(state: StepState) -> str:
     cls = method_class(state.method)
     ids = [i for i in (_hub_id(state.base["source"]), *(_hub_id(s["source"]) for s in state.stream)) if i]
     title = f"Continual merge ({state.method}), step {state.step}"
+    adapter = state.output.get("format") == "adapter"
+    if adapter:  # a LoRA adapter of the base: the Hub's "adapter" relation; the lineage lists what went in
+        ids = ids[:1] if _hub_id(state.base["source"]) else []
     data = ModelCardData(
         base_model=list(dict.fromkeys(ids)) or None,
-        base_model_relation="merge" if ids else None,
-        library_name="transformers",
-        tags=["merge", "continual-merging", "hf-contmerge", state.method],
+        base_model_relation=("adapter" if adapter else "merge") if ids else None,
+        library_name="peft" if adapter else "transformers",
+        tags=["merge", "continual-merging", "hf-contmerge", state.method, *(["lora"] if adapter else [])],
         model_name=title if state.evaluation else None,
         eval_results=_eval_results(state.evaluation) or None,
     )
@@ -99,6 +105,9 @@ def render_card(state: StepState) -> str:
         base=state.base,
         stream=stream,
         heads=state.heads,
+        lowrank={"count": sum(q > 0 for q in state.lowrank.values()), "max_rank": max(state.lowrank.values(), default=0)}
+        if any(state.lowrank.values()) else None,
+        output=state.output,
         evaluation=state.evaluation,
         command=reproduce_command(state),
     )

@@ -30,10 +30,13 @@ import torch
 from tqdm.auto import tqdm
 
 from . import outdir
+from .adapter_out import WEIGHTS_NAME as ADAPTER_WEIGHTS
+from .adapter_out import AdapterExport
 from .card import render_card
 from .errors import ContMergeError
 from .heads import copy_heads, write_head
 from .methods import Method, TensorContext, build_method
+from .naming import config_from_dict, file_layout
 from .options import MergeOptions
 from .preflight import KeyPlan, StreamPlan, plan_stream
 from .push import PushTarget, check_target, commit_message, push_missing, push_step
@@ -48,6 +51,8 @@ OUT_DTYPE = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 PIPELINE_CHUNKS = 2
 # Files of the base folder that are not copied into a step (weights, our own files, its card).
 SKIP_SIDE = {"model.safetensors.index.json", "pytorch_model.bin.index.json", "adapter_config.json", "README.md", STATE_FILE}
+
+MODEL_CONFIGS = {"config.json", "generation_config.json"}  # side files an adapter step must not carry
 
 
 def failpoint(name: str) -> None:
@@ -89,6 +94,8 @@ class _StepContext:
     first: dict[str, Checkpoint] = field(default_factory=dict)  # pass-1 slots (two-pass methods, pass 2)
     factors: tuple[str, dict[str, LowRank]] | None = None  # final factors of the key being written
     ranks: dict[str, int] = field(default_factory=dict)  # rank of the factors carried, per factored key
+    touched: set[str] = field(default_factory=set)  # tensors some item so far changed
+    export: AdapterExport | None = None  # what the adapter holds (--output-format adapter)
     stats: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -163,6 +170,8 @@ class Engine:
                 stack.callback(items[-1].close)
             plan = plan_stream(base, items)
             self.method.bind(base.config)
+            if opts.output_format == "adapter":
+                self._check_adapter_output(previous, items)
             target = PushTarget.from_options(opts)
             if target:  # refuse a foreign repo or a bad token before anything is computed
                 check_target(target, token, steps=range(last + 1, len(opts.stream) + 1), log=self.log)
@@ -189,6 +198,22 @@ class Engine:
                 if target:
                     push_step(result.folder, result.step, target, token, commit_message(result.state), log=self.log)
             return results
+
+    def _check_adapter_output(self, previous: StepState | None, items: list[ResolvedSource]) -> None:
+        """``--output-format adapter`` needs a method with a low-rank form and a stream of LoRA adapters only."""
+        if not self.method.lowrank:
+            raise ContMergeError(
+                f"--output-format adapter: method {self.method.name!r} has no low-rank form, so its merged model is "
+                "not a LoRA adapter. Use a method that has one (opcm), or --output-format full."
+            )
+        kinds = [(s["source"], s.get("kind", "full")) for s in (previous.stream if previous else [])]
+        kinds += [(item.spec.text, item.kind) for item in items]
+        full = [src for src, kind in kinds if kind != "lora"]
+        if full:
+            raise ContMergeError(
+                f"--output-format adapter: stream item {full[0]!r} is a full checkpoint, so the merged model is not "
+                "low-rank. Stream only LoRA adapters, or use --output-format full. Nothing was written."
+            )
 
     def _check_resume(self, previous: StepState) -> None:
         opts = self.options
@@ -229,6 +254,7 @@ class Engine:
                             ctx.prev_lowrank[slot] = factored
                             stack.callback(factored.close)
                 ctx.lowrank = self._lowrank_plan(ctx)
+                ctx.touched = self._touched(ctx, previous)
                 scalars = dict(previous.scalars) if previous else self.method.init_scalars()
                 scalars = self._write_tensors(ctx, partial, scalars)
             state = self._finish_folder(ctx, partial, prev_folder, previous, scalars)
@@ -275,10 +301,36 @@ class Engine:
                 plan[kp.key] = rank
         return plan
 
+    def _touched(self, ctx: _StepContext, previous: StepState | None) -> set[str]:
+        """Merged tensors some item so far changed: a full checkpoint changes all, a LoRA adapter its targets."""
+        item, idx = ctx.item.checkpoint, ctx.item_index
+        touched = set(previous.touched) if previous else set()
+        for kp in ctx.plan.merged_keys:
+            ikey = kp.item_keys[idx]
+            if ikey is not None and item.low_rank(ikey) != 0:
+                touched.add(kp.key)
+        return touched
+
+    def _weights_writer(self, ctx: _StepContext, partial: Path) -> ShardedWriter | AppendWriter:
+        """The published weights: model shards (full) or the adapter file (``--output-format adapter``)."""
+        plan, opts = ctx.plan, self.options
+        if opts.output_format == "full":
+            return ShardedWriter(partial, [TensorSpec(kp.key, kp.shape, self._out_dtype(kp)) for kp in plan.keys], opts.shard_bytes)
+        layout = file_layout(config_from_dict(plan.base.config))
+        ctx.export = AdapterExport.plan(layout, set(ctx.lowrank), ctx.touched, opts.max_rank)
+        shapes = {ctx.export.dense_name(kp.key): kp.shape for kp in plan.merged_keys if kp.key in ctx.export.dense_keys}
+        return AppendWriter(partial, ctx.export.names(), 2**62, prefix=ADAPTER_WEIGHTS, shapes=shapes)
+
+    def _weight_name(self, ctx: _StepContext, key: str) -> str | None:
+        """Name of ``key``'s published weight, or None when an adapter leaves it at the base."""
+        if ctx.export is None:
+            return key
+        return ctx.export.dense_name(key) if key in ctx.export.dense_keys else None
+
     def _write_tensors(self, ctx: _StepContext, partial: Path, scalars: dict[str, Any]) -> dict[str, Any]:
         plan, method, opts = ctx.plan, self.method, self.options
         method.start_step(ctx.step, scalars)
-        weights = ShardedWriter(partial, [TensorSpec(kp.key, kp.shape, self._out_dtype(kp)) for kp in plan.keys], opts.shard_bytes)
+        weights = self._weights_writer(ctx, partial)
         state = self._slot_writers(ctx, partial / STATE_DIR)
         total = sum(_numel(kp.shape, None) for kp in plan.keys)
         bar = tqdm(total=total * (2 if method.two_pass else 1), unit="el", unit_scale=True, desc=f"step {ctx.step}",
@@ -297,8 +349,9 @@ class Engine:
             for kp in plan.keys:
                 if kp.key in ctx.lowrank:
                     work.append(_Work(kp, None, "lowrank"))
-                    work += [_Work(kp, rows, "rows") for rows in iter_row_chunks(kp.shape, 4, int(opts.chunk_mb * 2**20))]
-                else:
+                    if self._weight_name(ctx, kp.key) is not None:  # an adapter publishes factors, no rows
+                        work += [_Work(kp, rows, "rows") for rows in iter_row_chunks(kp.shape, 4, int(opts.chunk_mb * 2**20))]
+                elif kp.merged or ctx.export is None:
                     work += [_Work(kp, rows, "dense") for rows in self._chunks(ctx, kp)]
             self._pipeline(ctx, work, lambda w, raw: self._final_pass(ctx, weights, state, w, raw, scalars), bar)
             for ck in ctx.first.values():
@@ -431,20 +484,30 @@ class Engine:
                 _, _, slots = self._merge_lowrank(ctx, w, raw)
             ctx.factors = (kp.key, slots)
             ctx.ranks[kp.key] = max(f.rank for f in slots.values())
-            return [(state[LOWRANK_PREFIX + s], name, t) for s in method.slots for name, t in slots[s].state_tensors(kp.key)]
+            out = [(state[LOWRANK_PREFIX + s], name, t) for s in method.slots for name, t in slots[s].state_tensors(kp.key)]
+            if ctx.export is not None and kp.key in ctx.export.lora_keys:
+                out += [(weights, name, t) for name, t in ctx.export.lora_tensors(kp.key, method.weight_lowrank(slots), out_dtype)]
+            return out
+        name = self._weight_name(ctx, kp.key)
         if not kp.merged:  # copied from the base (integer buffers), in the output dtype
-            return [(weights, kp.key, raw["base"].to(out_dtype))]
+            return [(weights, name, raw["base"].to(out_dtype))]
         base = raw["base"].to(self.device, torch.float32)
         if w.kind == "rows":
             key, factors = ctx.factors
             slots = {s: base + f.rows(w.rows) for s, f in factors.items()}
-            return [(weights, kp.key, method.weight(base, slots).to(out_dtype))]
+            return [(weights, name, method.weight(base, slots).to(out_dtype))]
         if ctx.first:
             slots = method.finish(ctx.step, base, {s: t.to(self.device, torch.float32) for s, t in raw["first"].items()}, scalars)
         else:
             base, slots = self._merge_dense(ctx, w, raw)
         out = [(state[s], kp.key, slots[s].float()) for s in method.slots]
-        return [*out, (weights, kp.key, method.weight(base, slots).to(out_dtype))]
+        weight = method.weight(base, slots).to(out_dtype)
+        if name is None:  # an adapter leaves this tensor at the base: it must be the base, bit for bit
+            if not torch.equal(weight, raw["base"].to(self.device, out_dtype)):
+                raise ContMergeError(f"internal: {kp.key!r} changed although no adapter touched it; use --output-format full "
+                                     "and report this.")
+            return out
+        return [*out, (weights, name, weight)]
 
     def _merge_lowrank(self, ctx: _StepContext, w: _Work, raw: dict[str, Any]) -> tuple[LowRank, dict | None, dict[str, LowRank]]:
         tau = raw["tau"].to(self.device)
@@ -479,7 +542,7 @@ class Engine:
     # ------------------------------------------------------------------ side files, heads, state, card
     def _finish_folder(self, ctx: _StepContext, partial: Path, prev_folder: Path | None, previous: StepState | None, scalars: dict[str, Any]) -> StepState:
         plan, item = ctx.plan, ctx.item
-        self._copy_side_files(plan.base.folder, partial)
+        self._copy_side_files(plan.base.folder, partial, adapter=ctx.export is not None)
         copy_heads(prev_folder, partial)
         item_plan = plan.item_plans[ctx.item_index]
         heads = list(previous.heads) if previous else []
@@ -504,13 +567,21 @@ class Engine:
             slots=list(self.method.slots),
             heads=heads,
             lowrank=dict(ctx.ranks),
+            touched=sorted(ctx.touched),
+            output=ctx.export.summary() if ctx.export else {"format": "full"},
         )
+        if ctx.export is not None:
+            base_id = plan.base.identity()
+            ctx.export.write_config(partial, plan.base.config, base_id["source"], base_id.get("revision"))
         (partial / STATE_FILE).write_text(state.to_json())
         (partial / "README.md").write_text(render_card(state))
         return state
 
-    def _copy_side_files(self, base_folder: Path, target: Path) -> None:
-        """Config, generation config, tokenizer/processor files (and small sub-configs) from the base."""
+    def _copy_side_files(self, base_folder: Path, target: Path, adapter: bool = False) -> None:
+        """Config, generation config, tokenizer/processor files (and small sub-configs) from the base.
+
+        An adapter step takes the tokenizer/processor files only: a ``config.json`` beside
+        ``adapter_config.json`` would make transformers read the folder as a full model."""
         import json
 
         from .sources import SIDE_PATTERNS
@@ -519,7 +590,7 @@ class Engine:
             rel = path.relative_to(base_folder)
             if not path.is_file() or rel.parts[0].startswith(".") or rel.name in SKIP_SIDE:
                 continue
-            if not any(rel.match(p) for p in SIDE_PATTERNS):
+            if not any(rel.match(p) for p in SIDE_PATTERNS) or (adapter and rel.name in MODEL_CONFIGS):
                 continue
             dest = outdir.safe_relative(target, str(rel))
             dest.parent.mkdir(parents=True, exist_ok=True)

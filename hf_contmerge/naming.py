@@ -204,6 +204,12 @@ def _layout_of_config(config: PretrainedConfig) -> FileLayout:
     return _layout_cache[key]
 
 
+def config_from_dict(values: Mapping[str, object]) -> PretrainedConfig:
+    """A transformers config from a ``config.json`` mapping (no remote code)."""
+    values = dict(values)
+    return transformers.AutoConfig.for_model(values.pop("model_type"), **values)
+
+
 def file_layout(model_or_config: ModelOrConfig) -> FileLayout:
     """The :class:`FileLayout` of a model (any device) or of a config (built on the meta device).
 

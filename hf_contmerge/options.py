@@ -35,6 +35,13 @@ class MergeOptions(BaseModel):
         "auto", description="auto: carry the task vectors of LoRA streams as low-rank factors where the method has a "
         "low-rank form (opcm), with the SVD taken from the factors; off: always dense (same results up to float32 rounding)"
     )
+    output_format: Literal["full", "adapter"] = Field(
+        "full", description="full: each step is a complete model folder; adapter: a PEFT LoRA adapter of the base "
+        "(LoRA-only streams through a method with a low-rank form, e.g. opcm)"
+    )
+    max_rank: int | None = Field(None, ge=1, description="with --output-format adapter: truncate each published "
+                                 "delta to this rank (best approximation; the error is reported in the card; the "
+                                 "carried state stays exact)")
     chunk_mb: float = Field(16, gt=0, description="slice size (MiB, float32) for elementwise kernels on large tensors")
     resume: bool = Field(False, description="continue the run in --out after its last complete step")
     resume_from: str | None = Field(None, description="continue from a step published on the Hub, ORG/NAME[@REV] "
@@ -90,6 +97,14 @@ class MergeOptions(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _adapter(self) -> MergeOptions:
+        if self.max_rank is not None and self.output_format != "adapter":
+            raise ValueError("--max-rank applies to --output-format adapter only")
+        if self.output_format == "adapter" and self.lowrank == "off":
+            raise ValueError("--output-format adapter needs the low-rank path: drop --lowrank off")
+        return self
+
+    @model_validator(mode="after")
     def _method(self) -> MergeOptions:
         from .methods import build_method
 
@@ -105,7 +120,8 @@ class MergeOptions(BaseModel):
 
     def recorded(self) -> dict[str, Any]:
         """What the state file and card record (never the token, never local-only flags)."""
-        return {"dtype": self.dtype, "shard_size": self.shard_size, "seed": self.seed, "lowrank": self.lowrank}
+        return {"dtype": self.dtype, "shard_size": self.shard_size, "seed": self.seed, "lowrank": self.lowrank,
+                "output_format": self.output_format, "max_rank": self.max_rank}
 
     @classmethod
     def create(cls, **values: Any) -> MergeOptions:

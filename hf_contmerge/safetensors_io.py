@@ -330,8 +330,9 @@ class AppendWriter:
     """
 
     def __init__(self, folder: Path, names: Iterable[str], max_shard_size: int = 5 * 10**9, prefix: str = "model",
-                 metadata: dict[str, str] | None = None):
+                 metadata: dict[str, str] | None = None, shapes: dict[str, tuple[int, ...]] | None = None):
         self.folder, self.prefix, self.max_shard_size = Path(folder), prefix, max_shard_size
+        self._shapes = shapes or {}  # full shapes of the tensors that arrive in several chunks
         self.metadata = {"format": "pt", **(metadata or {})}
         entry = len('"":{"dtype":"BF16","shape":[],"data_offsets":[,]},') + 2 * 20 + 4 * 21
         names = list(names)
@@ -362,7 +363,7 @@ class AppendWriter:
     def write(self, name: str, chunk: torch.Tensor) -> None:
         """Append ``chunk``: a whole tensor (begun implicitly) or the next rows of the begun one."""
         if self._current is None:
-            self.begin(name, tuple(chunk.shape), chunk.dtype)
+            self.begin(name, self._shapes.get(name, tuple(chunk.shape)), chunk.dtype)
             if self._current is None:  # an empty tensor is complete once begun
                 return
         if self._current[0] != name:

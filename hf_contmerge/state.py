@@ -41,6 +41,8 @@ class StepState:
     slots: list[str] = field(default_factory=list)
     heads: list[dict[str, Any]] = field(default_factory=list)
     lowrank: dict[str, int] = field(default_factory=dict)  # tensors carried as factors -> their rank
+    touched: list[str] = field(default_factory=list)  # tensors some item so far changed (non-zero task vector)
+    output: dict[str, Any] = field(default_factory=lambda: {"format": "full"})  # what the step publishes
     evaluation: dict[str, Any] | None = None
     format: str = FORMAT
     format_version: int = FORMAT_VERSION

@@ -17,6 +17,7 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 
+from test_lora_stream import lora_stream  # noqa: F401 (fixture)
 from tiny_models import llama, perturb, save, weights
 
 PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -128,3 +129,82 @@ def test_dense_previous_step_continues_dense(tmp_path, cli, adapters):
     assert _state(tmp_path / "o/step-2")["lowrank"] == {}
     _run(cli, base, items[:2], tmp_path / "ref", "--lowrank", "off")
     _assert_same(tmp_path / "o", tmp_path / "ref", 2)
+
+
+# ---------------------------------------------------------------- --output-format adapter
+def _peft_merged(base: Path, adapter: Path) -> dict[str, torch.Tensor]:
+    """What a user gets: PEFT loads the published adapter on the base and merges it."""
+    from peft import PeftModel
+
+    model = LlamaForCausalLM.from_pretrained(base)
+    merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    return {k: v.detach() for k, v in merged.state_dict().items()}
+
+
+def test_adapter_output_loads_in_peft_as_the_full_merge(tmp_path, cli, adapters):
+    base, items, _ = adapters
+    _run(cli, base, items[:3], tmp_path / "full")
+    _run(cli, base, items[:3], tmp_path / "ad", "--output-format", "adapter")
+    for t in (1, 3):
+        step = tmp_path / f"ad/step-{t}"
+        assert (step / "adapter_config.json").is_file() and (step / "adapter_model.safetensors").is_file()
+        assert not (step / "config.json").exists() and not (step / "model.safetensors").exists()
+        got, want = _peft_merged(base, step), weights(tmp_path / f"full/step-{t}")
+        for k, v in want.items():
+            torch.testing.assert_close(got[k], v, atol=2e-6, rtol=1e-4, msg=lambda m: f"step {t} {k}: {m}")
+    state = _state(tmp_path / "ad/step-3")
+    # k/v_proj densified at step 3 (rank bound 12 on 16 x 32): published in full as modules_to_save
+    assert state["output"]["format"] == "adapter" and len(state["output"]["modules_to_save"]) == 4
+    assert all(m.endswith(("k_proj", "v_proj")) for m in state["output"]["modules_to_save"])
+    assert state["output"]["rank"] == 3 * RANK and state["output"]["truncation_relative_error"] == 0.0
+    card = (tmp_path / "ad/step-3/README.md").read_text()
+    assert "library_name: peft" in card and "PEFT LoRA adapter" in card
+
+
+def test_max_rank_truncates_the_published_adapter_only(tmp_path, cli, adapters):
+    base, items, _ = adapters
+    _run(cli, base, items[:2], tmp_path / "exact", "--output-format", "adapter")
+    _run(cli, base, items[:2], tmp_path / "cut", "--output-format", "adapter", "--max-rank", "3")
+    rel = "step-2/contmerge_state/lowrank-merged.safetensors"
+    assert (tmp_path / "exact" / rel).read_bytes() == (tmp_path / "cut" / rel).read_bytes()  # state stays exact
+    cut = load_file(tmp_path / "cut/step-2/adapter_model.safetensors")
+    assert max(t.shape[0] for k, t in cut.items() if "lora_A" in k) == 3
+    exact_w, cut_w, theta0 = _peft_merged(base, tmp_path / "exact/step-2"), _peft_merged(base, tmp_path / "cut/step-2"), weights(base)
+    lora = [k for k in theta0 if k.endswith("proj.weight")]
+    err = sum(float((cut_w[k] - exact_w[k]).double().square().sum()) for k in lora)
+    energy = sum(float((exact_w[k] - theta0[k]).double().square().sum()) for k in lora)
+    reported = _state(tmp_path / "cut/step-2")["output"]
+    assert reported["max_rank"] == 3 and reported["truncation_relative_error"] == pytest.approx((err / energy) ** 0.5, rel=1e-3)
+    assert 0 < reported["truncation_relative_error"] <= reported["truncation_worst_weight"] < 1
+    assert "truncated" in (tmp_path / "cut/step-2/README.md").read_text()
+
+
+def test_adapter_output_with_embedding_lora_and_modules_to_save(tmp_path, cli, lora_stream):
+    """Embedding LoRA (not a linear weight) is published in full: modules_to_save."""
+    base, adapters_, merged = lora_stream
+    _run(cli, base, adapters_, tmp_path / "ad", "--output-format", "adapter")
+    _run(cli, base, merged, tmp_path / "full")
+    got, want = _peft_merged(base, tmp_path / "ad/step-3"), weights(tmp_path / "full/step-3")
+    for k, v in want.items():
+        torch.testing.assert_close(got[k], v, atol=1e-5, rtol=1e-4, msg=lambda m: f"{k}: {m}")
+    assert _state(tmp_path / "ad/step-3")["output"]["modules_to_save"] == ["model.embed_tokens"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (("--method", "average", "--output-format", "adapter"), "has no low-rank form"),
+    (("--method", "opcm", "--max-rank", "2"), "--max-rank applies to --output-format adapter only"),
+    (("--method", "opcm", "--output-format", "adapter", "--lowrank", "off"), "drop --lowrank off"),
+])
+def test_adapter_output_refusals(tmp_path, cli, adapters, args, message):
+    base, items, _ = adapters
+    code, _, err = cli("merge", "--base", base, "--stream", *items[:2], *args, "--out", tmp_path / "o", "--quiet")
+    assert code == 2 and message in err
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+def test_adapter_output_refuses_a_full_checkpoint_in_the_stream(tmp_path, cli, adapters):
+    base, items, full = adapters
+    code, _, err = cli("merge", "--base", base, "--stream", items[0], full, "--method", "opcm",
+                       "--output-format", "adapter", "--out", tmp_path / "o", "--quiet")
+    assert code == 2 and str(full) in err and "full checkpoint" in err
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())

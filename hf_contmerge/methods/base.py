@@ -124,6 +124,11 @@ class Method(ABC):
         """``stats`` on factors; the same sums as the dense ``stats`` would give."""
         return {}
 
+    def weight_lowrank(self, slots: dict[str, LowRank]) -> LowRank:
+        """The published weight's delta from the base, as factors (``--output-format adapter``);
+        the counterpart of ``weight``, by default the ``merged`` slot."""
+        return slots["merged"]
+
     def finish_lowrank(self, step: int, slots: dict[str, LowRank], scalars: dict[str, Any]) -> dict[str, LowRank]:
         """``finish`` on factors (two-pass methods)."""
         return slots

@@ -77,13 +77,10 @@ class OPCM(Method):
         self._projected: set[str] = set()
 
     def bind(self, base_config: dict[str, Any]) -> None:
-        from transformers import AutoConfig
-
-        from ..naming import linear_weight_layout
+        from ..naming import config_from_dict, linear_weight_layout
 
         try:
-            values = dict(base_config)
-            config = AutoConfig.for_model(values.pop("model_type"), **values)
+            config = config_from_dict(base_config)
             self.linear = set(linear_weight_layout(config))
         except (OSError, ValueError, KeyError) as e:
             raise ContMergeError(

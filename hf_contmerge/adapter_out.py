@@ -1,0 +1,143 @@
+"""Publishing a step that stayed low-rank as a PEFT LoRA adapter (``--output-format adapter``).
+
+A continual merge of LoRA adapters through a method with a low-rank form (OPCM) keeps every linear
+weight's merged task vector as factors ``L @ R``; the merged model is ``base + L @ R`` there and the
+base everywhere else, except tensors some adapter replaced or changed densely (``modules_to_save``,
+embedding LoRA, a linear weight whose factors stopped being smaller). Such a step is published as:
+
+- ``adapter_model.safetensors``: per factored linear weight ``lora_A`` (q x in) and ``lora_B``
+  (out x q) with ``B @ A`` equal to the merged delta, balanced as ``B = U·√s``, ``A = √s·Vᵀ`` from
+  the delta's SVD (transposed for ``Conv1D``, which PEFT handles with ``fan_in_fan_out``); the
+  densely changed tensors in full, their modules listed in ``modules_to_save``. Keys are PEFT's
+  (``base_model.model.<in-memory name>``), written by this package's append writer.
+- ``adapter_config.json`` from ``peft.LoraConfig``: ``r`` the largest rank, ``rank_pattern`` for the
+  others, ``lora_alpha``/``alpha_pattern`` equal to the ranks (scaling 1), ``target_modules`` the
+  exact module names, ``base_model_name_or_path`` the base as given.
+
+``--max-rank K`` truncates each delta to its best rank-K approximation (Eckart-Young) in the
+published adapter only; the carried state stays exact, so later steps are unaffected. The dropped
+part is reported per step: ``sqrt(Σ dropped energy / Σ energy)`` over all truncated weights (the
+relative Frobenius error of the adapter's delta) and the largest per-weight relative error.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ContMergeError
+from .lowrank import LowRank
+from .naming import FileLayout
+
+PREFIX = "base_model.model."
+WEIGHTS_NAME = "adapter_model"
+TASK_TYPES = {"ForCausalLM": "CAUSAL_LM", "ForSeq2SeqLM": "SEQ_2_SEQ_LM", "ForConditionalGeneration": "SEQ_2_SEQ_LM"}
+
+
+def _module(memory_key: str) -> str:
+    return memory_key.rsplit(".", 1)[0]
+
+
+@dataclass
+class AdapterExport:
+    """What one step's adapter holds, planned before the step from the keys it may write."""
+
+    layout: FileLayout
+    lora_keys: set[str]  # factored linear weights (file keys) published as lora_A / lora_B
+    dense_keys: set[str]  # file keys published in full (their modules in modules_to_save)
+    max_rank: int | None
+    ranks: dict[str, int] = field(default_factory=dict)  # module -> published rank
+    energy: float = 0.0
+    dropped: float = 0.0
+    worst: float = 0.0  # largest per-weight relative Frobenius error of the truncation
+
+    @classmethod
+    def plan(cls, layout: FileLayout, factored: set[str], touched: set[str], max_rank: int | None) -> AdapterExport:
+        """``factored``: keys carried as factors this step; ``touched``: keys some item so far changed.
+
+        A touched key that is not factored is published in full, and so is every factored key of a
+        module that also has such a key (a module is either a LoRA target or saved whole in PEFT).
+        """
+        unknown = sorted(k for k in touched | factored if k not in layout.to_memory)
+        if unknown:
+            raise ContMergeError(
+                f"--output-format adapter: tensor {unknown[0]!r} has no in-memory module name in the base "
+                "architecture (a fused or renamed tensor), so it cannot be written as a PEFT adapter. Use --output-format full."
+            )
+        dense = touched - factored
+        saved = {_module(layout.to_memory[k]) for k in dense}
+        moved = {k for k in factored if _module(layout.to_memory[k]) in saved}
+        return cls(layout, factored - moved, dense | moved, max_rank)
+
+    def names(self) -> list[str]:
+        """Every tensor name the adapter file may hold (the append writer reserves its header for them)."""
+        lora = [f"{PREFIX}{_module(self.layout.to_memory[k])}.lora_{ab}.weight" for k in sorted(self.lora_keys) for ab in "AB"]
+        return lora + [PREFIX + self.layout.to_memory[k] for k in sorted(self.dense_keys)]
+
+    def dense_name(self, key: str) -> str:
+        return PREFIX + self.layout.to_memory[key]
+
+    def lora_tensors(self, key: str, delta: LowRank, dtype: torch.dtype) -> list[tuple[str, torch.Tensor]]:
+        """``lora_A`` and ``lora_B`` of one factored weight (none if its delta is zero), truncation recorded."""
+        exact, _ = delta.compressed()
+        energy = exact.norm_sq()
+        kept, dropped = exact.compressed(self.max_rank) if self.max_rank is not None and exact.rank > self.max_rank else (exact, 0.0)
+        self.energy += energy
+        self.dropped += dropped
+        if energy > 0:
+            self.worst = max(self.worst, math.sqrt(dropped / energy))
+        if kept.rank == 0:
+            return []
+        # kept = (U·s) @ Vh: balance the singular values over both factors (same range in bf16/fp16)
+        s = torch.linalg.vector_norm(kept.left, dim=0)
+        root = s.sqrt()
+        left, right = kept.left / s.clamp_min(torch.finfo(torch.float32).tiny) * root, kept.right * root[:, None]
+        if self.layout.linear.get(key, False):  # Conv1D stores (in, out): PEFT adds (B @ A)ᵀ
+            lora_b, lora_a = right.mT, left.mT
+        else:
+            lora_b, lora_a = left, right
+        module = _module(self.layout.to_memory[key])
+        self.ranks[module] = kept.rank
+        return [(f"{PREFIX}{module}.lora_A.weight", lora_a.contiguous().to(dtype)),
+                (f"{PREFIX}{module}.lora_B.weight", lora_b.contiguous().to(dtype))]
+
+    def summary(self) -> dict[str, Any]:
+        """What the state and the card record about this adapter."""
+        return {
+            "format": "adapter",
+            "rank": max(self.ranks.values(), default=0),
+            "max_rank": self.max_rank,
+            "lora_modules": len(self.ranks),
+            "modules_to_save": sorted({_module(self.layout.to_memory[k]) for k in self.dense_keys}),
+            "truncation_relative_error": math.sqrt(self.dropped / self.energy) if self.energy > 0 else 0.0,
+            "truncation_worst_weight": self.worst,
+        }
+
+    def write_config(self, folder: Path, base_config: dict[str, Any], base_source: str, base_revision: str | None) -> None:
+        """``adapter_config.json`` through PEFT's own ``LoraConfig``."""
+        from peft import LoraConfig
+
+        r = max(self.ranks.values(), default=1)
+        pattern = {m: q for m, q in self.ranks.items() if q != r}
+        arch = (base_config.get("architectures") or [""])[0]
+        task_type = next((t for suffix, t in TASK_TYPES.items() if arch.endswith(suffix)), None)
+        config = LoraConfig(
+            r=r,
+            lora_alpha=r,
+            rank_pattern=pattern,
+            alpha_pattern=dict(pattern),
+            target_modules=sorted(self.ranks) or None,
+            modules_to_save=self.summary()["modules_to_save"] or None,
+            fan_in_fan_out=any(self.layout.linear.get(k, False) for k in self.lora_keys),
+            lora_dropout=0.0,
+            bias="none",
+            task_type=task_type,
+            base_model_name_or_path=base_source,
+            revision=base_revision,
+            inference_mode=True,
+        )
+        config.save_pretrained(str(folder))
