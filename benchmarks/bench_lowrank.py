@@ -32,11 +32,13 @@ vector densely and runs today's dense OPCM. This script times both on the same i
 - **agreement**: after both runs, the first 64 rows of layer 0's ``q_proj`` and the last layer's
   ``down_proj`` published at step K by each variant are read with ``safetensors``; the two paths
   are the same maths up to float32 rounding, and the bf16 output can round an element to a
-  neighbouring value, so the check is max |factored − dense| ≤ 2 bf16 ulps of the larger magnitude,
-  element by element. Reported: that maximum in ulps, max |Δ| relative to the RMS of the dense
-  rows, the number of elements that differ at all, and RMS(dense − base) / RMS(base) of the same
-  rows (≈ 0.1: the merge moved them, so agreement is not the trivial agreement of two copies of the
-  base).
+  neighbouring value, so the check allows one bf16 rounding step per element and requires what
+  is left, max(|factored − dense| − ulp, 0), to be ≤ 1e-5 of RMS(dense − base) (float32-level
+  agreement; an absolute ulp criterion alone fails on near-zero elements, whose ulp is below
+  float32 noise). Reported: that figure, the maximum in ulps, max |Δ| relative to the RMS of the
+  dense rows, the number of elements that differ at all, and RMS(dense − base) / RMS(base) of
+  the same rows (≈ 0.1: the merge moved them, so agreement is not the trivial agreement of two
+  copies of the base).
 
 Results are printed as markdown and, unless ``--small``, inserted into ``benchmarks/RESULTS.md``
 under "OPCM on a LoRA stream: factored vs dense" with the command, code, commit, machine, load and
@@ -78,7 +80,7 @@ LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_
 DELTA_STD = make_synthetic.NOISE_STD  # std of the entries of s·B@A
 ALPHA_PER_RANK = 2  # lora_alpha = 2·r, so s = alpha / r = 2
 CHECK_ROWS = 64
-MAX_ULPS = 2
+MAX_EXCESS = 1e-5  # float32-level agreement beyond bf16 rounding
 GIB = 2**30
 FORMAT = 1  # bump when the generated adapters change
 # --small: make_synthetic's 7B widths mapped to small ones (names and order stay llama_shapes').
@@ -236,6 +238,7 @@ class Agreement:
     differing: int
     total: int
     change: float  # RMS(dense − base) / RMS(base): the merge moved the weights, so agreement is not vacuous
+    excess: float  # max (|Δ| − 1 bf16 ulp, at least 0) / RMS(dense − base): the check
 
 
 def rms(x: torch.Tensor) -> float:
@@ -246,8 +249,10 @@ def agreement(factored: Path, dense: Path, base: Path, key: str) -> Agreement:
     f, d, b = (read_rows(folder, key, CHECK_ROWS) for folder in (factored, dense, base))
     diff = (f - d).abs()
     ulps = diff / bf16_ulp(torch.maximum(f.abs(), d.abs()))
+    # beyond one bf16 rounding step, relative to the merge's own change of these rows
+    excess = (diff - bf16_ulp(torch.maximum(f.abs(), d.abs()))).clamp_min(0)
     return Agreement(key, float(ulps.max()), float(diff.max()) / rms(d), int((diff > 0).sum()), diff.numel(),
-                     rms(d - b) / rms(b))
+                     rms(d - b) / rms(b), float(excess.max()) / rms(d - b))
 
 
 # ---------------------------------------------------------------------------------------- report
@@ -276,21 +281,24 @@ def summary_table(args: argparse.Namespace, fact: list[Step], dense: list[Step],
     fk, dk = _mean([r.wall_s for r in fact[1:k]]), _mean([r.wall_s for r in dense[1:]])
     f2, ft = fact[1].wall_s, fact[-1].wall_s
     worst = max(r.wall_s for r in fact[1:])
-    ulps = max(a.max_ulps for a in agree)
+    excess = max(a.excess for a in agree)
     head = ("| depth | adapters | rank | dense steps | factored mean s (steps 2…K) | dense mean s (steps 2…K) | "
             "dense / factored (≥ 20) | factored step 2 s | factored step N s | N / 2 (flat) | max step / step 2 | "
-            f"max peak RSS GiB factored / dense | agreement at step K (≤ {MAX_ULPS} bf16 ulps) |\n" + "|---" * 13 + "|\n")
+            f"max peak RSS GiB factored / dense | agreement at step K (beyond 1 bf16 ulp ≤ {MAX_EXCESS:g} of the change) |\n"
+            + "|---" * 13 + "|\n")
     return head + (
         f"| {args.depth} | {args.adapters} | {args.rank} | {k} | {fk:.1f} | {dk:.1f} | {dk / fk:.1f} | {f2:.1f} | "
         f"{ft:.1f} | {ft / f2:.2f} | {worst / f2:.2f} | {max(r.rss_gib for r in fact):.2f} / "
-        f"{max(r.rss_gib for r in dense):.2f} | {ulps:.1f} ulps: {'pass' if ulps <= MAX_ULPS else 'FAIL'} |\n")
+        f"{max(r.rss_gib for r in dense):.2f} | {excess:.1e}: {'pass' if excess <= MAX_EXCESS else 'FAIL'} |\n")
 
 
 def agreement_lines(agree: list[Agreement], step: int) -> str:
     return "".join(
-        f"- step {step} `{a.key}` (first {CHECK_ROWS} rows): max |factored − dense| = {a.max_ulps:.1f} bf16 ulps, "
-        f"{a.max_rel:.2e} of the rows' RMS; {a.differing} of {a.total} elements differ (the merge moved these rows "
-        f"from the base by {a.change:.3f} of their RMS)\n" for a in agree)
+        f"- step {step} `{a.key}` (first {CHECK_ROWS} rows): max |factored − dense| = {a.max_ulps:.1f} bf16 ulps "
+        f"(of the element's own magnitude; near-zero elements make this large), {a.max_rel:.2e} of the rows' RMS; "
+        f"{a.differing} of {a.total} elements differ; beyond one bf16 rounding step the largest difference is "
+        f"{a.excess:.1e} of the merge's change of these rows (which moved them from the base by {a.change:.3f} of "
+        "their RMS)\n" for a in agree)
 
 
 # ---------------------------------------------------------------------------------------- main

@@ -1,7 +1,7 @@
 """Dense OPCM at 7B layer shapes: step time against the sum of its SVDs alone, and peak RSS.
 
 An OPCM step t ≥ 2 takes one thin SVD per linear weight (for a Llama-7B layer: four 4096×4096 and
-three 11008×4096 matrices), then a global rescale that needs a second pass over the model. The SVDs
+three 11008×4096 matrices; for the model, also ``lm_head``, 32000×4096), then a global rescale that needs a second pass over the model. The SVDs
 are the irreducible cost; everything else (reading, projecting, two passes, writing) is overhead.
 This script times, in one run on the same machine and thread count:
 
@@ -27,24 +27,41 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_stream import insert_section, machine, run_measured  # noqa: E402
-from make_synthetic import ensure, llama_shapes  # noqa: E402
+from make_synthetic import ensure, llama_config, llama_shapes  # noqa: E402
 
 from hf_contmerge.linalg import thin_svd  # noqa: E402
 
 SECTION = "## OPCM (dense) at 7B layer shapes"
-LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def svd_seconds(depth: int) -> float:
+    """Sum of one thin SVD per weight the engine projects: every linear weight of the model as
+    ``naming.linear_weight_layout`` finds it (the same call OPCM makes), ``lm_head`` included."""
+    from hf_contmerge.naming import linear_weight_layout
+
+    linear = linear_weight_layout(llama_config(depth))
     total = 0.0
     g = torch.Generator().manual_seed(0)
     for name, shape in llama_shapes(depth):
-        if name.rsplit(".", 2)[-2] in LINEAR:
+        if name in linear:
             x = torch.randn(shape, generator=g) * 0.002
             t0 = time.perf_counter()
             thin_svd(x)
             total += time.perf_counter() - t0
     return total
+
+
+def commit() -> str:
+    import subprocess
+
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
+
+
+def load() -> str:
+    """1-minute load average: this script's timings assume an otherwise idle machine."""
+    import os
+
+    return f"{os.getloadavg()[0]:.2f}"
 
 
 def main() -> None:
@@ -62,6 +79,7 @@ def main() -> None:
         shutil.rmtree(out)
     cli = [sys.executable, "-m", "hf_contmerge.cli", "merge", "--base", str(base), "--method", "opcm", "--out", str(out), "--quiet"]
     here = Path(__file__).parent.parent
+    load_before = load()
     step1 = run_measured([*cli, "--stream", str(items[0])], {}, here)
     step2 = run_measured([*cli, "--stream", *map(str, items), "--resume"], {}, here)
     svd = svd_seconds(args.depth)
@@ -75,7 +93,8 @@ def main() -> None:
     block = "\n".join([
         f"### {date.today().isoformat()}: depth {args.depth}",
         "",
-        f"Command: `python benchmarks/bench_opcm.py --depth {args.depth}`. Machine: {machine()}.",
+        f"Command: `python benchmarks/bench_opcm.py --depth {args.depth}`. Code: commit {commit()} (working tree). "
+        f"Machine: {machine()}. Load before / after: {load_before} / {load()}.",
         "",
         *rows,
     ])

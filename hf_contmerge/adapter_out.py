@@ -59,8 +59,9 @@ class AdapterExport:
     def plan(cls, layout: FileLayout, factored: set[str], touched: set[str], max_rank: int | None) -> AdapterExport:
         """``factored``: keys carried as factors this step; ``touched``: keys some item so far changed.
 
-        A touched key that is not factored is published in full, and so is every factored key of a
-        module that also has such a key (a module is either a LoRA target or saved whole in PEFT).
+        A factored linear weight is published as LoRA factors; any other touched key (dense, or a
+        factored embedding) in full, and so is every factored key of a module that also has such a
+        key (a module is either a LoRA target or saved whole in PEFT).
         """
         unknown = sorted(k for k in touched | factored if k not in layout.to_memory)
         if unknown:
@@ -68,10 +69,11 @@ class AdapterExport:
                 f"--output-format adapter: tensor {unknown[0]!r} has no in-memory module name in the base "
                 "architecture (a fused or renamed tensor), so it cannot be written as a PEFT adapter. Use --output-format full."
             )
-        dense = touched - factored
+        lora = {k for k in factored if k in layout.linear}  # PEFT's Linear/Conv1D LoRA; embeddings go in full
+        dense = touched - lora
         saved = {_module(layout.to_memory[k]) for k in dense}
-        moved = {k for k in factored if _module(layout.to_memory[k]) in saved}
-        return cls(layout, factored - moved, dense | moved, max_rank)
+        moved = {k for k in lora if _module(layout.to_memory[k]) in saved}
+        return cls(layout, lora - moved, dense | moved, max_rank)
 
     def names(self) -> list[str]:
         """Every tensor name the adapter file may hold (the append writer reserves its header for them)."""

@@ -24,11 +24,27 @@ from .state import read_state
 
 
 def load_step(folder: str | Path, **from_pretrained_kwargs: Any):
-    """A step folder (or any HF folder) as the model class its config names (``AutoModel`` otherwise)."""
+    """A step folder (or any HF folder) as the model class its config names (``AutoModel`` otherwise).
+
+    A step published as a PEFT adapter (``--output-format adapter``) is loaded on the base it records
+    (its local folder, or its Hub repo at the recorded commit) and merged with PEFT's
+    ``merge_and_unload``, so the result is the same plain transformers model either way.
+    """
     import transformers
     from transformers import AutoConfig, AutoModel
 
-    config = AutoConfig.from_pretrained(folder)
+    folder = Path(folder) if Path(folder).is_dir() else folder
+    if isinstance(folder, Path) and (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+        from peft import PeftModel
+
+        from .sources import SourceSpec
+
+        base = read_state(folder).base
+        spec = SourceSpec.parse(base["source"])
+        revision = {} if spec.is_local else {"revision": base.get("revision") or spec.revision}
+        model = load_step(spec.location, **revision, **from_pretrained_kwargs)
+        return PeftModel.from_pretrained(model, folder).merge_and_unload()
+    config = AutoConfig.from_pretrained(folder, revision=from_pretrained_kwargs.get("revision"))
     arch = (config.architectures or [None])[0]
     cls = getattr(transformers, arch, None) if arch else None
     return (cls or AutoModel).from_pretrained(folder, **from_pretrained_kwargs)

@@ -503,7 +503,7 @@ class Engine:
         out = [(state[s], kp.key, slots[s].float()) for s in method.slots]
         weight = method.weight(base, slots).to(out_dtype)
         if name is None:  # an adapter leaves this tensor at the base: it must be the base, bit for bit
-            if not torch.equal(weight, raw["base"].to(self.device, out_dtype)):
+            if not torch.equal(weight, base.to(out_dtype)):
                 raise ContMergeError(f"internal: {kp.key!r} changed although no adapter touched it; use --output-format full "
                                      "and report this.")
             return out
@@ -522,18 +522,23 @@ class Engine:
         """The base chunk (float32, on device) and the method's new slots for it; statistics summed."""
         kp, rows = w.kp, w.rows
         f32 = lambda t: t.to(self.device, torch.float32)  # noqa: E731
-        base = f32(raw["base"])
-        if raw["item"] is None:  # the item lacks this whole module: its task vector is zero here
+        # pop: the stored-dtype buffers go as soon as their float32 copies exist (whole 32000 x 4096 lm_head)
+        base = f32(raw.pop("base"))
+        raw_item = raw.pop("item")
+        if raw_item is None:  # the item lacks this whole module: its task vector is zero here
             item = base
         else:
-            item = f32(raw["item"])
+            item = f32(raw_item)
+            del raw_item
             # a NaN/Inf anywhere makes the sum non-finite: one reduction, then the exact check to confirm
             if not self.options.allow_nonfinite and not math.isfinite(item.sum()) and not bool(torch.isfinite(item).all()):
                 raise ContMergeError(
                     f"stream item {ctx.item.spec.text!r} has NaN or Inf values in tensor {kp.item_keys[ctx.item_index]!r}. "
                     f"Step {ctx.step} was not written. Fix or drop the item, or pass --allow-nonfinite to merge it anyway."
                 )
-        prev = {s: f32(t) for s, t in raw["prev"].items()} if raw["prev"] else None
+        raw_prev = raw.pop("prev")
+        prev = {s: f32(t) for s, t in raw_prev.items()} if raw_prev else None
+        del raw_prev
         new = self.method.merge(ctx.step, base, item, prev, TensorContext(kp.key, kp.shape, rows))
         for name, value in self.method.stats(ctx.step, base, item, prev, new).items():
             ctx.stats[name] = ctx.stats.get(name, 0.0) + float(value)

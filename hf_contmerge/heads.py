@@ -50,17 +50,32 @@ def write_head(target: Path, task: int, item: ResolvedSource, keys: list[str]) -
 def load_task_model(step_folder: str | Path, task: int, **from_pretrained_kwargs):
     """The item-``task`` model: its architecture and head over the merged backbone of a step.
 
-    Works on any step folder written by hf-contmerge (local path). Extra keyword arguments go to
-    ``from_pretrained``. The head tensors must all be consumed, or an error says which were not.
+    Works on any step folder written by hf-contmerge (local path); an adapter step is merged onto its
+    base first (a temporary copy of the backbone). Extra keyword arguments go to ``from_pretrained``.
+    The head tensors must all be consumed, or an error says which were not.
     """
-    import transformers
-    from transformers import AutoConfig
-    from transformers.utils import logging as hf_logging
-
     step_folder = Path(step_folder)
     folder = head_dir(step_folder, task)
     if not folder.is_dir():
         raise ContMergeError(f"{step_folder} has no task head {task} (looked in {folder}).")
+    if (step_folder / "adapter_config.json").is_file() and not (step_folder / "config.json").is_file():
+        # an adapter step: merge it onto its base first (PEFT), then put the head on that backbone
+        import tempfile
+
+        from .api import load_step
+
+        with tempfile.TemporaryDirectory(prefix="hf-contmerge-backbone-") as tmp:
+            load_step(step_folder).save_pretrained(tmp)
+            return _task_model(Path(tmp), folder, task, from_pretrained_kwargs)
+    return _task_model(step_folder, folder, task, from_pretrained_kwargs)
+
+
+def _task_model(backbone: Path, folder: Path, task: int, from_pretrained_kwargs: dict):
+    """Task ``task``'s architecture from ``folder`` (its head) over the merged weights in ``backbone``."""
+    import transformers
+    from transformers import AutoConfig
+    from transformers.utils import logging as hf_logging
+
     config = AutoConfig.from_pretrained(folder)
     arch = (config.architectures or [None])[0]
     cls = getattr(transformers, arch, None) if arch else None
@@ -72,7 +87,7 @@ def load_task_model(step_folder: str | Path, task: int, **from_pretrained_kwargs
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the head is "newly initialised" until we load it below
     try:
-        model = cls.from_pretrained(step_folder, config=config, ignore_mismatched_sizes=True, **from_pretrained_kwargs)
+        model = cls.from_pretrained(backbone, config=config, ignore_mismatched_sizes=True, **from_pretrained_kwargs)
     finally:
         hf_logging.set_verbosity(verbosity)
     params = dict(model.named_parameters())

@@ -80,18 +80,19 @@ def test_factored_equals_dense_and_densifies_when_factors_stop_being_smaller(tmp
     linear = {f"model.layers.{i}.{m}.{p}.weight" for i in range(2) for m, ps in
               (("self_attn", PROJ[:4]), ("mlp", PROJ[4:])) for p in ps} | {"lm_head.weight"}
     s1, s2, s3 = (_state(tmp_path / f"lr/step-{t}") for t in (1, 2, 3))
-    assert set(s1["lowrank"]) == linear  # lm_head: untouched by the adapters, rank 0
+    embed = "model.embed_tokens.weight"  # not a linear weight: plain rule, on factors too
+    assert set(s1["lowrank"]) == linear | {embed} and s1["lowrank"][embed] == 0  # lm_head, embed: untouched, rank 0
     assert s1["lowrank"]["lm_head.weight"] == 0 and s1["lowrank"]["model.layers.0.self_attn.q_proj.weight"] == RANK
     # unscaled = λ τ̄ + τ' spans τ̄'s columns and the new B's: rank 2r after step 2, generically
     assert s2["lowrank"]["model.layers.0.mlp.up_proj.weight"] == 2 * RANK
     # step 3 bound 3r = 12: 12·(16 + 32) ≥ 16·32 for k/v_proj (densified), 12·(32 + 32) < 32·32 for q_proj
     kv = {k for k in linear if "k_proj" in k or "v_proj" in k}
-    assert set(s3["lowrank"]) == linear - kv
+    assert set(s3["lowrank"]) == (linear | {embed}) - kv
     assert s3["lowrank"]["model.layers.1.self_attn.q_proj.weight"] == 3 * RANK
 
     state_dir = tmp_path / "lr/step-3/contmerge_state"
     factors, dense = load_file(state_dir / "lowrank-merged.safetensors"), load_file(state_dir / "merged.safetensors")
-    assert set(factors) == {k + s for k in linear - kv for s in ("::left", "::right")}
+    assert set(factors) == {k + s for k in (linear | {embed}) - kv for s in ("::left", "::right")}
     assert not (linear - kv) & set(dense) and kv <= set(dense)
     # the carried factors are the merged task vector: θ(3) − θ0 = L @ R
     theta3, theta0 = weights(tmp_path / "lr/step-3"), weights(base)
@@ -208,3 +209,19 @@ def test_adapter_output_refuses_a_full_checkpoint_in_the_stream(tmp_path, cli, a
                        "--output-format", "adapter", "--out", tmp_path / "o", "--quiet")
     assert code == 2 and str(full) in err and "full checkpoint" in err
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+def test_api_loads_an_adapter_step_as_the_merged_model(tmp_path, cli, adapters):
+    """ContinualMerger(output_format="adapter").model() and load_step give the merged transformers model."""
+    from hf_contmerge import ContinualMerger, load_step
+
+    base, items, _ = adapters
+    merger = ContinualMerger(base=str(base), method="opcm", out=tmp_path / "api", output_format="adapter", dtype="float32")
+    merger.run([str(i) for i in items[:2]])
+    _run(cli, base, items[:2], tmp_path / "full")
+    want = weights(tmp_path / "full/step-2")
+    for model in (merger.model(), load_step(tmp_path / "api/step-2")):
+        assert type(model).__name__ == "LlamaForCausalLM"
+        got = model.state_dict()
+        for k, v in want.items():
+            torch.testing.assert_close(got[k], v, atol=2e-6, rtol=1e-4, msg=lambda m: f"{k}: {m}")

@@ -33,8 +33,9 @@ Choices:
   null-space basis the SVD routine returned (for τ̄ = 0, LAPACK's identity: τt[i, i] itself),
   which is arbitrary. For full-rank τ̄ the two are identical. The same convention serves LoRA
   streams, so a LoRA stream and its merged checkpoints give the same result.
-- Low-rank form (LoRA streams): while every task vector of a linear weight is low-rank, τ̄ is
-  carried as factors and its SVD comes from them (``linalg.opcm_project_lowrank``: QR of the
+- Low-rank form (LoRA streams): while every task vector of a matrix is low-rank, τ̄ is carried
+  as factors (linear weights and embeddings alike; the plain rule is linear in the factors) and a
+  linear weight's SVD comes from them (``linalg.opcm_project_lowrank``: QR of the
   factors, SVD of a small core), O((m + n)·q²) instead of O(m·n·min(m, n)); ``unscaled`` is
   re-factored to its numerical rank (≤ the sum of the adapters' ranks). Same maths as the dense
   path, including the diagonal convention above; equal to it up to float32 rounding (tested).
@@ -102,7 +103,7 @@ class OPCM(Method):
     def merge(self, step: int, base: Tensor, item: Tensor, prev: dict[str, Tensor] | None, ctx: TensorContext) -> dict[str, Tensor]:
         if prev is None:
             return {"merged": item.clone()}
-        tau_bar, tau = prev["merged"] - base, item - base
+        tau_bar, tau = prev["merged"].sub_(base), item - base  # τ̄ in prev's buffer (the engine's, not reused)
         if ctx.key in self.linear and tau.dim() == 2:
             tau = opcm_project(tau_bar, tau, self.params.alpha, self.params.zero_diagonal, diagonal_in_null_space=False)
             self._projected.add(ctx.key)
@@ -110,15 +111,17 @@ class OPCM(Method):
         return {"merged": tau_bar.mul_(self._lambda_prev).add_(tau)}
 
     def lowrank_key(self, key: str) -> bool:
-        return key in self.linear
+        return True  # any matrix: linear weights are projected, the others (embeddings) take the plain rule
 
     def merge_lowrank(self, step: int, tau: LowRank, prev: dict[str, LowRank] | None, ctx: TensorContext) -> dict[str, LowRank]:
         if prev is None:
             return {"merged": tau}
         tau_bar = prev["merged"]
-        left, right = opcm_project_lowrank(tau_bar.left, tau_bar.right, (tau.left, tau.right), self.params.alpha, self.params.zero_diagonal)
-        self._projected.add(ctx.key)
-        unscaled = LowRank(torch.cat([self._lambda_prev * tau_bar.left, left], 1), torch.cat([tau_bar.right, right], 0))
+        if ctx.key in self.linear:
+            tau = LowRank(*opcm_project_lowrank(tau_bar.left, tau_bar.right, (tau.left, tau.right), self.params.alpha,
+                                                self.params.zero_diagonal))
+            self._projected.add(ctx.key)
+        unscaled = LowRank(torch.cat([self._lambda_prev * tau_bar.left, tau.left], 1), torch.cat([tau_bar.right, tau.right], 0))
         return {"merged": unscaled.compressed()[0]}  # pass 1: the unscaled task vector, at its numerical rank
 
     def stats_lowrank(self, step: int, tau: LowRank, prev: dict[str, LowRank] | None, new: dict[str, LowRank]) -> dict[str, float]:
