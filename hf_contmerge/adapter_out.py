@@ -25,13 +25,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .errors import ContMergeError
 from .lowrank import LowRank
-from .naming import FileLayout
+
+if TYPE_CHECKING:  # naming imports transformers' model classes: only when an adapter is written
+    from .naming import FileLayout
 
 PREFIX = "base_model.model."
 WEIGHTS_NAME = "adapter_model"

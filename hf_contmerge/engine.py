@@ -35,12 +35,11 @@ from .adapter_out import AdapterExport
 from .card import render_card
 from .errors import ContMergeError
 from .heads import copy_heads, write_head
+from .lowrank import LEFT, RIGHT, LowRank, worth_factoring
 from .methods import Method, TensorContext, build_method
-from .naming import config_from_dict, file_layout
 from .options import MergeOptions
 from .preflight import KeyPlan, StreamPlan, plan_stream
 from .push import PushTarget, check_target, commit_message, push_missing, push_step
-from .lowrank import LEFT, RIGHT, LowRank, worth_factoring
 from .safetensors_io import SAFE_DTYPES, AppendWriter, ShardedWriter, TensorSpec, iter_row_chunks
 from .sources import Checkpoint, ResolvedSource, resolve
 from .state import LOWRANK_PREFIX, STATE_DIR, STATE_FILE, StepState, open_lowrank, open_slot, read_state, record_evaluation
@@ -316,6 +315,8 @@ class Engine:
         plan, opts = ctx.plan, self.options
         if opts.output_format == "full":
             return ShardedWriter(partial, [TensorSpec(kp.key, kp.shape, self._out_dtype(kp)) for kp in plan.keys], opts.shard_bytes)
+        from .naming import config_from_dict, file_layout  # transformers' model classes: only for adapters
+
         layout = file_layout(config_from_dict(plan.base.config))
         ctx.export = AdapterExport.plan(layout, set(ctx.lowrank), ctx.touched, opts.max_rank)
         shapes = {ctx.export.dense_name(kp.key): kp.shape for kp in plan.merged_keys if kp.key in ctx.export.dense_keys}

@@ -6,11 +6,11 @@ import json
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel
 from transformers import LlamaForCausalLM
 
 from test_methods_streamed import METHODS, _sets
-from tiny_models import llama, weights
+from tiny_models import llama, save_lora, weights
 
 PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -30,17 +30,10 @@ def lora_stream(tmp_path_factory):
     ]
     adapters, merged = [], []
     for i, cfg in enumerate(configs):
+        adapters.append(save_lora(base, cfg, 10 + i, root / f"adapter{i}", 0.05))
         model = LlamaForCausalLM(base.config)
         model.load_state_dict(state)
-        peft_model = get_peft_model(model, cfg)
-        g = torch.Generator().manual_seed(10 + i)
-        with torch.no_grad():
-            for p in peft_model.parameters():
-                if p.requires_grad:
-                    p.copy_(0.05 * torch.randn(p.shape, generator=g))
-        peft_model.save_pretrained(root / f"adapter{i}")
-        peft_model.merge_and_unload().save_pretrained(root / f"merged{i}")
-        adapters.append(root / f"adapter{i}")
+        PeftModel.from_pretrained(model, adapters[-1]).merge_and_unload().save_pretrained(root / f"merged{i}")
         merged.append(root / f"merged{i}")
     return root / "base", adapters, merged
 

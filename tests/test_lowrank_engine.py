@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig
 from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 
 from test_lora_stream import lora_stream  # noqa: F401 (fixture)
-from tiny_models import llama, perturb, save, weights
+from tiny_models import llama, perturb, save, save_lora, weights
 
 PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RANK = 4
@@ -33,18 +33,8 @@ def adapters(tmp_path_factory) -> tuple[Path, list[Path], Path]:
     base = llama()
     base.save_pretrained(root / "base")
     state = {k: v.clone() for k, v in base.state_dict().items()}
-    out = []
-    for i in range(4):
-        model = LlamaForCausalLM(base.config)
-        model.load_state_dict(state)
-        peft_model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=8, target_modules=PROJ))
-        g = torch.Generator().manual_seed(100 + i)
-        with torch.no_grad():
-            for p in peft_model.parameters():
-                if p.requires_grad:
-                    p.copy_(0.1 * torch.randn(p.shape, generator=g))
-        peft_model.save_pretrained(root / f"adapter{i}")
-        out.append(root / f"adapter{i}")
+    config = LoraConfig(r=RANK, lora_alpha=8, target_modules=PROJ)
+    out = [save_lora(base, config, 100 + i, root / f"adapter{i}", 0.1) for i in range(4)]
     fine_tune = LlamaForCausalLM(base.config)
     fine_tune.load_state_dict(state)
     full = save(perturb(fine_tune, seed=7), root / "full")

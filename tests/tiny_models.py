@@ -119,3 +119,21 @@ def weights(folder: Path) -> dict[str, torch.Tensor]:
     for f in sorted(folder.glob("model*.safetensors")):
         out.update(load_file(f))
     return out
+
+
+def save_lora(base: torch.nn.Module, config, seed: int, folder: Path, scale: float) -> Path:
+    """A PEFT LoRA adapter of ``base`` (``config``: a ``peft.LoraConfig``) with seeded N(0, scale²)
+    trainable tensors, saved by PEFT itself; ``base`` is not modified."""
+    import copy
+
+    from peft import get_peft_model
+
+    peft_model = get_peft_model(copy.deepcopy(base), config)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in peft_model.parameters():
+            if p.requires_grad:
+                p.copy_(scale * torch.randn(p.shape, generator=g))
+    peft_model.save_pretrained(folder)
+    return folder
+
