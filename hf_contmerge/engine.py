@@ -213,6 +213,12 @@ class Engine:
                 f"--output-format adapter: stream item {full[0]!r} is a full checkpoint, so the merged model is not "
                 "low-rank. Stream only LoRA adapters, or use --output-format full. Nothing was written."
             )
+        if previous is not None and not previous.lowrank:
+            raise ContMergeError(
+                f"--output-format adapter: step {previous.step} in {self.options.out} carries its state dense (made with "
+                "--lowrank off or an older hf-contmerge), so later steps cannot be published as an adapter. Continue "
+                "it with --output-format full, or start a new --out. Nothing was written."
+            )
 
     def _check_resume(self, previous: StepState) -> None:
         opts = self.options
@@ -468,7 +474,7 @@ class Engine:
     def _first_pass(self, ctx: _StepContext, scratch: dict, w: _Work, raw: dict[str, Any]) -> list:
         """Pass 1 of a two-pass method: first-pass slots to the scratch area, statistics summed."""
         if w.kind == "lowrank":
-            tau, prev, new = self._merge_lowrank(ctx, w, raw)
+            _, _, new = self._merge_lowrank(ctx, w, raw)
             return [(scratch[LOWRANK_PREFIX + s], name, t) for s in self.method.slots for name, t in new[s].state_tensors(w.kp.key)]
         _, new = self._merge_dense(ctx, w, raw)
         return [(scratch[s], w.kp.key, new[s].float()) for s in self.method.slots]

@@ -83,6 +83,7 @@ __all__ = [
     "project_with_svd",
     "thin_svd_from_factors",
     "opcm_project_lowrank",
+    "project_factors_with_svd",
     "factored_norm_sq",
     "add_factored",
     "recompress",
@@ -381,12 +382,23 @@ def opcm_project_lowrank(
                 f"{left.shape[0]} x {right.shape[1]}"
             )
         return project_with_svd(tau_t, u, s, vh, alpha, zero_diagonal)
+    return project_factors_with_svd(tau_t, u, s, vh, alpha, zero_diagonal)
+
+
+def project_factors_with_svd(
+    tau_t: tuple[Tensor, Tensor], u: Tensor, s: Tensor, vh: Tensor, alpha: float, zero_diagonal: bool
+) -> tuple[Tensor, Tensor]:
+    r"""The factored OPCM projection of ``tau_t = B @ A`` given the (numerically non-zero) thin SVD
+    ``U, s, Vh`` of ``tau_bar``: factors ``(L', R')`` as in :func:`opcm_project_lowrank`.
+
+    For callers that carry ``tau_bar`` in SVD form already (``U·s``, ``Vh``): no QR is needed.
+    """
     b, a = tau_t
     _check_factors("tau_t", b, a)
-    if (b.shape[0], a.shape[1]) != (left.shape[0], right.shape[1]):
+    if (b.shape[0], a.shape[1]) != (u.shape[0], vh.shape[1]):
         raise ValueError(
             f"tau_t is {b.shape[0]} x {a.shape[1]} but tau_bar is "
-            f"{left.shape[0]} x {right.shape[1]}"
+            f"{u.shape[0]} x {vh.shape[1]}"
         )
     bf, af = _f32(b, u.device), _f32(a, u.device)
     r = rank_cutoff(s, alpha)

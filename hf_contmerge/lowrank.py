@@ -69,6 +69,20 @@ class LowRank:
         left, right, dropped = recompress(self.left, self.right, max_rank)
         return LowRank(left, right), dropped
 
+    def svd_of_svd_form(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``U, s, Vh`` of a matrix held in SVD form (what :meth:`compressed` returns, or a scaling of it):
+        ``s`` = the column norms of ``left``, ``U = left / s``, ``Vh = right``; sorted by descending ``s``,
+        zero columns dropped. No QR: the factors already are the decomposition."""
+        s = torch.linalg.vector_norm(self.left, dim=0)
+        order = torch.argsort(s, descending=True, stable=True)
+        order = order[s[order] > 0]
+        s = s[order]
+        return self.left[:, order] / s, s, self.right[order]
+
+    def norm_sq_of_svd_form(self) -> float:
+        """``‖left @ right‖_F²`` for SVD form (orthonormal rows in ``right``): ``‖left‖_F²``, float64."""
+        return float(torch.linalg.vector_norm(self.left, dtype=torch.float64) ** 2)
+
     def norm_sq(self) -> float:
         """``‖left @ right‖_F²`` from the triangular QR factors (orthogonal invariance), float64-summed:
         ``‖L R‖ = ‖R_L R_Rᵀ‖`` with ``L = Q_L R_L``, ``Rᵀ = Q_R R_R``; no m x n product is formed."""

@@ -305,6 +305,9 @@ class ShardedWriter:
         if self._pos != len(self.sequence) - 1:
             missing = self.sequence[self._pos + 1] if self.sequence else None
             raise RuntimeError(f"internal: closed before writing {missing!r}")
+        if not self.shards:  # nothing planned (every tensor of a slot carried as factors): still a valid file
+            self.shards = [(f"{self.index_name.removesuffix('.index.json')}", [])]
+            self._open_shard(0)
         self._close_file()
         if self.is_sharded:
             index = {

@@ -9,7 +9,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from hf_contmerge.safetensors_io import SafetensorsFile, ShardedWriter, TensorSpec, iter_row_chunks
+from hf_contmerge.safetensors_io import AppendWriter, SafetensorsFile, ShardedWriter, TensorSpec, iter_row_chunks
 from tiny_models import weights
 
 
@@ -41,6 +41,39 @@ def test_sharded_writer_round_trip(tmp_path):
     assert loaded.keys() == tensors.keys()
     for k, v in tensors.items():
         assert torch.equal(loaded[k], v), k
+
+
+def test_append_writer_round_trip(tmp_path):
+    """Shapes known only on arrival (low-rank factors): whole tensors, chunked ones, empty ones, shards."""
+    g = torch.Generator().manual_seed(1)
+    tensors = {
+        "w::left": torch.randn(6, 3, generator=g),
+        "w::right": torch.randn(3, 0, generator=g),
+        "chunked": torch.randn(8, 2, generator=g).to(torch.bfloat16),
+        "x::left": torch.randn(2, 9, generator=g),
+    }
+    writer = AppendWriter(tmp_path, [*tensors, "never.written"], max_shard_size=60, prefix="lowrank-merged",
+                          shapes={"chunked": (8, 2)})
+    for key, t in tensors.items():
+        for rows in ([(0, 3), (3, 8)] if key == "chunked" else [None]):
+            writer.write(key, t if rows is None else t[rows[0]:rows[1]])
+    files = writer.close()
+    index = json.loads((tmp_path / "lowrank-merged.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(tensors) and len({f for f in files if f.suffix == ".safetensors"}) > 1
+    loaded = {}
+    for f in files:
+        if f.suffix == ".safetensors":
+            loaded.update(load_file(f))
+            assert set(SafetensorsFile(f).tensors) <= set(tensors)  # our validating reader accepts the padding
+    for k, v in tensors.items():
+        assert torch.equal(loaded[k], v), k
+    assert not list(tmp_path.glob(".*partial"))
+
+
+def test_writers_with_nothing_planned_leave_valid_empty_files(tmp_path):
+    ShardedWriter(tmp_path, [], prefix="merged").close()
+    AppendWriter(tmp_path, ["a"], prefix="lowrank-merged").close()
+    assert load_file(tmp_path / "merged.safetensors") == {} and load_file(tmp_path / "lowrank-merged.safetensors") == {}
 
 
 def test_reader_rows_equal_slices(tmp_path):

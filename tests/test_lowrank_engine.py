@@ -193,6 +193,14 @@ def test_adapter_output_refusals(tmp_path, cli, adapters, args, message):
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
 
 
+def test_adapter_output_refuses_to_continue_a_dense_run(tmp_path, cli, adapters):
+    base, items, _ = adapters
+    _run(cli, base, items[:1], tmp_path / "o", "--lowrank", "off")
+    code, _, err = cli("merge", "--base", base, "--stream", *items[:2], "--method", "opcm", "--output-format", "adapter",
+                       "--out", tmp_path / "o", "--quiet", "--resume", "--dtype", "float32")
+    assert code == 2 and "carries its state dense" in err and not (tmp_path / "o/step-2").exists()
+
+
 def test_adapter_output_refuses_a_full_checkpoint_in_the_stream(tmp_path, cli, adapters):
     base, items, full = adapters
     code, _, err = cli("merge", "--base", base, "--stream", items[0], full, "--method", "opcm",

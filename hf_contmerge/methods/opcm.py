@@ -53,7 +53,7 @@ from pydantic import Field
 from torch import Tensor
 
 from ..errors import ContMergeError
-from ..linalg import opcm_project, opcm_project_lowrank, sum_sq
+from ..linalg import opcm_project, project_factors_with_svd, sum_sq
 from ..lowrank import LowRank
 from .base import Method, MethodParams, TensorContext
 
@@ -113,26 +113,28 @@ class OPCM(Method):
     def lowrank_key(self, key: str) -> bool:
         return True  # any matrix: linear weights are projected, the others (embeddings) take the plain rule
 
+    # The carried factors are always in SVD form (U·s, Vh): ``finish_lowrank`` writes them so, so
+    # the next step reads τ̄'s SVD off them instead of recomputing it (no QR of the factors).
     def merge_lowrank(self, step: int, tau: LowRank, prev: dict[str, LowRank] | None, ctx: TensorContext) -> dict[str, LowRank]:
         if prev is None:
             return {"merged": tau}
         tau_bar = prev["merged"]
         if ctx.key in self.linear:
-            tau = LowRank(*opcm_project_lowrank(tau_bar.left, tau_bar.right, (tau.left, tau.right), self.params.alpha,
-                                                self.params.zero_diagonal))
+            u, s, vh = tau_bar.svd_of_svd_form()
+            tau = LowRank(*project_factors_with_svd((tau.left, tau.right), u, s, vh, self.params.alpha, self.params.zero_diagonal))
             self._projected.add(ctx.key)
         unscaled = LowRank(torch.cat([self._lambda_prev * tau_bar.left, tau.left], 1), torch.cat([tau_bar.right, tau.right], 0))
-        return {"merged": unscaled.compressed()[0]}  # pass 1: the unscaled task vector, at its numerical rank
+        return {"merged": unscaled.compressed()[0]}  # pass 1: the unscaled task vector, SVD form, numerical rank
 
     def stats_lowrank(self, step: int, tau: LowRank, prev: dict[str, LowRank] | None, new: dict[str, LowRank]) -> dict[str, float]:
         if prev is None:
             return {"tau_sq": tau.norm_sq()}
-        return {"tau_sq": tau.norm_sq(), "unscaled_sq": new["merged"].norm_sq()}
+        return {"tau_sq": tau.norm_sq(), "unscaled_sq": new["merged"].norm_sq_of_svd_form()}
 
     def finish_lowrank(self, step: int, slots: dict[str, LowRank], scalars: dict[str, Any]) -> dict[str, LowRank]:
         if step == 1:
-            return slots
-        return {"merged": slots["merged"].scaled(1.0 / scalars["lambda"])}
+            return {"merged": slots["merged"].compressed()[0]}  # θ1 − θ0 exactly, in SVD form
+        return {"merged": slots["merged"].scaled(1.0 / scalars["lambda"])}  # a scaling keeps SVD form
 
     def stats(self, step: int, base: Tensor, item: Tensor, prev: dict[str, Tensor] | None, new: dict[str, Tensor]) -> dict[str, float]:
         tau_sq = sum_sq(item, base)
