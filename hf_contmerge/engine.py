@@ -223,6 +223,11 @@ class Engine:
     def _check_resume(self, previous: StepState) -> None:
         opts = self.options
         k = previous.step
+        if previous.lowrank and previous.format_version < 2:
+            raise ContMergeError(
+                f"--resume: step {k} in {opts.out} carries low-rank factors written by a development version of "
+                "hf-contmerge (state format 1), which this version does not read. Recompute the run into a new --out."
+            )
         asked = self.method.params.model_dump()
         problems = []
         if previous.method != opts.method:

@@ -26,7 +26,9 @@ STATE_FILE = "contmerge_state.json"
 STATE_DIR = "contmerge_state"
 LOWRANK_PREFIX = "lowrank-"  # contmerge_state/lowrank-{slot}.safetensors: factored tensors (KEY::left, KEY::right)
 FORMAT = "hf-contmerge/state"
-FORMAT_VERSION = 1
+# 2: factored slots (``lowrank-{slot}``) are kept in the method's canonical form from step 1 on
+# (OPCM: SVD form); format-1 factors, from development versions only, may not be.
+FORMAT_VERSION = 2
 
 
 @dataclass

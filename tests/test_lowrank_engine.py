@@ -112,6 +112,16 @@ def test_factored_resume_is_bit_identical(tmp_path, cli, adapters):
         assert (tmp_path / "once" / rel).read_bytes() == (tmp_path / "twice" / rel).read_bytes(), rel
 
 
+def test_factors_of_an_older_state_format_are_refused(tmp_path, cli, adapters):
+    base, items, _ = adapters
+    _run(cli, base, items[:1], tmp_path / "o")
+    path = tmp_path / "o/step-1/contmerge_state.json"
+    path.write_text(path.read_text().replace('"format_version": 2', '"format_version": 1'))
+    code, _, err = cli("merge", "--base", base, "--stream", *items[:2], "--method", "opcm", "--out", tmp_path / "o",
+                       "--quiet", "--resume", "--dtype", "float32")
+    assert code == 2 and "state format 1" in err and not (tmp_path / "o/step-2").exists()
+
+
 def test_dense_previous_step_continues_dense(tmp_path, cli, adapters):
     """A run begun with --lowrank off and resumed with auto keeps dense state (never guesses factors)."""
     base, items, _ = adapters
