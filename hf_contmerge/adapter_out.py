@@ -88,7 +88,7 @@ class AdapterExport:
     def lora_tensors(self, key: str, delta: LowRank, dtype: torch.dtype) -> list[tuple[str, torch.Tensor]]:
         """``lora_A`` and ``lora_B`` of one factored weight (none if its delta is zero), truncation recorded."""
         exact, _ = delta.compressed()
-        energy = exact.norm_sq()
+        energy = exact.norm_sq_of_svd_form()
         kept, dropped = exact.compressed(self.max_rank) if self.max_rank is not None and exact.rank > self.max_rank else (exact, 0.0)
         self.energy += energy
         self.dropped += dropped
@@ -96,16 +96,16 @@ class AdapterExport:
             self.worst = max(self.worst, math.sqrt(dropped / energy))
         if kept.rank == 0:
             return []
-        # kept = (U·s) @ Vh: balance the singular values over both factors (same range in bf16/fp16)
-        s = torch.linalg.vector_norm(kept.left, dim=0)
+        # balance the singular values over both factors (the same range in bf16/fp16)
+        u, s, vh = kept.svd_of_svd_form()
         root = s.sqrt()
-        left, right = kept.left / s.clamp_min(torch.finfo(torch.float32).tiny) * root, kept.right * root[:, None]
+        left, right = u * root, vh * root[:, None]
         if self.layout.linear.get(key, False):  # Conv1D stores (in, out): PEFT adds (B @ A)ᵀ
             lora_b, lora_a = right.mT, left.mT
         else:
             lora_b, lora_a = left, right
         module = _module(self.layout.to_memory[key])
-        self.ranks[module] = kept.rank
+        self.ranks[module] = left.shape[1]
         return [(f"{PREFIX}{module}.lora_A.weight", lora_a.contiguous().to(dtype)),
                 (f"{PREFIX}{module}.lora_B.weight", lora_b.contiguous().to(dtype))]
 

@@ -60,9 +60,6 @@ class LowRank:
         left = self.left if rows is None else self.left[rows[0] : rows[1]]
         return left @ self.right
 
-    def dense(self) -> Tensor:
-        return self.rows(None)
-
     def compressed(self, max_rank: int | None = None) -> tuple[LowRank, float]:
         """Re-factored to its numerical rank (at most ``max_rank``) in SVD form ``(U·s, Vh)``, and the
         squared Frobenius norm dropped (``linalg.recompress``)."""

@@ -34,10 +34,11 @@ Choices:
   which is arbitrary. For full-rank τ̄ the two are identical. The same convention serves LoRA
   streams, so a LoRA stream and its merged checkpoints give the same result.
 - Low-rank form (LoRA streams): while every task vector of a matrix is low-rank, τ̄ is carried
-  as factors (linear weights and embeddings alike; the plain rule is linear in the factors) and a
-  linear weight's SVD comes from them (``linalg.opcm_project_lowrank``: QR of the
-  factors, SVD of a small core), O((m + n)·q²) instead of O(m·n·min(m, n)); ``unscaled`` is
-  re-factored to its numerical rank (≤ the sum of the adapters' ranks). Same maths as the dense
+  as factors (linear weights and embeddings alike; the plain rule is linear in the factors), kept
+  in SVD form (U·s, Vh), so a linear weight's SVD is read off them and the projection runs on
+  factors (``linalg.project_factors_with_svd``); ``unscaled`` is re-factored to its numerical rank
+  (≤ the sum of the adapters' ranks) by QR of the factors and the SVD of a small core:
+  O((m + n)·q²) instead of O(m·n·min(m, n)). Same maths as the dense
   path, including the diagonal convention above; equal to it up to float32 rounding (tested).
 - ``alpha`` ≥ 1 protects nothing (r = 0): with ``zero_diagonal=false`` the step is then continual
   task arithmetic with adaptive scaling.
