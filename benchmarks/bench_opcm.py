@@ -8,7 +8,9 @@ This script times, in one run on the same machine and thread count:
 1. the SVDs alone: ``linalg.thin_svd`` on float32 random matrices of every linear weight's shape,
    each timed once, summed;
 2. ``hf-contmerge merge --method opcm`` step 2 (the first step with projections) on a synthetic
-   stream (``make_synthetic.py``), as a subprocess, with its wall time and peak RSS (``wait4``).
+   stream (``make_synthetic.py``), as a subprocess, with its wall time and peak RSS (``wait4``),
+   once per dense kernel: ``kernel=svd`` (thin SVD for every matrix: the previous version's
+   behaviour) and ``kernel=auto`` (the default: the Gram kernel for long matrices), side by side.
 
 Target (issue): step time within 20 % of the SVD sum, peak RSS under 3 GiB.
 
@@ -72,24 +74,33 @@ def main() -> None:
     args = parser.parse_args()
     folders = ensure(args.scratch / f"llama-d{args.depth}-opcm", args.depth, 2)
     base, items = folders[0], folders[1:]
-    out = args.scratch / f"opcm-d{args.depth}-out"
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
-    cli = [sys.executable, "-m", "hf_contmerge.cli", "merge", "--base", str(base), "--method", "opcm", "--out", str(out), "--quiet"]
     here = Path(__file__).parent.parent
     load_before = load()
-    step1 = run_measured([*cli, "--stream", str(items[0])], {}, here)
-    step2 = run_measured([*cli, "--stream", *map(str, items), "--resume"], {}, here)
+    runs = {}
+    for kernel in ("svd", "auto"):
+        out = args.scratch / f"opcm-d{args.depth}-{kernel}-out"
+        if out.exists():
+            import shutil
+
+            shutil.rmtree(out)
+        cli = [sys.executable, "-m", "hf_contmerge.cli", "merge", "--base", str(base), "--method", "opcm",
+               "--set", f"kernel={kernel}", "--out", str(out), "--quiet"]
+        step1 = run_measured([*cli, "--stream", str(items[0])], {}, here)
+        step2 = run_measured([*cli, "--stream", *map(str, items), "--resume"], {}, here)
+        runs[kernel] = (step1, step2)
     svd = svd_seconds(args.depth)
-    ratio = step2[0] / svd
     rows = [
-        "| depth | SVDs alone (s) | OPCM step 2 wall (s) | overhead | step 2 peak RSS | step 1 wall (s) | step 1 peak RSS |",
-        "|---|---|---|---|---|---|---|",
-        f"| {args.depth} | {svd:.1f} | {step2[0]:.1f} | {100 * (ratio - 1):+.0f} % | {step2[1] / 2**20:.2f} GiB | "
-        f"{step1[0]:.1f} | {step1[1] / 2**20:.2f} GiB |",
+        "| depth | kernel | SVDs alone (s) | OPCM step 2 wall (s) | overhead | step 2 peak RSS | step 1 wall (s) | step 1 peak RSS |",
+        "|---|---|---|---|---|---|---|---|",
     ]
+    for kernel, (step1, step2) in runs.items():
+        rows.append(
+            f"| {args.depth} | {kernel} | {svd:.1f} | {step2[0]:.1f} | {100 * (step2[0] / svd - 1):+.0f} % | "
+            f"{step2[1] / 2**20:.2f} GiB | {step1[0]:.1f} | {step1[1] / 2**20:.2f} GiB |"
+        )
+    rows.append("")
+    rows.append(f"Step 2, auto against svd kernel (same run): time {runs['auto'][1][0] / runs['svd'][1][0]:.2f}x, "
+                f"peak RSS {runs['auto'][1][1] / runs['svd'][1][1]:.2f}x.")
     block = "\n".join([
         f"### {date.today().isoformat()}: depth {args.depth}",
         "",

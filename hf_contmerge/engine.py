@@ -538,7 +538,7 @@ class Engine:
         base = f32(raw.pop("base"))
         raw_item = raw.pop("item")
         if raw_item is None:  # the item lacks this whole module: its task vector is zero here
-            item = base
+            item = base.clone()  # a buffer of its own: kernels may overwrite ``item``
         else:
             item = f32(raw_item)
             del raw_item

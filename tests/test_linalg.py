@@ -16,7 +16,9 @@ from torch import Tensor
 from hf_contmerge.linalg import (
     add_factored,
     factored_norm_sq,
+    gram_preferred,
     opcm_project,
+    opcm_project_gram,
     opcm_project_literal,
     opcm_project_lowrank,
     project_with_svd,
@@ -309,6 +311,85 @@ def test_shape_mismatch_is_refused() -> None:
         opcm_project(torch.zeros(3, 4), torch.zeros(4, 3), 0.5, True)
     with pytest.raises(ValueError):
         opcm_project(torch.zeros(3), torch.zeros(3), 0.5, True)
+
+
+# --- Gram kernel (dense, U never formed) ----------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("zero_diagonal", [False, True])
+@pytest.mark.parametrize("alpha", ALPHAS)
+@pytest.mark.parametrize("shape", FULL_SHAPES)
+def test_gram_equals_literal_full_rank(shape: tuple[int, int], alpha: float, zero_diagonal: bool, device: str) -> None:
+    m, n = shape
+    tau_bar = _randn(m, n, seed=m * 100 + n).float().to(device)
+    tau_t = _randn(m, n, seed=m * 100 + n + 1).float().to(device)
+    got = opcm_project_gram(tau_bar, tau_t, alpha, zero_diagonal)
+    assert got.dtype == torch.float32 and got.device == tau_bar.device and got.data_ptr() != tau_t.data_ptr()
+    _assert_rel_close(got, opcm_project_literal(tau_bar, tau_t, alpha, zero_diagonal), tau_t.norm())
+
+
+@pytest.mark.parametrize("zero_diagonal", [False, True])
+@pytest.mark.parametrize("alpha", [0.3, 0.5, 0.99])
+@pytest.mark.parametrize("shape", DEFICIENT_SHAPES)
+def test_gram_rank_deficient_restricts_diagonal_to_range(shape: tuple[int, int, int], alpha: float, zero_diagonal: bool) -> None:
+    m, n, rank = shape
+    tau_bar, tau_t = _low_rank(m, n, rank, seed=67), _randn(m, n, seed=68)
+    got = opcm_project_gram(tau_bar.float(), tau_t.float(), alpha, zero_diagonal)
+    _assert_rel_close(got, _restricted_dense(tau_bar, tau_t, rank, alpha, zero_diagonal), tau_t.norm())
+    same = opcm_project(tau_bar.float(), tau_t.float(), alpha, zero_diagonal, diagonal_in_null_space=False)
+    _assert_rel_close(got, same, tau_t.norm())
+
+
+@pytest.mark.parametrize("shape", [(300, 100), (100, 300)])
+def test_gram_at_least_as_accurate_as_svd_on_decaying_spectrum(shape: tuple[int, int]) -> None:
+    """A long matrix whose spectrum spans five decades (most directions above the rank tolerance):
+    against a float64 reference, the Gram kernel is within float32 tolerance and no worse than the
+    float32 SVD route."""
+    m, n = shape
+    k = min(m, n)
+    qa, _ = torch.linalg.qr(_randn(m, k, seed=71))
+    qb, _ = torch.linalg.qr(_randn(n, k, seed=72))
+    tau_bar = (qa * torch.logspace(0, -5, k, dtype=torch.float64)) @ qb.mT
+    tau_t = _randn(m, n, seed=73) * 0.1 + 0.5 * tau_bar  # correlated with tau_bar: large removed parts
+    rho = int((torch.linalg.svdvals(tau_bar.float()) > max(m, n) * torch.finfo(torch.float32).eps * 1.0).sum())
+    assert 0 < rho < k  # both kept and dropped directions occur
+    expected = _restricted_dense(tau_bar, tau_t, rho, 0.5, True)
+    gram = opcm_project_gram(tau_bar.float(), tau_t.float(), 0.5, True)
+    svd = opcm_project(tau_bar.float(), tau_t.float(), 0.5, True, diagonal_in_null_space=False)
+    err_gram = float((gram.double() - expected).norm())
+    err_svd = float((svd.double() - expected).norm())
+    assert err_gram <= REL_TOL * float(tau_t.norm())
+    assert err_gram <= 2 * err_svd
+
+
+def test_gram_inplace_and_trivial_cases() -> None:
+    tau_bar, tau_t = _randn(12, 5, seed=81).float(), _randn(12, 5, seed=82).float()
+    expected = opcm_project_gram(tau_bar, tau_t, 0.5, True)
+    buf = tau_t.clone()
+    got = opcm_project_gram(tau_bar, buf, 0.5, True, inplace=True)
+    assert got.data_ptr() == buf.data_ptr() and torch.equal(got, expected)
+    with pytest.raises(ValueError, match="inplace"):
+        opcm_project_gram(tau_bar, tau_t.double(), 0.5, True, inplace=True)
+    for alpha in (1.0, 1.5, 0.0, -0.3):  # no cut-off, no diagonal: tau_t, bit for bit
+        assert torch.equal(opcm_project_gram(tau_bar, tau_t, alpha, False), tau_t)
+    assert torch.equal(opcm_project_gram(torch.zeros(12, 5), tau_t, 0.5, True), tau_t)  # tau_bar = 0: nothing removed
+    with pytest.raises(ValueError):
+        opcm_project_gram(torch.zeros(3, 4), torch.zeros(4, 3), 0.5, True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_gram_other_dtypes_in_float32(dtype: torch.dtype) -> None:
+    tau_bar, tau_t = _randn(12, 5, seed=91).to(dtype), _randn(12, 5, seed=92).to(dtype)
+    got = opcm_project_gram(tau_bar, tau_t, 0.5, True)
+    assert got.dtype == torch.float32
+    _assert_rel_close(got, opcm_project_literal(tau_bar.float(), tau_t.float(), 0.5, True), tau_t.float().norm())
+
+
+def test_gram_preferred_for_long_matrices_only() -> None:
+    assert gram_preferred((11008, 4096)) and gram_preferred((4096, 11008)) and gram_preferred((32000, 4096))
+    assert not gram_preferred((4096, 4096)) and not gram_preferred((4096, 6000))
+    assert not gram_preferred((4096,)) and not gram_preferred((0, 5))
 
 
 # --- factored (LoRA) path ------------------------------------------------------------------

@@ -76,6 +76,20 @@ def test_opcm_streamed_equals_reference(tmp_path, streams, cli, family, zero_dia
     assert "lambda=" in (out / "step-4" / "README.md").read_text()
 
 
+@pytest.mark.parametrize("kernel", ["svd", "gram"])
+def test_each_dense_kernel_equals_reference(tmp_path, streams, cli, kernel):
+    """Forcing either dense kernel on every linear weight (square ones included) gives the literal result."""
+    base, items = streams("llama", n=3)
+    out = tmp_path / "out"
+    _run(cli, base, items, out, kernel=kernel)
+    linear = linear_weight_file_keys(AutoConfig.from_pretrained(base))
+    expected, _ = opcm_reference(weights(base), [weights(i) for i in items], linear)
+    for k, v in expected[-1].items():
+        torch.testing.assert_close(weights(out / "step-3")[k].double(), v, atol=1e-5, rtol=1e-4, msg=lambda m: f"{k}: {m}")
+    state = json.loads((out / "step-3" / "contmerge_state.json").read_text())
+    assert state["params"]["kernel"] == kernel
+
+
 def test_step_one_is_the_first_fine_tune(tmp_path, streams, cli):
     base, items = streams("llama", n=4)
     _run(cli, base, items[:1], tmp_path / "out")

@@ -8,8 +8,9 @@ A method is a pure per-tensor kernel plus a description:
   them with the step, so a resume, or a later run from a published step, continues exactly.
 - ``merge(step, base, item, prev, ctx)``: the new slots of one tensor (or one dim-0 slice of it
   when ``elementwise``), from the base tensor, the new stream item's tensor and the previous slots
-  (``None`` at step 1). All float32, on the engine's device. ``prev``'s tensors are fresh buffers
-  the engine does not use again: a kernel may overwrite them (whole 7B matrices: one copy less).
+  (``None`` at step 1). All float32, on the engine's device. ``item`` and ``prev``'s tensors are
+  fresh buffers of their own: a kernel may overwrite them (whole 7B matrices: one copy less each),
+  and ``stats`` then sees the overwritten buffers; ``base`` must stay as it is.
 - ``weight(base, slots)``: the merged weight to publish, derived from the slots.
 - Optional global pass: ``stats`` returns sums the engine adds up over all tensors of the step;
   if ``two_pass``, the engine stores the first-pass slots, calls ``end_pass`` with the sums and

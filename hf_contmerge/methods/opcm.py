@@ -14,8 +14,13 @@ Continual Model Merging", arXiv 2501.09522; reference code FusionBench ``method/
 
 ‖·‖ is over all merged tensors together, so a step is two passes over the model (the engine's
 global pass): pass 1 computes every ``unscaled`` tensor and the two squared norms, pass 2 scales.
-The projection uses the thin SVD in float32 (``linalg.opcm_project``, equal to the literal
-full-matrix definition above; tested against it).
+The projection of a dense τt uses one of two kernels, both equal to the literal full-matrix
+definition above up to float32 rounding (tested against it and against each other):
+``linalg.opcm_project`` (thin SVD of τ̄ in float32) and ``linalg.opcm_project_gram`` (τ̄'s singular
+pairs from the float64 eigendecomposition of its k × k Gram matrix, k = min(m, n), with τ' =
+τt − τ̄·M for an n × n matrix M, so U is never formed: O(k²) extra memory instead of several m × n
+copies, and faster than LAPACK's SVD on long matrices such as ``lm_head`` or a 7B MLP weight).
+``kernel=auto`` (default) takes the Gram kernel when max(m, n) ≥ 2·min(m, n), ``svd``/``gram`` force one.
 
 Choices:
 - *Linear weights* are the 2-D weights of ``nn.Linear`` and transposed HF ``Conv1D`` modules,
@@ -47,14 +52,14 @@ Choices:
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
 from torch import Tensor
 
 from ..errors import ContMergeError
-from ..linalg import opcm_project, project_factors_with_svd, sum_sq
+from ..linalg import gram_preferred, opcm_project, opcm_project_gram, project_factors_with_svd, sum_sq
 from ..lowrank import LowRank
 from .base import Method, MethodParams, TensorContext
 
@@ -62,6 +67,11 @@ from .base import Method, MethodParams, TensorContext
 class OPCMParams(MethodParams):
     alpha: float = Field(0.5, ge=0, description="fraction of τ̄'s spectrum (cumulative singular values) protected")
     zero_diagonal: bool = Field(True, description="also remove τt's components along τ̄'s own singular pairs")
+    kernel: Literal["auto", "svd", "gram"] = Field(
+        "auto",
+        description="dense decomposition of τ̄: svd (thin float32 SVD), gram (float64 eigendecomposition of the "
+        "smaller Gram matrix, τ̄'s U never formed), auto (gram for matrices at least twice as long as wide)",
+    )
 
 
 class OPCM(Method):
@@ -77,6 +87,7 @@ class OPCM(Method):
         self.linear: set[str] = set()
         self._lambda_prev = 1.0
         self._projected: set[str] = set()
+        self._tau_sq = 0.0  # ‖τt‖² of the tensor ``merge`` last saw (step ≥ 2), for ``stats``
 
     def bind(self, base_config: dict[str, Any]) -> None:
         from ..naming import config_from_dict, linear_weight_layout
@@ -104,9 +115,16 @@ class OPCM(Method):
     def merge(self, step: int, base: Tensor, item: Tensor, prev: dict[str, Tensor] | None, ctx: TensorContext) -> dict[str, Tensor]:
         if prev is None:
             return {"merged": item.clone()}
-        tau_bar, tau = prev["merged"].sub_(base), item - base  # τ̄ in prev's buffer (the engine's, not reused)
+        # τ̄ and τt in the buffers of prev and item (fresh, ours to overwrite); ‖τt‖² is taken first,
+        # for ``stats``, which then sees the overwritten item
+        self._tau_sq = sum_sq(item, base)
+        tau_bar, tau = prev["merged"].sub_(base), item.sub_(base)
         if ctx.key in self.linear and tau.dim() == 2:
-            tau = opcm_project(tau_bar, tau, self.params.alpha, self.params.zero_diagonal, diagonal_in_null_space=False)
+            p = self.params
+            if p.kernel == "gram" or (p.kernel == "auto" and gram_preferred(tuple(tau.shape))):
+                tau = opcm_project_gram(tau_bar, tau, p.alpha, p.zero_diagonal, inplace=True)
+            else:
+                tau = opcm_project(tau_bar, tau, p.alpha, p.zero_diagonal, diagonal_in_null_space=False)
             self._projected.add(ctx.key)
         # pass 1: the unscaled task vector, built in τ̄'s buffer (whole 7B matrices: one temporary fewer)
         return {"merged": tau_bar.mul_(self._lambda_prev).add_(tau)}
@@ -138,10 +156,9 @@ class OPCM(Method):
         return {"merged": slots["merged"].scaled(1.0 / scalars["lambda"])}  # a scaling keeps SVD form
 
     def stats(self, step: int, base: Tensor, item: Tensor, prev: dict[str, Tensor] | None, new: dict[str, Tensor]) -> dict[str, float]:
-        tau_sq = sum_sq(item, base)
         if prev is None:
-            return {"tau_sq": tau_sq}
-        return {"tau_sq": tau_sq, "unscaled_sq": sum_sq(new["merged"])}
+            return {"tau_sq": sum_sq(item, base)}
+        return {"tau_sq": self._tau_sq, "unscaled_sq": sum_sq(new["merged"])}  # item holds τ' by now: see merge
 
     def end_pass(self, step: int, scalars: dict[str, Any], stats: dict[str, float]) -> dict[str, Any]:
         norm_sum, count = scalars["norm_sum"] + math.sqrt(stats.get("tau_sq", 0.0)), scalars["count"] + 1
