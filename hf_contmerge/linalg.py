@@ -291,6 +291,7 @@ def opcm_project(
 
 
 _GRAM_BLOCK_BYTES = 32 << 20  # float64 row block of the Gram accumulation: 32 MiB, whatever the matrix
+_GRAM_COLS = 1024  # column block of the Gram accumulation (its lower triangle is computed block by block)
 
 
 def gram_preferred(shape: tuple[int, ...]) -> bool:
@@ -298,9 +299,10 @@ def gram_preferred(shape: tuple[int, ...]) -> bool:
 
     Its decomposition is an eigendecomposition of the small k x k Gram matrix (k = min(m, n)) and
     two m x n x k products, against LAPACK's SVD of the whole m x n matrix: a win once the matrix
-    is at least twice as long as it is wide (measured on CPU: 11008 x 4096 and 32000 x 4096 take
-    0.96x and 0.83x the SVD route, 4096 x 4096 1.3x; ``benchmarks/RESULTS.md``). It always needs
-    less memory (no U, no copy of the input).
+    is at least twice as long as it is wide (measured on 2 CPU cores: 11008 x 4096 and
+    32000 x 4096 take 0.76x and 0.69x the SVD route's time, about the time of the SVD alone;
+    4096 x 4096 about 1.1x; ``benchmarks/RESULTS.md``). It always needs less memory (no U, no
+    copy of the input).
     """
     return len(shape) == 2 and min(shape) > 0 and max(shape) >= 2 * min(shape)
 
@@ -311,9 +313,9 @@ def opcm_project_gram(
     r"""OPCM projection through the eigendecomposition of the small Gram matrix (float64).
 
     For a tall ``tau_bar`` (m >= n; a wide one is handled as its transpose, the projection
-    commutes with transposition): ``G = tau_bar^T tau_bar = V diag(s^2) V^T`` and
-    ``K = tau_bar^T tau_t`` are accumulated over row blocks (G in float64, K in float32), so
-    ``U = tau_bar V S^-1`` is never formed:
+    commutes with transposition): ``G = tau_bar^T tau_bar = V diag(s^2) V^T`` (float64, its
+    lower triangle by blocks) and ``K = tau_bar^T tau_t`` (float32) are accumulated over row
+    blocks, so ``U = tau_bar V S^-1`` is never formed:
 
         P = U_a^T tau_t V_a = S_a^-1 V_a^T K V_a,   C = P masked as in :func:`_removed_rows`,
         tau' = tau_t - U_a C V_a^T = tau_t - tau_bar M,   M = V_a S_a^-1 C V_a^T   (n x n)
@@ -321,13 +323,15 @@ def opcm_project_gram(
     with the diagonal removal restricted to the numerically non-zero directions
     (``s_i > max(m, n) * eps32 * s[0]``), the convention of ``opcm_project(...,
     diagonal_in_null_space=False)`` and of the factored path. Extra memory O(n^2) plus one row
-    block; time two m x n x n products, one float64 one, and a float64 n x n ``eigh``.
+    block; time: the float64 half-Gram (about m n^2 flops), two float32 m x n x n products, a
+    float64 n x n ``eigh`` and two float32 n^3 products.
 
     Accuracy: G in float64 resolves every direction above the rank tolerance (its eigenvalues
     carry an absolute error of order ``n * eps64 * s[0]^2``, far below ``(max(m, n) * eps32 *
-    s[0])^2``), and the singular vectors come out orthonormal to float64 precision; the result
-    agrees with a float64 SVD reference at least as closely as the float32 SVD route does
-    (tested). ``inplace=True`` writes ``tau'`` into ``tau_t`` (which must then be a float32
+    s[0])^2``), so V is accurate and orthonormal and ``U = tau_bar V S^-1`` is well defined; the
+    rest is float32 like the SVD route. Against a float64 SVD reference the result is within
+    float32 tolerance and as close as the float32 SVD route's (tested on spectra spanning five
+    decades). ``inplace=True`` writes ``tau'`` into ``tau_t`` (which must then be a float32
     tensor on ``tau_bar``'s device) and returns it. Output float32 on ``tau_bar``'s device.
     """
     _check_pair(tau_bar, tau_t)
@@ -343,10 +347,13 @@ def opcm_project_gram(
     f64 = torch.float64
     step = max(1, _GRAM_BLOCK_BYTES // (8 * n))
     g = torch.zeros(n, n, dtype=f64, device=x.device)
+    cols = [(j, min(j + _GRAM_COLS, n)) for j in range(0, n, _GRAM_COLS)]
     for i in range(0, m, step):
         xb = xt[i : i + step].to(f64)
-        g.addmm_(xb.mT, xb)
-    w, v = torch.linalg.eigh(g)  # ascending
+        for a0, a1 in cols:  # the lower triangle only (eigh reads no more): ~5/8 of the products for n = 4096
+            for b0, b1 in cols[: a0 // _GRAM_COLS + 1]:
+                g[a0:a1, b0:b1].addmm_(xb[:, a0:a1].mT, xb[:, b0:b1])
+    w, v = torch.linalg.eigh(g, UPLO="L")  # ascending
     del g  # each stage's n x n temporaries go before the next stage's (n = 4096: 128 MiB each)
     s = w.flip(0).clamp_min(0.0).sqrt()  # descending, as an SVD returns them
     rho = _count_above(s, max(m, n) * _EPS32 * float(s[0]) if s.numel() else 0.0)
@@ -359,11 +366,12 @@ def opcm_project_gram(
     k = torch.zeros(n, n, dtype=_F32, device=x.device)  # K = tau_bar^T tau_t, accumulated by row blocks
     for i in range(0, m, step):
         k.addmm_(xt[i : i + step].mT, tt[i : i + step])
-    left = (v_a.mT @ k.to(f64)).div_(s_a[:, None])  # U_a^T tau_t (a x n), without U
+    v_a, s_a = v_a.to(_F32), s_a.to(_F32)
+    left = (v_a.mT @ k).div_(s_a[:, None])  # U_a^T tau_t (a x n), without U
     del k
     rows_c = _removed_rows(left, v_a, v_a.mT, r, zero_diagonal).div_(s_a[:, None])  # S^-1 C V_a^T
     del left
-    m_mat = (v_a @ rows_c).to(_F32)  # M = V_a S^-1 C V_a^T
+    m_mat = v_a @ rows_c  # M = V_a S^-1 C V_a^T
     del rows_c, v_a
     # tau' = tau_t - tau_bar M, by row blocks of the output (a wide tau_bar: tau' = tau_t - M^T tau_bar)
     rows = max(1, _GRAM_BLOCK_BYTES // (4 * max(out.shape[1], 1)))

@@ -363,6 +363,21 @@ def test_gram_at_least_as_accurate_as_svd_on_decaying_spectrum(shape: tuple[int,
     assert err_gram <= 2 * err_svd
 
 
+@pytest.mark.parametrize("shape", [(23, 10), (10, 23), (17, 17)])
+def test_gram_blocked_accumulation(monkeypatch, shape: tuple[int, int]) -> None:
+    """Row blocks of 2 rows and column blocks of 3 (a lower triangle of 4 x 4 blocks) give the
+    same projection as one block: the blocking of real 7B shapes, on a small matrix."""
+    import hf_contmerge.linalg as linalg
+
+    tau_bar, tau_t = _randn(*shape, seed=85).float(), _randn(*shape, seed=86).float()
+    whole = opcm_project_gram(tau_bar, tau_t, 0.5, True)
+    monkeypatch.setattr(linalg, "_GRAM_COLS", 3)
+    monkeypatch.setattr(linalg, "_GRAM_BLOCK_BYTES", 2 * 8 * min(shape))
+    blocked = opcm_project_gram(tau_bar, tau_t, 0.5, True)
+    _assert_rel_close(blocked, whole, tau_t.norm())
+    _assert_rel_close(blocked, opcm_project_literal(tau_bar, tau_t, 0.5, True), tau_t.norm())
+
+
 def test_gram_inplace_and_trivial_cases() -> None:
     tau_bar, tau_t = _randn(12, 5, seed=81).float(), _randn(12, 5, seed=82).float()
     expected = opcm_project_gram(tau_bar, tau_t, 0.5, True)
