@@ -59,6 +59,10 @@ Choices
   ``alpha = 1``. For every ``alpha <= 0`` the cutoff is 0 as well (the first ratio is positive).
 * :func:`thin_svd` decomposes a wide matrix through its transpose (same SVD, several times
   faster with CPU LAPACK on row-major data).
+* Long dense matrices (``lm_head``, a 7B MLP weight) can instead be projected by
+  :func:`opcm_project_gram`: singular pairs from the float64 eigendecomposition of the small Gram
+  matrix, ``tau' = tau_t - tau_bar M`` with an n x n ``M``, so neither U nor a copy of the input
+  is formed (about the time of the SVD alone there; :func:`gram_preferred` says where it wins).
 * Low-rank streams (LoRA): the merged task vector of one linear weight is kept as factors
   ``tau_bar = L @ R`` (L: m x q, R: q x n). Its thin SVD comes from QR of ``L`` and ``R^T`` and the
   SVD of the small core ``R_L R_R^T`` (:func:`thin_svd_from_factors`), O((m + n) q^2) instead of

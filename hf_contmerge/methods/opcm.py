@@ -114,7 +114,7 @@ class OPCM(Method):
 
     def merge(self, step: int, base: Tensor, item: Tensor, prev: dict[str, Tensor] | None, ctx: TensorContext) -> dict[str, Tensor]:
         if prev is None:
-            return {"merged": item.clone()}
+            return {"merged": item}  # θ1 itself: the item's buffer is ours (see Method)
         # τ̄ and τt in the buffers of prev and item (fresh, ours to overwrite); ‖τt‖² is taken first,
         # for ``stats``, which then sees the overwritten item
         self._tau_sq = sum_sq(item, base)
@@ -158,7 +158,7 @@ class OPCM(Method):
     def stats(self, step: int, base: Tensor, item: Tensor, prev: dict[str, Tensor] | None, new: dict[str, Tensor]) -> dict[str, float]:
         if prev is None:
             return {"tau_sq": sum_sq(item, base)}
-        return {"tau_sq": self._tau_sq, "unscaled_sq": sum_sq(new["merged"])}  # item holds τ' by now: see merge
+        return {"tau_sq": self._tau_sq, "unscaled_sq": sum_sq(new["merged"])}  # item was overwritten: see merge
 
     def end_pass(self, step: int, scalars: dict[str, Any], stats: dict[str, float]) -> dict[str, Any]:
         norm_sum, count = scalars["norm_sum"] + math.sqrt(stats.get("tau_sq", 0.0)), scalars["count"] + 1
