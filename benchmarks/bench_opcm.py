@@ -20,6 +20,7 @@ Target (issue): step time within 20 % of the SVD sum, peak RSS under 3 GiB.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
 from datetime import date
@@ -80,8 +81,6 @@ def main() -> None:
     for kernel in ("svd", "auto"):
         out = args.scratch / f"opcm-d{args.depth}-{kernel}-out"
         if out.exists():
-            import shutil
-
             shutil.rmtree(out)
         cli = [sys.executable, "-m", "hf_contmerge.cli", "merge", "--base", str(base), "--method", "opcm",
                "--set", f"kernel={kernel}", "--out", str(out), "--quiet"]

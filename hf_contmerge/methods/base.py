@@ -15,7 +15,7 @@ A method is a pure per-tensor kernel plus a description:
 - Optional global pass: ``stats`` returns sums the engine adds up over all tensors of the step;
   if ``two_pass``, the engine stores the first-pass slots, calls ``end_pass`` with the sums and
   the carried scalars, then ``finish`` on every tensor to get the final slots (OPCM's global
-  rescaling needs this).
+  rescaling needs this); the first-pass slots ``finish`` gets are fresh buffers it may overwrite.
 - Optional low-rank form (``lowrank``): for tensors where ``lowrank_key`` holds and every task
   vector so far is low-rank (LoRA streams), the engine passes task vectors and slots as
   :class:`~hf_contmerge.lowrank.LowRank` factors, slot values being deltas from the base tensor

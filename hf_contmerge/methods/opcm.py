@@ -175,7 +175,8 @@ class OPCM(Method):
     def finish(self, step: int, base: Tensor, slots: dict[str, Tensor], scalars: dict[str, Any]) -> dict[str, Tensor]:
         if step == 1:
             return slots
-        return {"merged": base + slots["merged"] / scalars["lambda"]}
+        # in the first pass's buffer (ours, see Method): the same bits as base + unscaled / λ, one copy less
+        return {"merged": slots["merged"].div_(scalars["lambda"]).add_(base)}
 
     def step_summary(self, scalars: dict[str, Any]) -> dict[str, Any]:
         return {"lambda": round(scalars["lambda"], 6), "projected": len(scalars["projected"])}
