@@ -22,6 +22,7 @@ relative Frobenius error of the adapter's delta) and the largest per-weight rela
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -144,4 +145,7 @@ class AdapterExport:
             revision=base_revision,
             inference_mode=True,
         )
-        config.save_pretrained(str(folder))
+        # written here rather than by ``config.save_pretrained``: PEFT turns target_modules into a set and
+        # writes it in set order, which changes with the interpreter's hash seed (a step must not)
+        values = {k: sorted(v) if isinstance(v, set) else v for k, v in config.to_dict().items()}
+        (folder / "adapter_config.json").write_text(json.dumps(values, indent=2, sort_keys=True))

@@ -1,0 +1,126 @@
+"""Golden step folders: every method on tiny models, hashed file by file.
+
+``python tests/golden_steps.py record`` writes ``golden_steps.json`` (the SHA-256 of every file of every
+step folder of every case below, plus the library versions they were made with); the test
+``test_golden_steps`` rebuilds the same cases and asserts the same bytes. The hashes were first
+recorded with the code before the architecture change (86278f0), so a refactor that changes a single
+byte of a weight shard, a carried-state file, the state JSON or the card fails here.
+
+Fixtures are built deterministically in a scratch folder and every source is given by a relative
+path (the state and card record sources as given), so the bytes do not depend on where it runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+GOLDEN = HERE / "golden_steps.json"
+VERSIONS = ("torch", "transformers", "safetensors", "huggingface_hub", "peft")
+PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def build_fixtures(root: Path) -> None:
+    """Tiny models saved under ``root``: Llama (fp32 and bf16), GPT-2, BERT with classifiers, LoRA adapters."""
+    from peft import LoraConfig
+
+    sys.path.insert(0, str(HERE))
+    from tiny_models import bert, bert_classifier, llama, make_stream, perturb, save, save_lora
+
+    make_stream(root, "llama", 3)
+    make_stream(root, "gpt2", 2)
+    bf16 = root / "bf16"
+    bf16.mkdir()
+    make_stream(bf16, "llama", 2, torch.bfloat16)
+    torch.manual_seed(0)
+    backbone = bert()
+    save(backbone, root / "bert-base")
+    for i, labels in enumerate((2, 3)):
+        torch.manual_seed(10 + i)
+        model = bert_classifier(labels)
+        model.bert.load_state_dict(backbone.state_dict(), strict=False)
+        save(perturb(model, seed=20 + i), root / f"bert-task{i}")
+    torch.manual_seed(0)
+    base = llama()
+    base.save_pretrained(root / "lora-base")
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=PROJ)
+    for i in range(3):
+        folder = save_lora(base, config, 100 + i, root / f"lora{i}", 0.1)
+        # PEFT writes target_modules in set order, which depends on the interpreter's hash seed
+        adapter_config = folder / "adapter_config.json"
+        values = json.loads(adapter_config.read_text())
+        values["target_modules"] = sorted(values["target_modules"])
+        adapter_config.write_text(json.dumps(values, indent=2, sort_keys=True))
+
+
+# name -> merge arguments (sources relative to the fixtures root); each writes OUT/step-1..T
+CASES: dict[str, list[str]] = {
+    "average": ["--base", "llama-base", "--stream", "llama-ft0", "llama-ft1", "llama-ft2", "--method", "average"],
+    "task_arithmetic_bf16_sliced": ["--base", "bf16/llama-base", "--stream", "bf16/llama-ft0", "bf16/llama-ft1",
+                                    "--method", "task_arithmetic", "--set", "scaling=0.4", "--chunk-mb", "0.002"],
+    "ties": ["--base", "llama-base", "--stream", "llama-ft0", "llama-ft1", "llama-ft2", "--method", "ties",
+             "--set", "top_k=0.3"],
+    "magmax_fp16_out": ["--base", "llama-base", "--stream", "llama-ft0", "llama-ft1", "--method", "magmax",
+                        "--dtype", "float16"],
+    "opcm_sharded": ["--base", "llama-base", "--stream", "llama-ft0", "llama-ft1", "llama-ft2", "--method", "opcm",
+                     "--chunk-mb", "0.002", "--shard-size", "20KB"],
+    "opcm_svd_nodiag": ["--base", "llama-base", "--stream", "llama-ft0", "llama-ft1", "llama-ft2", "--method", "opcm",
+                        "--set", "kernel=svd", "--set", "zero_diagonal=false", "--set", "alpha=0.3"],
+    "opcm_gpt2": ["--base", "gpt2-base", "--stream", "gpt2-ft0", "gpt2-ft1", "--method", "opcm"],
+    "opcm_heads": ["--base", "bert-base", "--stream", "bert-task0", "bert-task1", "--method", "opcm"],
+    "opcm_lora_factored": ["--base", "lora-base", "--stream", "lora0", "lora1", "llama-ft2", "--method", "opcm",
+                           "--chunk-mb", "0.002"],
+    "opcm_lora_dense": ["--base", "lora-base", "--stream", "lora0", "lora1", "--method", "opcm", "--lowrank", "off"],
+    "opcm_lora_adapter": ["--base", "lora-base", "--stream", "lora0", "lora1", "lora2", "--method", "opcm",
+                          "--output-format", "adapter", "--max-rank", "6"],
+    "average_lora": ["--base", "lora-base", "--stream", "lora0", "lora1", "--method", "average", "--dtype", "bfloat16"],
+}
+
+
+def hash_steps(out: Path) -> dict[str, str]:
+    """``relative path -> sha256`` of every file under ``out``'s step folders."""
+    return {
+        str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(out.rglob("*"))
+        if p.is_file() and p.relative_to(out).parts[0].startswith("step-")
+    }
+
+
+def run_cases(root: Path, names: list[str] | None = None) -> dict[str, dict[str, str]]:
+    """Run the cases in ``root`` (fixtures already built there); their hashes by case name."""
+    from hf_contmerge.cli import main
+
+    results = {}
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        for name in names or list(CASES):
+            code = main(["merge", *CASES[name], "--out", f"out-{name}", "--quiet"])
+            if code != 0:
+                raise RuntimeError(f"golden case {name} exited with {code}")
+            results[name] = hash_steps(root / f"out-{name}")
+    finally:
+        os.chdir(cwd)
+    return results
+
+
+def versions() -> dict[str, str]:
+    return {name: importlib.metadata.version(name) for name in VERSIONS}
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["record"]:
+    import tempfile
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    with tempfile.TemporaryDirectory() as tmp:
+        build_fixtures(Path(tmp))
+        hashes = run_cases(Path(tmp))
+    GOLDEN.write_text(json.dumps({"versions": versions(), "cases": hashes}, indent=1, sort_keys=True) + "\n")
+    print(f"recorded {sum(map(len, hashes.values()))} files of {len(hashes)} cases in {GOLDEN}")
