@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_stream import insert_section, machine, run_measured  # noqa: E402
 from make_synthetic import ensure, llama_config, llama_shapes  # noqa: E402
 
-from hf_contmerge.linalg import thin_svd  # noqa: E402
+from hf_contmerge.methods.opcm_kernels import thin_svd  # noqa: E402
 
 SECTION = "## OPCM (dense) at 7B layer shapes"
 
@@ -40,7 +40,7 @@ SECTION = "## OPCM (dense) at 7B layer shapes"
 def svd_seconds(depth: int) -> float:
     """Sum of one thin SVD per weight the engine projects: every linear weight of the model as
     ``naming.linear_weight_layout`` finds it (the same call OPCM makes), ``lm_head`` included."""
-    from hf_contmerge.naming import linear_weight_layout
+    from hf_contmerge.sources.naming import linear_weight_layout
 
     linear = linear_weight_layout(llama_config(depth))
     total = 0.0

@@ -14,7 +14,7 @@ Every tensor comes from a ``torch.Generator`` seeded with a CRC32 of (seed, tens
 so the output is deterministic for a torch version, and is generated once per tensor: the base
 tensor is written to the base folder and, plus each item's noise, to every fine-tune folder. Only
 one tensor (float32) is in memory at a time; shards are streamed by
-``hf_contmerge.safetensors_io.ShardedWriter`` (huggingface_hub's shard split, one header planned up
+``hf_contmerge.io.writer.StreamingWriter`` (huggingface_hub's shard split, one header planned up
 front, data appended). A folder set that already exists with the same parameters
 (``synthetic.json``, written last) is reused as is.
 
@@ -34,7 +34,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from hf_contmerge.safetensors_io import ShardedWriter, TensorSpec
+from hf_contmerge.io.safetensors import TensorSpec
+from hf_contmerge.io.writer import StreamingWriter, plan_shards
 
 if TYPE_CHECKING:
     from transformers import LlamaConfig
@@ -118,7 +119,7 @@ def generate(out: Path, depth: int, items: int, seed: int, shard_size: str) -> N
         folder = out / name
         folder.mkdir(parents=True)
         llama_config(depth).save_pretrained(folder)
-        writers[name] = ShardedWriter(folder, specs, shard_size)
+        writers[name] = StreamingWriter.planned(folder, specs, plan_shards(specs, shard_size))
     for spec in specs:
         base = base_tensor(spec.key, spec.shape, seed)
         writers["base"].write(spec.key, base.to(torch.bfloat16))

@@ -16,38 +16,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import outdir
-from .engine import Engine, StepResult
+from .artifacts import layout
+from .artifacts.folder import load_step
+from .artifacts.state import read_state
+from .engine.hooks import step_hooks
+from .engine.run import Engine
+from .engine.step import StepResult
 from .errors import ContMergeError
 from .options import MergeOptions
-from .state import read_state
-
-
-def load_step(folder: str | Path, **from_pretrained_kwargs: Any):
-    """A step folder (or any HF folder) as the model class its config names (``AutoModel`` otherwise).
-
-    A step published as a PEFT adapter (``--output-format adapter``) is loaded on the base it records
-    (its local folder, or its Hub repo at the recorded commit) and merged with PEFT's
-    ``merge_and_unload``, so the result is the same plain transformers model either way.
-    """
-    import transformers
-    from transformers import AutoConfig, AutoModel
-
-    folder = Path(folder) if Path(folder).is_dir() else folder
-    if isinstance(folder, Path) and (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
-        from peft import PeftModel
-
-        from .sources import SourceSpec
-
-        base = read_state(folder).base
-        spec = SourceSpec.parse(base["source"])
-        revision = {} if spec.is_local else {"revision": base.get("revision") or spec.revision}
-        model = load_step(spec.location, **revision, **from_pretrained_kwargs)
-        return PeftModel.from_pretrained(model, folder).merge_and_unload()
-    config = AutoConfig.from_pretrained(folder, revision=from_pretrained_kwargs.get("revision"))
-    arch = (config.architectures or [None])[0]
-    cls = getattr(transformers, arch, None) if arch else None
-    return (cls or AutoModel).from_pretrained(folder, **from_pretrained_kwargs)
 
 
 class ContinualMerger:
@@ -57,7 +33,7 @@ class ContinualMerger:
     ``allow_pickle``, ``token``, ``push_to`` …). With ``resume=True`` an ``out`` that already holds
     steps is continued; otherwise it must be new or empty. ``evaluate(result) -> dict`` scores each
     step before it is pushed, so its card (and model-index metadata) carries the results
-    (format: ``state.record_evaluation``).
+    (format: ``artifacts.folder.record_evaluation``).
     """
 
     def __init__(self, base: str, method: str, out: str | Path, params: dict[str, Any] | None = None,
@@ -65,10 +41,10 @@ class ContinualMerger:
         options.setdefault("quiet", True)
         self.evaluate = evaluate
         self.options = MergeOptions.create(base=base, method=method, out=Path(out), params=params or {}, **options)
-        done = outdir.complete_steps(self.options.out)
+        done = layout.complete_steps(self.options.out)
         if done and not self.options.resume:
             raise ContMergeError(f"{out} already holds steps; pass resume=True to continue them, or use another out.")
-        self.history: list[str] = [s["source"] for s in read_state(outdir.step_dir(self.options.out, done[-1])).stream] if done else []
+        self.history: list[str] = [s["source"] for s in read_state(layout.step_dir(self.options.out, done[-1])).stream] if done else []
 
     @classmethod
     def from_options(cls, options: MergeOptions) -> ContinualMerger:
@@ -82,12 +58,12 @@ class ContinualMerger:
 
     @property
     def last_step_folder(self) -> Path | None:
-        return outdir.step_dir(self.options.out, self.steps) if self.history else None
+        return layout.step_dir(self.options.out, self.steps) if self.history else None
 
     def step(self, source: str) -> StepResult:
         """Merge one more fine-tune (folder or Hub id) and write the next step folder."""
         opts = self.options.model_copy(update={"stream": [*self.history, source], "resume": bool(self.history) or self.options.resume})
-        (result,) = Engine(opts, log=lambda _: None, evaluate=self.evaluate).run()
+        (result,) = Engine(opts, hooks=step_hooks(opts, self.evaluate)).run()
         self.history.append(source)
         return result
 

@@ -2,12 +2,15 @@
 
 The ``merge`` flags are generated from :class:`MergeOptions`, so the CLI, recipes and the Python API
 share one definition. A refused input prints one paragraph naming the input and the fix, and exits
-with status 2; nothing is written.
+with status 2; nothing is written. Messages go through ``logging`` (logger ``hf_contmerge``), to
+which the CLI attaches a stderr handler. Nothing heavy is imported until a command runs: ``--help``
+needs neither torch nor transformers.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import typing
 from pathlib import Path
@@ -16,7 +19,7 @@ from typing import Any
 import yaml
 
 from .errors import ContMergeError
-from .methods import REGISTRY
+from .methods.registry import method_class, method_names
 from .options import MergeOptions, load_recipe
 
 # Fields with hand-written flags (or none) instead of the generated ones.
@@ -25,7 +28,7 @@ SPECIAL = {"params", "token"}
 
 def _methods_help() -> str:
     lines = []
-    for m in REGISTRY.values():
+    for m in map(method_class, method_names()):
         flag = " [EXPERIMENTAL]" if m.experimental else (" [interpretation]" if m.interpretation else "")
         lines.append(f"  {m.name:<16} {m.summary}{flag}")
     return "methods:\n" + "\n".join(lines) + "\n\nParameters and defaults: `hf-contmerge methods`."
@@ -85,21 +88,23 @@ def options_from_args(ns: argparse.Namespace) -> MergeOptions:
 
 
 def cmd_merge(ns: argparse.Namespace) -> int:
-    from .engine import Engine
+    from .engine.hooks import step_hooks
+    from .engine.run import Engine
 
     options = options_from_args(ns)
     if options.quiet:
         from huggingface_hub.utils import disable_progress_bars
 
         disable_progress_bars()
-    Engine(options, log=(lambda _: None) if options.quiet else (lambda m: print(m, file=sys.stderr))).run()
+        logging.getLogger("hf_contmerge").setLevel(logging.WARNING)
+    Engine(options, hooks=step_hooks(options)).run()
     return 0
 
 
 def cmd_methods(ns: argparse.Namespace) -> int:
-    for m in REGISTRY.values():
+    for m in map(method_class, method_names()):
         tags = [t for t, on in (("experimental", m.experimental), ("interpretation", bool(m.interpretation)),
-                                ("needs data", m.needs_data)) if on]
+                                ("needs data", bool(m.calibration))) if on]
         print(f"{m.name}{'  [' + ', '.join(tags) + ']' if tags else ''}")
         print(f"    {m.summary}")
         for pname, f in m.Params.model_fields.items():
@@ -111,8 +116,8 @@ def cmd_methods(ns: argparse.Namespace) -> int:
 
 
 def cmd_inspect(ns: argparse.Namespace) -> int:
-    from .preflight import plan_stream
-    from .sources import resolve
+    from .sources.preflight import plan_stream
+    from .sources.resolve import resolve
 
     token = ns.token
     base = resolve(ns.base, token=token, allow_pickle=ns.allow_pickle, role="base", lazy=True)
@@ -132,11 +137,24 @@ def cmd_demo(ns: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """A parser whose epilog may be built only when its help is shown (``merge`` lists the methods,
+    which imports them and torch)."""
+
+    epilog_factory: typing.Callable[[], str] | None = None
+
+    def format_help(self) -> str:
+        if self.epilog is None and self.epilog_factory is not None:
+            self.epilog = self.epilog_factory()
+        return super().format_help()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-contmerge", description="Continual model merging for the Hugging Face stack.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     merge = sub.add_parser("merge", help="merge a stream of fine-tunes, writing OUT/step-1 … OUT/step-T",
-                           epilog=_methods_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    merge.epilog_factory = _methods_help
     _add_option_flags(merge)
     merge.set_defaults(func=cmd_merge)
     sub.add_parser("methods", help="list methods with their parameters and defaults").set_defaults(func=cmd_methods)
@@ -147,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or your saved login)")
     inspect.set_defaults(func=cmd_inspect)
     demo = sub.add_parser("demo", help="build a small real stream offline (MiniLM fine-tunes) and merge it")
-    demo.add_argument("--method", default="opcm", choices=list(REGISTRY))
+    demo.add_argument("--method", default="opcm", choices=method_names())
     demo.add_argument("--set", action="append", metavar="KEY=VALUE")
     demo.add_argument("--out", type=Path, default=None, help="output folder (default: a fresh folder in the cache)")
     demo.add_argument("--quiet", action="store_true")
@@ -157,6 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
+    logger = logging.getLogger("hf_contmerge")
+    handler = logging.StreamHandler(sys.stderr)  # the stream as it is now (tests capture it)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
     try:
         return ns.func(ns)
     except ContMergeError as e:
@@ -165,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("hf-contmerge: interrupted; complete steps are kept, rerun with --resume to finish.", file=sys.stderr)
         return 130
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 if __name__ == "__main__":

@@ -2,20 +2,52 @@
 
 The CLI flags are generated from these fields (``cli.py``), a recipe is a YAML mapping of the same
 names, and ``ContinualMerger`` takes the same object, so the three cannot drift apart.
+
+The options that change what a step holds are declared here, once, on their fields
+(:func:`_recorded`): the state records them (:meth:`MergeOptions.recorded`), the card's reproduce
+command repeats those that differ from the defaults (:meth:`MergeOptions.reproduce_flags`), and a
+resume compares them (:meth:`MergeOptions.resume_conflicts`). Each says whether a resume may change it:
+
+- ``same``: a stream keeps it: ``dtype`` (every published step of a stream in one dtype) and
+  ``seed`` (the draws of data-dependent methods);
+- ``free``: each step records its own value, and a resume may change it: ``shard_size`` (how the
+  same tensors are cut into files), ``output_format`` and ``max_rank`` (a full model or an adapter,
+  and its truncation, of the same exact carried state), and ``lowrank``: the carried state means
+  the same either way (``auto`` continues a dense state dense, ``off`` expands factors to dense), so
+  a changed path gives the same weights up to float32 rounding.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from huggingface_hub.serialization._base import parse_size_to_int
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from .errors import ContMergeError
+from .methods.registry import build_method
 
-OUTPUT_DTYPES = ("auto", "float32", "float16", "bfloat16")
+SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*")
+
+
+def parse_size(text: str) -> int:
+    """Bytes in a size such as ``5GB``, ``500MB``, ``2GiB`` or ``1000000``; KB/MB/GB/TB are decimal, as
+    huggingface_hub's shard sizes are (its parser is private, so it is not imported)."""
+    match = _SIZE.fullmatch(text)
+    unit = match.group(2).upper() if match else None
+    if unit not in SIZE_UNITS:
+        raise ValueError(f"{text!r} is not a size like 5GB, 500MB or 1000000")
+    return int(float(match.group(1)) * SIZE_UNITS[unit])
+
+
+def _recorded(resume: Literal["same", "free"]) -> dict[str, Any]:
+    """Field marker: the option is recorded in every step's state; on resume it must stay the ``same``
+    or is ``free`` to change (see the module docstring)."""
+    return {"recorded": resume}
 
 
 class MergeOptions(BaseModel):
@@ -27,27 +59,28 @@ class MergeOptions(BaseModel):
     params: dict[str, Any] = Field(default_factory=dict, description="method parameters, given as --set KEY=VALUE")
     out: Path = Field(description="output folder; step-1 … step-T are written inside it")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
-        "auto", description="dtype of the written weights (auto: each tensor's base dtype)"
+        "auto", description="dtype of the written weights (auto: each tensor's base dtype)", json_schema_extra=_recorded("same")
     )
     device: str = Field("cpu", description="where kernels run: cpu, cuda, cuda:N or auto")
-    shard_size: str = Field("5GB", description="largest safetensors shard, e.g. 5GB or 500MB")
+    shard_size: str = Field("5GB", description="largest safetensors shard, e.g. 5GB or 500MB", json_schema_extra=_recorded("free"))
     lowrank: Literal["auto", "off"] = Field(
         "auto", description="auto: carry the task vectors of LoRA streams as low-rank factors where the method has a "
-        "low-rank form (opcm), with the SVD taken from the factors; off: always dense (same results up to float32 rounding)"
+        "low-rank form (opcm), with the SVD taken from the factors; off: always dense (same results up to float32 rounding)",
+        json_schema_extra=_recorded("free"),
     )
     output_format: Literal["full", "adapter"] = Field(
         "full", description="full: each step is a complete model folder; adapter: a PEFT LoRA adapter of the base "
-        "(LoRA-only streams through a method with a low-rank form, e.g. opcm)"
+        "(LoRA-only streams through a method with a low-rank form, e.g. opcm)", json_schema_extra=_recorded("free"),
     )
     max_rank: int | None = Field(None, ge=1, description="with --output-format adapter: truncate each published "
                                  "delta to this rank (best approximation; the error is reported in the card; the "
-                                 "carried state stays exact)")
+                                 "carried state stays exact)", json_schema_extra=_recorded("free"))
     chunk_mb: float = Field(16, gt=0, description="slice size (MiB, float32) for elementwise kernels on large tensors")
     resume: bool = Field(False, description="continue the run in --out after its last complete step")
     resume_from: str | None = Field(None, description="continue from a step published on the Hub, ORG/NAME[@REV] "
                                     "(e.g. @step-3); the --stream must start with the items that step holds")
     dry_run: bool = Field(False, description="run the pre-flight and print the plan; write nothing")
-    seed: int = Field(0, description="random seed (recorded; used by data-dependent methods)")
+    seed: int = Field(0, description="random seed (recorded; used by data-dependent methods)", json_schema_extra=_recorded("same"))
     allow_pickle: bool = Field(False, description="accept pickle (.bin) checkpoints; unpickling can run code")
     allow_nonfinite: bool = Field(False, description="accept NaN/Inf values in stream items instead of refusing")
     quiet: bool = Field(False, description="no progress bars")
@@ -65,18 +98,13 @@ class MergeOptions(BaseModel):
     @field_validator("shard_size")
     @classmethod
     def _shard_size(cls, v: str) -> str:
-        try:
-            if parse_size_to_int(v) <= 0:
-                raise ValueError
-        except (ValueError, TypeError):
-            raise ValueError(f"{v!r} is not a size like 5GB, 500MB or 1000000") from None
+        if parse_size(v) <= 0:
+            raise ValueError(f"{v!r} is not a positive size")
         return v
 
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
-        import re
-
         if not re.fullmatch(r"cpu|auto|cuda(:\d+)?|mps", v):
             raise ValueError(f"{v!r} is not a device: use cpu, cuda, cuda:N or auto")
         return v
@@ -84,8 +112,6 @@ class MergeOptions(BaseModel):
     @field_validator("push_to")
     @classmethod
     def _push_to(cls, v: str | None) -> str | None:
-        import re
-
         if v is not None and not re.fullmatch(r"[A-Za-z0-9][\w.\-]*/[\w.\-{}]+", v):
             raise ValueError(f"{v!r} is not a Hub repo id ORG/NAME")
         return v
@@ -106,22 +132,45 @@ class MergeOptions(BaseModel):
 
     @model_validator(mode="after")
     def _method(self) -> MergeOptions:
-        from .methods import build_method
-
         build_method(self.method, self.params)  # raises ContMergeError naming the bad parameter
         return self
 
     @property
     def shard_bytes(self) -> int:
-        return parse_size_to_int(self.shard_size)
+        return parse_size(self.shard_size)
 
     def token_value(self) -> str | None:
         return self.token.get_secret_value() if self.token else None
 
+    @classmethod
+    def recorded_fields(cls) -> dict[str, str]:
+        """Option name -> ``same`` / ``free``, for the options every step records (field order)."""
+        return {name: f.json_schema_extra["recorded"] for name, f in cls.model_fields.items()
+                if isinstance(f.json_schema_extra, dict) and "recorded" in f.json_schema_extra}
+
     def recorded(self) -> dict[str, Any]:
         """What the state file and card record (never the token, never local-only flags)."""
-        return {"dtype": self.dtype, "shard_size": self.shard_size, "seed": self.seed, "lowrank": self.lowrank,
-                "output_format": self.output_format, "max_rank": self.max_rank}
+        return {name: getattr(self, name) for name in self.recorded_fields()}
+
+    @classmethod
+    def reproduce_flags(cls, recorded: dict[str, Any]) -> list[str]:
+        """CLI flags that reproduce ``recorded`` options (those that differ from the defaults)."""
+        flags = []
+        for name in cls.recorded_fields():
+            value = recorded.get(name, cls.model_fields[name].default)
+            if value != cls.model_fields[name].default:
+                flags += ["--" + name.replace("_", "-"), str(value)]
+        return flags
+
+    def resume_conflicts(self, recorded: dict[str, Any]) -> list[str]:
+        """How this run's ``same`` options differ from a step's ``recorded`` ones (a state that predates an
+        option recorded its default)."""
+        problems = []
+        for name, resume in self.recorded_fields().items():
+            before = recorded.get(name, type(self).model_fields[name].default)
+            if resume == "same" and before != getattr(self, name):
+                problems.append(f"--{name.replace('_', '-')} {before} there, {getattr(self, name)} now")
+        return problems
 
     @classmethod
     def create(cls, **values: Any) -> MergeOptions:

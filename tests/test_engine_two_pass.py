@@ -12,7 +12,8 @@ import math
 import pytest
 import torch
 
-from hf_contmerge.methods import REGISTRY, Method, TensorContext
+from hf_contmerge.methods.base import Method, TensorOutput
+from hf_contmerge.methods.registry import REGISTRY
 from tiny_models import weights
 
 
@@ -23,25 +24,19 @@ class UnitTaskVector(Method):
     slots = ("tau_sum",)
     two_pass = True
 
-    def merge(self, step, base, item, prev, ctx: TensorContext):
-        tau = item - base
-        return {"tau_sum": tau if prev is None else prev["tau_sum"] + tau}
+    def merge(self, ctx, x):
+        tau = x.item - x.base
+        new = tau if x.prev is None else x.prev["tau_sum"] + tau
+        return TensorOutput({"tau_sum": new}, {"sq": float(new.double().pow(2).sum())})
 
-    def stats(self, step, base, item, prev, new):
-        return {"sq": float(new["tau_sum"].double().pow(2).sum())}
+    def end_pass(self, ctx, stats):
+        return {**ctx.scalars, "norm": math.sqrt(stats.sums["sq"]), "passes": ctx.scalars.get("passes", 0) + 1}
 
-    def end_pass(self, step, scalars, stats):
-        return {**scalars, "norm": math.sqrt(stats["sq"]), "passes": scalars.get("passes", 0) + 1}
-
-    def finish(self, step, base, slots, scalars):
+    def finish(self, ctx, base, slots):
         return slots  # carried unscaled; the scale applies when publishing
 
-    def weight(self, base, slots):
-        return base + slots["tau_sum"] / self._norm
-
-    def __init__(self, params):
-        super().__init__(params)
-        self._norm = 1.0
+    def weight(self, ctx, base, slots):
+        return base + slots["tau_sum"] / ctx.scalars["norm"]
 
 
 @pytest.fixture
@@ -49,9 +44,8 @@ def unit_tv(monkeypatch):
     norms = {}
 
     class Recording(UnitTaskVector):
-        def finish(self, step, base, slots, scalars):
-            self._norm = scalars["norm"]
-            norms[step] = scalars["norm"]
+        def finish(self, ctx, base, slots):
+            norms[ctx.step] = ctx.scalars["norm"]
             return slots
 
     monkeypatch.setitem(REGISTRY, "unit_tv", Recording)

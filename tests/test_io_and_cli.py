@@ -9,7 +9,8 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from hf_contmerge.safetensors_io import AppendWriter, SafetensorsFile, ShardedWriter, TensorSpec, iter_row_chunks
+from hf_contmerge.io.safetensors import SafetensorsFile, TensorSpec, iter_row_chunks
+from hf_contmerge.io.writer import StreamingWriter, plan_shards
 from tiny_models import weights
 
 
@@ -24,7 +25,7 @@ def test_sharded_writer_round_trip(tmp_path):
     }
     specs = [TensorSpec(k, tuple(v.shape), {torch.float32: "F32", torch.bfloat16: "BF16", torch.int64: "I64",
                                              torch.float16: "F16"}[v.dtype]) for k, v in tensors.items()]
-    writer = ShardedWriter(tmp_path, specs, max_shard_size=100)
+    writer = StreamingWriter.planned(tmp_path, specs, plan_shards(specs, 100))
     for key in writer.sequence:
         t = tensors[key]
         for rows in iter_row_chunks(tuple(t.shape), t.element_size(), 24):
@@ -52,8 +53,8 @@ def test_append_writer_round_trip(tmp_path):
         "chunked": torch.randn(8, 2, generator=g).to(torch.bfloat16),
         "x::left": torch.randn(2, 9, generator=g),
     }
-    writer = AppendWriter(tmp_path, [*tensors, "never.written"], max_shard_size=60, prefix="lowrank-merged",
-                          shapes={"chunked": (8, 2)})
+    writer = StreamingWriter.appended(tmp_path, [*tensors, "never.written"], max_shard_size=60, prefix="lowrank-merged",
+                                      shapes={"chunked": (8, 2)})
     for key, t in tensors.items():
         for rows in ([(0, 3), (3, 8)] if key == "chunked" else [None]):
             writer.write(key, t if rows is None else t[rows[0]:rows[1]])
@@ -71,8 +72,8 @@ def test_append_writer_round_trip(tmp_path):
 
 
 def test_writers_with_nothing_planned_leave_valid_empty_files(tmp_path):
-    ShardedWriter(tmp_path, [], prefix="merged").close()
-    AppendWriter(tmp_path, ["a"], prefix="lowrank-merged").close()
+    StreamingWriter.planned(tmp_path, [], [], prefix="merged").close()
+    StreamingWriter.appended(tmp_path, ["a"], prefix="lowrank-merged").close()
     assert load_file(tmp_path / "merged.safetensors") == {} and load_file(tmp_path / "lowrank-merged.safetensors") == {}
 
 
@@ -203,8 +204,8 @@ def test_card_metadata_and_lineage(tmp_path, streams, cli):
 
 
 def test_card_names_hub_models_as_base_model():
-    from hf_contmerge.card import render_card
-    from hf_contmerge.state import StepState
+    from hf_contmerge.artifacts.card import render_card
+    from hf_contmerge.artifacts.state import StepState
 
     state = StepState(step=2, method="average", params={}, options={"dtype": "auto"},
                       base={"source": "org/base@v1", "revision": "a" * 40, "fingerprint": "f", "kind": "full"},
@@ -233,7 +234,8 @@ def test_device_auto_runs_and_missing_cuda_is_a_clear_error(tmp_path, streams, c
 def test_recorded_evaluation_reaches_card_metadata(tmp_path, streams, cli):
     from huggingface_hub import ModelCard
 
-    from hf_contmerge.state import read_state, record_evaluation
+    from hf_contmerge.artifacts.folder import record_evaluation
+    from hf_contmerge.artifacts.state import read_state
 
     base, items = streams("llama")
     out = tmp_path / "out"

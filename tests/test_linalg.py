@@ -13,9 +13,8 @@ import pytest
 import torch
 from torch import Tensor
 
-from hf_contmerge.linalg import (
-    add_factored,
-    factored_norm_sq,
+from hf_contmerge.engine.lowrank import add_factored, factored_norm_sq, recompress, thin_svd_from_factors
+from hf_contmerge.methods.opcm_kernels import (
     gram_preferred,
     opcm_project,
     opcm_project_gram,
@@ -23,9 +22,7 @@ from hf_contmerge.linalg import (
     opcm_project_lowrank,
     project_with_svd,
     rank_cutoff,
-    recompress,
     thin_svd,
-    thin_svd_from_factors,
 )
 
 ALPHAS = [0.0, 0.3, 0.5, 0.99, 1.0, 1.5]
@@ -367,7 +364,7 @@ def test_gram_at_least_as_accurate_as_svd_on_decaying_spectrum(shape: tuple[int,
 def test_gram_blocked_accumulation(monkeypatch, shape: tuple[int, int]) -> None:
     """Row blocks of 2 rows and column blocks of 3 (a lower triangle of 4 x 4 blocks) give the
     same projection as one block: the blocking of real 7B shapes, on a small matrix."""
-    import hf_contmerge.linalg as linalg
+    import hf_contmerge.methods.opcm_kernels as linalg
 
     tau_bar, tau_t = _randn(*shape, seed=85).float(), _randn(*shape, seed=86).float()
     whole = opcm_project_gram(tau_bar, tau_t, 0.5, True)

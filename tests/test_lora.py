@@ -15,7 +15,7 @@ from transformers import PretrainedConfig
 from tiny_configs import bert, gpt2, llama, vit
 
 from hf_contmerge.errors import ContMergeError
-from hf_contmerge.lora import AdapterError, LoraAdapter
+from hf_contmerge.sources.lora_adapter import AdapterError, LoraAdapter
 
 LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -1,4 +1,4 @@
-"""hf_contmerge.naming against what transformers' own save_pretrained writes for tiny models."""
+"""hf_contmerge.sources.naming against what transformers' own save_pretrained writes for tiny models."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from transformers import (
 
 from tiny_configs import bert, gpt2, llama, vit
 
-from hf_contmerge.naming import (
+from hf_contmerge.sources.naming import (
     file_layout,
     file_names_for,
     linear_weight_file_keys,

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoConfig
 
-from hf_contmerge.naming import linear_weight_file_keys
+from hf_contmerge.sources.naming import linear_weight_file_keys
 from tiny_models import weights
 
 

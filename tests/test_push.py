@@ -1,4 +1,4 @@
-"""Pushing step folders to a Hub (hf_contmerge.push) against the local Hub-compatible server.
+"""Pushing step folders to a Hub (hf_contmerge.hub.push) against the local Hub-compatible server.
 
 Step folders are written by the real CLI on tiny Llama models. References are independent of the code under
 test: the server's on-disk store (commit trees as git blob ids, refs, first-parent history), git blob ids of
@@ -24,8 +24,8 @@ from transformers import AutoModelForCausalLM
 
 from hf_contmerge.cli import main
 from hf_contmerge.errors import ContMergeError
-from hf_contmerge.outdir import step_dir
-from hf_contmerge.push import (
+from hf_contmerge.artifacts.layout import step_dir
+from hf_contmerge.hub.push import (
     MAX_RETRY_AFTER,
     PushTarget,
     _Hub,
@@ -37,7 +37,7 @@ from hf_contmerge.push import (
     pushed_steps,
     retry_delay,
 )
-from hf_contmerge.state import read_state
+from hf_contmerge.artifacts.state import read_state
 from hub_server import HubServer, git_blob_oid, running_hub
 from tiny_models import make_stream, weights
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from hf_contmerge.outdir import complete_steps
+from hf_contmerge.artifacts.layout import complete_steps
 
 FILES = ("model.safetensors", "contmerge_state.json", "README.md", "config.json", "contmerge_state/merged.safetensors")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..api import ContinualMerger
-from ..heads import load_task_model
+from ..artifacts.folder import load_task_model
 from .evaluate import evaluate
 from .experts import BASE_MODEL_DIR, build_experts, cache_root
 from .tasks import load_tasks

@@ -10,9 +10,7 @@ mean over a float32 carried state. Reference: the "Weight Averaging" baseline of
 
 from __future__ import annotations
 
-from torch import Tensor
-
-from .base import Method, TensorContext
+from .base import Method, StepContext, TensorInputs, TensorOutput
 
 
 class Average(Method):
@@ -20,7 +18,7 @@ class Average(Method):
     summary = "running mean of the fine-tunes: θ(t) = ((t−1)·θ(t−1) + θt)/t"
     reference = "Wortsman et al. 2022 (model soups); continual form as in Tang et al. 2025, arXiv 2501.09522"
 
-    def merge(self, step: int, base: Tensor, item: Tensor, prev: dict[str, Tensor] | None, ctx: TensorContext) -> dict[str, Tensor]:
-        if prev is None:
-            return {"merged": item.clone()}
-        return {"merged": (prev["merged"] * (step - 1) + item) / step}
+    def merge(self, ctx: StepContext, x: TensorInputs) -> TensorOutput:
+        if x.prev is None:
+            return TensorOutput({"merged": x.item})  # θ1 itself: the item's buffer is ours (see Method)
+        return TensorOutput({"merged": (x.prev["merged"] * (ctx.step - 1) + x.item) / ctx.step})

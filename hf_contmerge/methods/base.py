@@ -1,44 +1,65 @@
-"""What a continual merging method tells the engine, and nothing more.
+"""What a continual merging method tells the engine, and nothing more: the method contract.
 
-A method is a pure per-tensor kernel plus a description:
+A method is a set of kernels that are functions of their arguments, plus a description. The
+object holds its validated, immutable ``params`` and nothing else: everything a kernel needs
+arrives in its arguments, so a method object may be re-created between any two calls (the tests
+do) and a step may later be split over several processes.
+
+Description (class attributes):
 
 - ``Params``: a frozen pydantic model (names and defaults as in METHODS.md; validation there).
-- ``slots``: the float32 tensors it carries from step to step for each merged tensor (for example
-  the running merged weights, or MagMax's running max-magnitude task vector). The engine stores
-  them with the step, so a resume, or a later run from a published step, continues exactly.
-- ``merge(step, base, item, prev, ctx)``: the new slots of one tensor (or one dim-0 slice of it
-  when ``elementwise``), from the base tensor, the new stream item's tensor and the previous slots
-  (``None`` at step 1). All float32, on the engine's device. ``item`` and ``prev``'s tensors are
-  fresh buffers of their own: a kernel may overwrite them (whole 7B matrices: one copy less each),
-  and ``stats`` then sees the overwritten buffers; ``base`` must stay as it is.
-- ``weight(base, slots)``: the merged weight to publish, derived from the slots.
-- Optional global pass: ``stats`` returns sums the engine adds up over all tensors of the step;
-  if ``two_pass``, the engine stores the first-pass slots, calls ``end_pass`` with the sums and
-  the carried scalars, then ``finish`` on every tensor to get the final slots (OPCM's global
-  rescaling needs this); the first-pass slots ``finish`` gets are fresh buffers it may overwrite.
-- Optional low-rank form (``lowrank``): for tensors where ``lowrank_key`` holds and every task
-  vector so far is low-rank (LoRA streams), the engine passes task vectors and slots as
-  :class:`~hf_contmerge.lowrank.LowRank` factors, slot values being deltas from the base tensor
-  (dense slot = ``base + L @ R``), to ``merge_lowrank`` / ``stats_lowrank`` / ``finish_lowrank``.
-  They must give the same results as the dense kernels up to float32 rounding; ``weight`` then sees
-  the dense slot rows ``base + L @ R``.
-- Scalars carried across steps (counters, norms) live in a JSON-able dict: ``init_scalars`` and
-  ``end_pass`` update it; it is written to ``contmerge_state.json``.
+- ``slots``: the float32 tensors carried from step to step for each merged tensor (the running
+  merged weights, MagMax's max-magnitude task vector, …). The engine stores them with the step,
+  so a resume, or a later run from a published step, continues exactly.
+- ``elementwise``: kernels may get dim-0 slices of a tensor (:meth:`Method.can_slice` refines it
+  per tensor). ``two_pass``: the step needs a global quantity over all tensors (OPCM's λ): see below.
+- ``lowrank``: the method has a factored form for LoRA streams (see below).
+- ``needs_module_types``: kernels need to know which tensors are linear weights (``KeyInfo.linear``,
+  decided from the module types of the base built on the meta device, never from tensor rank).
+- ``calibration``: the statistics of forward/backward passes the method needs at every step
+  (:class:`CalibrationRequest`); they arrive per tensor in ``TensorInputs.extra`` and as scalars in
+  ``StepContext.calibration``. Empty for the data-free methods.
+- ``interpretation`` / ``experimental``: shown in ``--help``, ``hf-contmerge methods`` and the card.
+
+Kernels (all tensors float32, on ``ctx.device``):
+
+- ``merge(ctx, inputs) -> TensorOutput``: the new slots of one tensor, or of one dim-0 slice of it,
+  from the base tensor, the new item's tensor and the previous slots (``None`` at step 1), plus the
+  statistics the step sums over all tensors (``stats``, summed in plan order) and notes about the
+  tensor (``notes``, handed to ``end_pass`` by key). ``inputs.item`` and ``inputs.prev``'s tensors
+  are fresh buffers a kernel may overwrite (whole 7B matrices: one copy less each); ``inputs.base``
+  must stay as it is.
+- ``end_pass(ctx, stats) -> scalars``: the carried scalars after the step, from the ones carried in
+  (``ctx.scalars``) and the step's summed statistics and notes.
+- ``finish(ctx, base, slots) -> slots`` (``two_pass`` only): the engine stores the first pass's
+  slots, calls ``end_pass``, then ``finish`` on every tensor with the new scalars in ``ctx``; the
+  first-pass slots it gets are fresh buffers it may overwrite.
+- ``weight(ctx, base, slots) -> Tensor``: the merged weight to publish, from the final slots.
+- Low-rank form: for tensors where ``lowrank_key`` holds and every task vector so far is low-rank
+  (LoRA streams), the engine passes task vectors and slots as :class:`~hf_contmerge.engine.lowrank.LowRank`
+  factors, slot values being deltas from the base tensor (dense slot = ``base + L @ R``), to
+  ``merge_lowrank`` / ``finish_lowrank`` / ``weight_lowrank``. They must give the same results as the
+  dense kernels up to float32 rounding; ``weight`` then sees the dense slot rows ``base + L @ R``.
+
+``ctx.scalars`` are the scalars carried in from the previous step (``init_scalars`` at step 1)
+during the first pass, and the scalars ``end_pass`` returned during ``finish`` and the weights
+written with it. Scalars are JSON-able; they are written to ``contmerge_state.json``.
 
 The engine knows the order, the step counter, I/O, devices and state files; a method knows none of
-them. That is what lets a new method be one small file.
+them. That is what lets a new method be one small file (registered by one line in ``registry.py``).
 """
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
-from ..lowrank import LowRank
+from ..engine.lowrank import LowRank
 
 
 class MethodParams(BaseModel):
@@ -48,15 +69,93 @@ class MethodParams(BaseModel):
 
 
 @dataclass(frozen=True)
-class TensorContext:
-    """What a kernel may know about the tensor it is merging."""
+class CalibrationRequest:
+    """A statistic a method needs at each step, computed before the step's tensor pass.
+
+    ``statistic``: the name it arrives under (``TensorInputs.extra[statistic]`` per tensor, float32,
+    by the tensor's file name; scalars in ``StepContext.calibration``). ``model``: whose forward and
+    backward passes give it: ``item`` (θt, the new fine-tune, on its task's data) or ``previous``
+    (θ(t−1), the merged model so far).
+    """
+
+    statistic: str
+    model: Literal["item", "previous"]
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    """What a method may know about a tensor before any of it is read."""
 
     key: str
     shape: tuple[int, ...]
-    rows: tuple[int, int] | None  # the dim-0 slice being merged, None for the whole tensor
+    linear: bool = False  # the 2-D weight of an nn.Linear / Conv1D module (needs_module_types methods)
 
 
-class Method(ABC):
+@dataclass(frozen=True)
+class StepContext:
+    """What every kernel of a step gets: the step (1-based), the carried scalars (see the module
+    docstring for which), the device, and scalar calibration results."""
+
+    step: int
+    scalars: Mapping[str, Any]
+    device: torch.device = torch.device("cpu")
+    calibration: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class TensorInputs:
+    """One tensor, or its dim-0 rows ``rows``, as ``merge`` gets it (float32, on the step's device)."""
+
+    key: str
+    shape: tuple[int, ...]  # the whole tensor's shape
+    rows: tuple[int, int] | None  # the slice being merged, None for the whole tensor
+    base: Tensor
+    item: Tensor
+    prev: dict[str, Tensor] | None
+    linear: bool = False
+    extra: Mapping[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class LowRankInputs:
+    """One factored tensor as ``merge_lowrank`` gets it: the item's task vector and the previous
+    slots as deltas from the base, all :class:`LowRank`."""
+
+    key: str
+    shape: tuple[int, ...]
+    tau: LowRank
+    prev: dict[str, LowRank] | None
+    linear: bool = False
+    extra: Mapping[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class TensorOutput:
+    """What ``merge`` returns: the new slots, sums for the step's statistics, notes for ``end_pass``."""
+
+    slots: dict[str, Any]  # Tensor, or LowRank from merge_lowrank
+    stats: dict[str, float] = field(default_factory=dict)
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StepStats:
+    """A pass's statistics: ``sums`` over every tensor and slice, added in plan order (so the result
+    does not depend on how the work is split), and ``notes`` by tensor key, in plan order."""
+
+    sums: dict[str, float] = field(default_factory=dict)
+    notes: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def add(self, key: str, out: TensorOutput) -> None:
+        for name, value in out.stats.items():
+            self.sums[name] = self.sums.get(name, 0.0) + float(value)
+        if out.notes:
+            self.notes.setdefault(key, {}).update(out.notes)
+
+
+class Method:
+    """Base of every method; see the module docstring for the contract."""
+
     name: ClassVar[str]
     summary: ClassVar[str]
     reference: ClassVar[str]
@@ -64,8 +163,9 @@ class Method(ABC):
     slots: ClassVar[tuple[str, ...]] = ("merged",)
     elementwise: ClassVar[bool] = True
     two_pass: ClassVar[bool] = False
-    needs_data: ClassVar[bool] = False
     lowrank: ClassVar[bool] = False  # implements merge_lowrank (and finish_lowrank if two_pass)
+    needs_module_types: ClassVar[bool] = False
+    calibration: ClassVar[tuple[CalibrationRequest, ...]] = ()
     # Set when the implementation is an interpretation of the paper; shown in --help and the card.
     interpretation: ClassVar[str | None] = None
     experimental: ClassVar[bool] = False
@@ -73,64 +173,48 @@ class Method(ABC):
     def __init__(self, params: MethodParams):
         self.params = params
 
-    def bind(self, base_config: dict[str, Any]) -> None:
-        """Called once, after the pre-flight, with the base model's config (``config.json`` as a dict).
-
-        For methods that need to know the model (OPCM finds the linear weights from module types).
-        """
-
-    def can_slice(self, key: str) -> bool:
-        """Whether tensor ``key`` may be merged a dim-0 slice at a time (elementwise kernels)."""
+    def can_slice(self, info: KeyInfo) -> bool:
+        """Whether a tensor may be merged a dim-0 slice at a time (elementwise kernels)."""
         return self.elementwise
 
     def init_scalars(self) -> dict[str, Any]:
         return {}
 
-    def start_step(self, step: int, scalars: dict[str, Any]) -> None:
-        """Called before the first pass of each step with the scalars carried from the last one."""
-
-    def step_summary(self, scalars: dict[str, Any]) -> dict[str, Any]:
+    def step_summary(self, scalars: Mapping[str, Any]) -> dict[str, Any]:
         """What the lineage of this step should show (e.g. OPCM's λt); recorded in the state and card."""
         return {}
 
-    @abstractmethod
-    def merge(self, step: int, base: Tensor, item: Tensor, prev: dict[str, Tensor] | None, ctx: TensorContext) -> dict[str, Tensor]:
-        """New carried slots for one tensor (or slice) at ``step`` (1-based)."""
+    def merge(self, ctx: StepContext, inputs: TensorInputs) -> TensorOutput:
+        """New carried slots for one tensor (or slice), with statistics and notes."""
+        raise NotImplementedError(f"{type(self).__name__} defines no merge kernel")
 
-    def weight(self, base: Tensor, slots: dict[str, Tensor]) -> Tensor:
-        """The published merged weight; by default the ``merged`` slot."""
-        return slots["merged"]
+    def end_pass(self, ctx: StepContext, stats: StepStats) -> dict[str, Any]:
+        """Carried scalars after the step, given the pass's summed statistics; unchanged by default."""
+        return dict(ctx.scalars)
 
-    def stats(self, step: int, base: Tensor, item: Tensor, prev: dict[str, Tensor] | None, new: dict[str, Tensor]) -> dict[str, float]:
-        """Sums over all tensors that ``end_pass`` needs (e.g. squared norms); none by default."""
-        return {}
-
-    def end_pass(self, step: int, scalars: dict[str, Any], stats: dict[str, float]) -> dict[str, Any]:
-        """Carried scalars after step ``step``, given the summed ``stats`` of its first pass."""
-        return scalars
-
-    def finish(self, step: int, base: Tensor, slots: dict[str, Tensor], scalars: dict[str, Any]) -> dict[str, Tensor]:
+    def finish(self, ctx: StepContext, base: Tensor, slots: dict[str, Tensor]) -> dict[str, Tensor]:
         """Second pass of a ``two_pass`` method: final slots from the first-pass slots."""
         return slots
 
+    def weight(self, ctx: StepContext, base: Tensor, slots: dict[str, Tensor]) -> Tensor:
+        """The published merged weight; by default the ``merged`` slot."""
+        return slots["merged"]
+
     # ---------------------------------------------------------------- low-rank form (LoRA streams)
-    def lowrank_key(self, key: str) -> bool:
-        """Whether tensor ``key``'s slots may be carried as low-rank factors (``lowrank`` methods)."""
+    def lowrank_key(self, info: KeyInfo) -> bool:
+        """Whether a tensor's slots may be carried as low-rank factors (``lowrank`` methods)."""
         return False
 
-    def merge_lowrank(self, step: int, tau: LowRank, prev: dict[str, LowRank] | None, ctx: TensorContext) -> dict[str, LowRank]:
-        """``merge`` on factors: ``tau`` is the item's task vector, ``prev`` the slots as deltas from the base."""
+    def merge_lowrank(self, ctx: StepContext, inputs: LowRankInputs) -> TensorOutput:
+        """``merge`` on factors; the slots are :class:`LowRank` deltas from the base, the statistics the
+        same sums as the dense ``merge`` would give."""
         raise NotImplementedError(f"{self.name} has no low-rank form")
 
-    def stats_lowrank(self, step: int, tau: LowRank, prev: dict[str, LowRank] | None, new: dict[str, LowRank]) -> dict[str, float]:
-        """``stats`` on factors; the same sums as the dense ``stats`` would give."""
-        return {}
+    def finish_lowrank(self, ctx: StepContext, slots: dict[str, LowRank]) -> dict[str, LowRank]:
+        """``finish`` on factors (two-pass methods)."""
+        return slots
 
-    def weight_lowrank(self, slots: dict[str, LowRank]) -> LowRank:
+    def weight_lowrank(self, ctx: StepContext, slots: dict[str, LowRank]) -> LowRank:
         """The published weight's delta from the base, as factors (``--output-format adapter``);
         the counterpart of ``weight``, by default the ``merged`` slot."""
         return slots["merged"]
-
-    def finish_lowrank(self, step: int, slots: dict[str, LowRank], scalars: dict[str, Any]) -> dict[str, LowRank]:
-        """``finish`` on factors (two-pass methods)."""
-        return slots

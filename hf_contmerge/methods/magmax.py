@@ -16,7 +16,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from .base import Method, MethodParams, TensorContext
+from .base import Method, MethodParams, StepContext, TensorInputs, TensorOutput
 
 
 class MagMaxParams(MethodParams):
@@ -30,12 +30,12 @@ class MagMax(Method):
     Params = MagMaxParams
     slots = ("tau_max",)
 
-    def merge(self, step: int, base: Tensor, item: Tensor, prev: dict[str, Tensor] | None, ctx: TensorContext) -> dict[str, Tensor]:
-        tau = item - base
-        if prev is None:
-            return {"tau_max": tau}
-        old = prev["tau_max"]
-        return {"tau_max": torch.where(tau.abs() >= old.abs(), tau, old)}
+    def merge(self, ctx: StepContext, x: TensorInputs) -> TensorOutput:
+        tau = x.item - x.base
+        if x.prev is None:
+            return TensorOutput({"tau_max": tau})
+        old = x.prev["tau_max"]
+        return TensorOutput({"tau_max": torch.where(tau.abs() >= old.abs(), tau, old)})
 
-    def weight(self, base: Tensor, slots: dict[str, Tensor]) -> Tensor:
+    def weight(self, ctx: StepContext, base: Tensor, slots: dict[str, Tensor]) -> Tensor:
         return base + self.params.scaling * slots["tau_max"]

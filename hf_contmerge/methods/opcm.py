@@ -16,7 +16,7 @@ Continual Model Merging", arXiv 2501.09522; reference code FusionBench ``method/
 global pass): pass 1 computes every ``unscaled`` tensor and the two squared norms, pass 2 scales.
 The projection of a dense τt uses one of two kernels, both equal to the literal full-matrix
 definition above up to float32 rounding (tested against it and against each other):
-``linalg.opcm_project`` (thin SVD of τ̄ in float32) and ``linalg.opcm_project_gram`` (τ̄'s singular
+``opcm_kernels.opcm_project`` (thin SVD of τ̄ in float32) and ``opcm_kernels.opcm_project_gram`` (τ̄'s singular
 pairs from the float64 eigendecomposition of its k × k Gram matrix, k = min(m, n), with τ' =
 τt − τ̄·M for an n × n matrix M, so U is never formed: O(k²) extra memory instead of several m × n
 copies, and faster than LAPACK's SVD on long matrices such as ``lm_head`` or a 7B MLP weight).
@@ -24,8 +24,8 @@ copies, and faster than LAPACK's SVD on long matrices such as ``lm_head`` or a 7
 
 Choices:
 - *Linear weights* are the 2-D weights of ``nn.Linear`` and transposed HF ``Conv1D`` modules,
-  found from the module types of the base model built on the meta device (``naming.py``), mapped
-  to file names; never from tensor rank (embeddings are 2-D and are not projected). A transposed
+  found from the module types of the base model built on the meta device (``sources/naming.py``;
+  the engine hands the answer to every kernel as ``linear``), mapped to file names; never from tensor rank (embeddings are 2-D and are not projected). A transposed
   Conv1D weight is projected as stored: the projection commutes with transposition.
 - Every other floating-point tensor (biases, norms, embeddings, convolutions) takes the plain rule
   above; none is skipped (the reference code skips parameters owned by non-leaf modules, a known
@@ -41,10 +41,12 @@ Choices:
 - Low-rank form (LoRA streams): while every task vector of a matrix is low-rank, τ̄ is carried
   as factors (linear weights and embeddings alike; the plain rule is linear in the factors), kept
   in SVD form (U·s, Vh), so a linear weight's SVD is read off them and the projection runs on
-  factors (``linalg.project_factors_with_svd``); ``unscaled`` is re-factored to its numerical rank
+  factors (``opcm_kernels.project_factors_with_svd``); ``unscaled`` is re-factored to its numerical rank
   (≤ the sum of the adapters' ranks) by QR of the factors and the SVD of a small core:
   O((m + n)·q²) instead of O(m·n·min(m, n)). Same maths as the dense
   path, including the diagonal convention above; equal to it up to float32 rounding (tested).
+- State: the merged weights (slot ``merged``, float32; factors on LoRA streams) and the scalars
+  λ(t), Σ‖τi‖, the count, and the list of projected tensors; the kernels keep nothing between calls.
 - ``alpha`` ≥ 1 protects nothing (r = 0): with ``zero_diagonal=false`` the step is then continual
   task arithmetic with adaptive scaling.
 """
@@ -52,16 +54,17 @@ Choices:
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
 from pydantic import Field
 from torch import Tensor
 
+from ..engine.lowrank import LowRank
 from ..errors import ContMergeError
-from ..linalg import gram_preferred, opcm_project, opcm_project_gram, project_factors_with_svd, sum_sq
-from ..lowrank import LowRank
-from .base import Method, MethodParams, TensorContext
+from .base import KeyInfo, LowRankInputs, Method, MethodParams, StepContext, StepStats, TensorInputs, TensorOutput
+from .opcm_kernels import gram_preferred, opcm_project, opcm_project_gram, project_factors_with_svd, sum_sq
 
 
 class OPCMParams(MethodParams):
@@ -81,102 +84,75 @@ class OPCM(Method):
     Params = OPCMParams
     two_pass = True
     lowrank = True
+    needs_module_types = True
 
-    def __init__(self, params: OPCMParams):
-        super().__init__(params)
-        self.linear: set[str] = set()
-        self._lambda_prev = 1.0
-        self._projected: set[str] = set()
-        self._tau_sq = 0.0  # ‖τt‖² of the tensor ``merge`` last saw (step ≥ 2), for ``stats``
-
-    def bind(self, base_config: dict[str, Any]) -> None:
-        from ..naming import config_from_dict, linear_weight_layout
-
-        try:
-            config = config_from_dict(base_config)
-            self.linear = set(linear_weight_layout(config))
-        except (OSError, ValueError, KeyError) as e:
-            raise ContMergeError(
-                f"opcm needs the module types of the base model to find its linear weights, and the base's "
-                f"config could not be built into a model ({e}). Use a transformers architecture for the base."
-            ) from None
-
-    def can_slice(self, key: str) -> bool:
-        return key not in self.linear  # an SVD needs the whole matrix; the plain rule is elementwise
+    def can_slice(self, info: KeyInfo) -> bool:
+        return not info.linear  # an SVD needs the whole matrix; the plain rule is elementwise
 
     def init_scalars(self) -> dict[str, Any]:
         # constant in T: the running sum of task-vector norms and their count give A = mean(norms)
         return {"lambda": 1.0, "norm_sum": 0.0, "count": 0, "projected": []}
 
-    def start_step(self, step: int, scalars: dict[str, Any]) -> None:
-        self._lambda_prev = float(scalars["lambda"])
-        self._projected = set()
-
-    def merge(self, step: int, base: Tensor, item: Tensor, prev: dict[str, Tensor] | None, ctx: TensorContext) -> dict[str, Tensor]:
-        if prev is None:
-            return {"merged": item}  # θ1 itself: the item's buffer is ours (see Method)
-        # τ̄ and τt in the buffers of prev and item (fresh, ours to overwrite); ‖τt‖² is taken first,
-        # for ``stats``, which then sees the overwritten item
-        self._tau_sq = sum_sq(item, base)
-        tau_bar, tau = prev["merged"].sub_(base), item.sub_(base)
-        if ctx.key in self.linear and tau.dim() == 2:
+    def merge(self, ctx: StepContext, x: TensorInputs) -> TensorOutput:
+        if x.prev is None:
+            return TensorOutput({"merged": x.item}, {"tau_sq": sum_sq(x.item, x.base)})  # θ1: the item's buffer is ours
+        # τ̄ and τt in the buffers of prev and item (fresh, ours to overwrite); ‖τt‖² first
+        tau_sq = sum_sq(x.item, x.base)
+        tau_bar, tau = x.prev["merged"].sub_(x.base), x.item.sub_(x.base)
+        projected = x.linear and tau.dim() == 2
+        if projected:
             p = self.params
             if p.kernel == "gram" or (p.kernel == "auto" and gram_preferred(tuple(tau.shape))):
                 tau = opcm_project_gram(tau_bar, tau, p.alpha, p.zero_diagonal, inplace=True)
             else:
                 tau = opcm_project(tau_bar, tau, p.alpha, p.zero_diagonal, diagonal_in_null_space=False)
-            self._projected.add(ctx.key)
         # pass 1: the unscaled task vector, built in τ̄'s buffer (whole 7B matrices: one temporary fewer)
-        return {"merged": tau_bar.mul_(self._lambda_prev).add_(tau)}
+        unscaled = tau_bar.mul_(float(ctx.scalars["lambda"])).add_(tau)
+        return TensorOutput({"merged": unscaled}, {"tau_sq": tau_sq, "unscaled_sq": sum_sq(unscaled)},
+                            {"projected": True} if projected else {})
 
-    def lowrank_key(self, key: str) -> bool:
+    def lowrank_key(self, info: KeyInfo) -> bool:
         return True  # any matrix: linear weights are projected, the others (embeddings) take the plain rule
 
     # The carried factors are always in SVD form (U·s, Vh): ``finish_lowrank`` writes them so, so
     # the next step reads τ̄'s SVD off them instead of recomputing it (no QR of the factors).
-    def merge_lowrank(self, step: int, tau: LowRank, prev: dict[str, LowRank] | None, ctx: TensorContext) -> dict[str, LowRank]:
-        if prev is None:
-            return {"merged": tau}
-        tau_bar = prev["merged"]
-        if ctx.key in self.linear:
+    def merge_lowrank(self, ctx: StepContext, x: LowRankInputs) -> TensorOutput:
+        if x.prev is None:
+            return TensorOutput({"merged": x.tau}, {"tau_sq": x.tau.norm_sq()})
+        tau_bar, tau = x.prev["merged"], x.tau
+        if x.linear:
             u, s, vh = tau_bar.svd_of_svd_form()
             tau = LowRank(*project_factors_with_svd((tau.left, tau.right), u, s, vh, self.params.alpha, self.params.zero_diagonal))
-            self._projected.add(ctx.key)
-        unscaled = LowRank(torch.cat([self._lambda_prev * tau_bar.left, tau.left], 1), torch.cat([tau_bar.right, tau.right], 0))
-        return {"merged": unscaled.compressed()[0]}  # pass 1: the unscaled task vector, SVD form, numerical rank
+        lam = float(ctx.scalars["lambda"])
+        unscaled = LowRank(torch.cat([lam * tau_bar.left, tau.left], 1), torch.cat([tau_bar.right, tau.right], 0)).compressed()[0]
+        # pass 1: the unscaled task vector, SVD form, numerical rank
+        return TensorOutput({"merged": unscaled}, {"tau_sq": x.tau.norm_sq(), "unscaled_sq": unscaled.norm_sq_of_svd_form()},
+                            {"projected": True} if x.linear else {})
 
-    def stats_lowrank(self, step: int, tau: LowRank, prev: dict[str, LowRank] | None, new: dict[str, LowRank]) -> dict[str, float]:
-        if prev is None:
-            return {"tau_sq": tau.norm_sq()}
-        return {"tau_sq": tau.norm_sq(), "unscaled_sq": new["merged"].norm_sq_of_svd_form()}
-
-    def finish_lowrank(self, step: int, slots: dict[str, LowRank], scalars: dict[str, Any]) -> dict[str, LowRank]:
-        if step == 1:
-            return {"merged": slots["merged"].compressed()[0]}  # θ1 − θ0 exactly, in SVD form
-        return {"merged": slots["merged"].scaled(1.0 / scalars["lambda"])}  # a scaling keeps SVD form
-
-    def stats(self, step: int, base: Tensor, item: Tensor, prev: dict[str, Tensor] | None, new: dict[str, Tensor]) -> dict[str, float]:
-        if prev is None:
-            return {"tau_sq": sum_sq(item, base)}
-        return {"tau_sq": self._tau_sq, "unscaled_sq": sum_sq(new["merged"])}  # item was overwritten: see merge
-
-    def end_pass(self, step: int, scalars: dict[str, Any], stats: dict[str, float]) -> dict[str, Any]:
-        norm_sum, count = scalars["norm_sum"] + math.sqrt(stats.get("tau_sq", 0.0)), scalars["count"] + 1
+    def end_pass(self, ctx: StepContext, stats: StepStats) -> dict[str, Any]:
+        scalars = ctx.scalars
+        norm_sum, count = scalars["norm_sum"] + math.sqrt(stats.sums.get("tau_sq", 0.0)), scalars["count"] + 1
         lam = 1.0
-        if step > 1:
+        if ctx.step > 1:
             mean_norm = norm_sum / count
             if mean_norm == 0.0:
                 raise ContMergeError("opcm: every task vector so far is zero (the stream items equal the base).")
-            lam = math.sqrt(stats.get("unscaled_sq", 0.0)) / mean_norm
+            lam = math.sqrt(stats.sums.get("unscaled_sq", 0.0)) / mean_norm
             if lam == 0.0:
-                raise ContMergeError(f"opcm: the merged task vector vanished at step {step}; nothing to rescale.")
-        return {"lambda": lam, "norm_sum": norm_sum, "count": count, "projected": sorted(self._projected)}
+                raise ContMergeError(f"opcm: the merged task vector vanished at step {ctx.step}; nothing to rescale.")
+        projected = sorted(key for key, notes in stats.notes.items() if notes.get("projected"))
+        return {"lambda": lam, "norm_sum": norm_sum, "count": count, "projected": projected}
 
-    def finish(self, step: int, base: Tensor, slots: dict[str, Tensor], scalars: dict[str, Any]) -> dict[str, Tensor]:
-        if step == 1:
+    def finish(self, ctx: StepContext, base: Tensor, slots: dict[str, Tensor]) -> dict[str, Tensor]:
+        if ctx.step == 1:
             return slots
         # in the first pass's buffer (ours, see Method): the same bits as base + unscaled / λ, one copy less
-        return {"merged": slots["merged"].div_(scalars["lambda"]).add_(base)}
+        return {"merged": slots["merged"].div_(ctx.scalars["lambda"]).add_(base)}
 
-    def step_summary(self, scalars: dict[str, Any]) -> dict[str, Any]:
+    def finish_lowrank(self, ctx: StepContext, slots: dict[str, LowRank]) -> dict[str, LowRank]:
+        if ctx.step == 1:
+            return {"merged": slots["merged"].compressed()[0]}  # θ1 − θ0 exactly, in SVD form
+        return {"merged": slots["merged"].scaled(1.0 / ctx.scalars["lambda"])}  # a scaling keeps SVD form
+
+    def step_summary(self, scalars: Mapping[str, Any]) -> dict[str, Any]:
         return {"lambda": round(scalars["lambda"], 6), "projected": len(scalars["projected"])}

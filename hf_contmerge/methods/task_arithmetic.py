@@ -11,9 +11,8 @@ models with task arithmetic" (ICLR); continual form as in Tang et al. 2025 (arXi
 from __future__ import annotations
 
 from pydantic import Field
-from torch import Tensor
 
-from .base import Method, MethodParams, TensorContext
+from .base import Method, MethodParams, StepContext, TensorInputs, TensorOutput
 
 
 class TaskArithmeticParams(MethodParams):
@@ -26,6 +25,6 @@ class TaskArithmetic(Method):
     reference = "Ilharco et al. 2023 (ICLR), arXiv 2212.04089; continual form as in arXiv 2501.09522"
     Params = TaskArithmeticParams
 
-    def merge(self, step: int, base: Tensor, item: Tensor, prev: dict[str, Tensor] | None, ctx: TensorContext) -> dict[str, Tensor]:
-        start = base if prev is None else prev["merged"]
-        return {"merged": start + self.params.scaling * (item - base)}
+    def merge(self, ctx: StepContext, x: TensorInputs) -> TensorOutput:
+        start = x.base if x.prev is None else x.prev["merged"]
+        return TensorOutput({"merged": start + self.params.scaling * (x.item - x.base)})

@@ -27,7 +27,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from .base import Method, MethodParams, TensorContext
+from .base import Method, MethodParams, StepContext, TensorInputs, TensorOutput
 
 
 class TiesParams(MethodParams):
@@ -62,9 +62,9 @@ class Ties(Method):
     Params = TiesParams
     elementwise = False
 
-    def merge(self, step: int, base: Tensor, item: Tensor, prev: dict[str, Tensor] | None, ctx: TensorContext) -> dict[str, Tensor]:
-        tau = item - base
-        if prev is None:
-            return {"merged": base + self.params.scaling * tau}
-        merged = prev["merged"]
-        return {"merged": merged + self.params.scaling * ties_merge([merged - base, tau], self.params.top_k)}
+    def merge(self, ctx: StepContext, x: TensorInputs) -> TensorOutput:
+        tau = x.item - x.base
+        if x.prev is None:
+            return TensorOutput({"merged": x.base + self.params.scaling * tau})
+        merged = x.prev["merged"]
+        return TensorOutput({"merged": merged + self.params.scaling * ties_merge([merged - x.base, tau], self.params.top_k)})

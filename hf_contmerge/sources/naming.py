@@ -45,6 +45,8 @@ from torch import nn
 from transformers import AutoModel, PretrainedConfig, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
+from .architecture import architecture_class
+
 try:  # transformers >= 5: the functions save_pretrained itself calls
     from transformers.core_model_loading import revert_weight_conversion
     from transformers.modeling_utils import remove_tied_weights_from_state_dict
@@ -74,10 +76,9 @@ def meta_model(config: PretrainedConfig) -> PreTrainedModel:
     the latter re-registers parameters and so unties ``lm_head`` from ``embed_tokens`` (checked with
     accelerate 1.15), which would misreport what ``save_pretrained`` writes.
     """
-    architectures = getattr(config, "architectures", None) or []
-    cls = getattr(transformers, architectures[0], None) if architectures else None
+    cls = architecture_class(config)
     with torch.device("meta"):
-        if isinstance(cls, type) and issubclass(cls, PreTrainedModel):
+        if cls is not None:
             return cls._from_config(config)
         return AutoModel.from_config(config, trust_remote_code=False)
 

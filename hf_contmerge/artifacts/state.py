@@ -1,4 +1,4 @@
-"""``contmerge_state.json`` and the carried tensors of a step.
+"""The schema of ``contmerge_state.json``, and reading and writing it.
 
 The JSON records everything needed to continue the stream and to say what went in: method and
 parameters, the options that change bits, the base and every stream item so far (source as given,
@@ -18,13 +18,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .errors import ContMergeError
-from .sources import Checkpoint
+from .._version import __version__
+from ..errors import ContMergeError
+from .layout import STATE_DIR, STATE_FILE
 
-STATE_FILE = "contmerge_state.json"
-STATE_DIR = "contmerge_state"
-LOWRANK_PREFIX = "lowrank-"  # contmerge_state/lowrank-{slot}.safetensors: factored tensors (KEY::left, KEY::right)
 FORMAT = "hf-contmerge/state"
 # 2: factored slots (``lowrank-{slot}``) are kept in the method's canonical form from step 1 on
 # (OPCM: SVD form); format-1 factors, from development versions only, may not be.
@@ -85,33 +82,3 @@ def write_json_atomic(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def open_slot(step_folder: Path, slot: str) -> Checkpoint:
-    """The carried tensors of ``slot`` written with a step."""
-    folder = Path(step_folder) / STATE_DIR
-    return Checkpoint.open(folder, prefix=slot, label=f"carried state {slot!r} of {step_folder}")
-
-
-def open_lowrank(step_folder: Path, slot: str) -> Checkpoint | None:
-    """The factored tensors of ``slot`` (``KEY::left``, ``KEY::right``), or None if the step has none."""
-    folder = Path(step_folder) / STATE_DIR
-    prefix = LOWRANK_PREFIX + slot
-    if not ((folder / f"{prefix}.safetensors").is_file() or (folder / f"{prefix}.safetensors.index.json").is_file()):
-        return None
-    return Checkpoint.open(folder, prefix=prefix, label=f"carried low-rank state {slot!r} of {step_folder}")
-
-
-def record_evaluation(step_folder: Path, evaluation: dict[str, Any]) -> StepState:
-    """Attach evaluation results to a complete step: rewrite its state and card atomically.
-
-    ``evaluation``: ``{"description": str, "tasks": [names], "rows": [{"name", "scores", "mean"}],
-    "metrics": {...}}``; scores are fractions in [0, 1] or None for tasks not yet seen.
-    """
-    from .card import render_card
-
-    state = read_state(step_folder)
-    state.evaluation = evaluation
-    write_json_atomic(Path(step_folder) / STATE_FILE, state.to_json())
-    write_json_atomic(Path(step_folder) / "README.md", render_card(state))
-    return state

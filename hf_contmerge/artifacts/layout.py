@@ -1,4 +1,6 @@
-"""The output folder: ``OUT/step-1 … OUT/step-T``, each written whole or not at all.
+"""Where everything lives: every file name the package reads or writes, and the output folder.
+
+The output folder: ``OUT/step-1 … OUT/step-T``, each written whole or not at all.
 
 A step is built in ``OUT/.step-T.partial-PID`` and renamed into place once every file in it is
 written and fsynced, so a process killed at any moment leaves only complete steps (plus a partial
@@ -14,12 +16,58 @@ import re
 import shutil
 from pathlib import Path
 
-from .errors import ContMergeError
-from .safetensors_io import fsync_dir
+from ..errors import ContMergeError
 
+# ---- checkpoints (sources and step folders): transformers' and PEFT's names
+WEIGHTS_PREFIX = "model"  # model.safetensors, model-0000i-of-0000N.safetensors
+SAFE_SINGLE, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
+PICKLE_SINGLE, PICKLE_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
+CONFIG = "config.json"
+GENERATION_CONFIG = "generation_config.json"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS_PREFIX = "adapter_model"  # adapter_model.safetensors
+CARD = "README.md"
+GITATTRIBUTES = ".gitattributes"  # created by the Hub with every repo; never deleted by a push, never copied back
+# Files a merged folder needs besides weights; fetched from the Hub and copied from the base.
+# Never code (*.py): loading it would need trust_remote_code.
+SIDE_PATTERNS = ["*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja"]
+
+# ---- a step folder (see artifacts/state.py for what the state holds)
+STATE_FILE = "contmerge_state.json"
+STATE_DIR = "contmerge_state"  # {slot}.safetensors (dense), lowrank-{slot}.safetensors (factors)
+LOWRANK_PREFIX = "lowrank-"
+LEFT, RIGHT = "::left", "::right"  # suffixes of the two factors of a key in the low-rank state files
+HEADS_DIR = "task_heads"  # task_heads/task-{i}/
+PASS1_DIR = "_pass1"  # scratch of a two-pass method's first pass, inside the partial step folder
+# Files of the base folder that are not copied into a step (weights indexes, our own files, its card).
+SKIP_SIDE = {SAFE_INDEX, PICKLE_INDEX, ADAPTER_CONFIG, CARD, STATE_FILE}
+MODEL_CONFIGS = {CONFIG, GENERATION_CONFIG}  # side files an adapter step must not carry
+
+# ---- the output folder
 MARKER = ".hf-contmerge.json"
 STEP_RE = re.compile(r"step-([1-9]\d*)")
 PARTIAL_RE = re.compile(r"\.step-[1-9]\d*\.partial-\d+")
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file and folder under ``root`` (and ``root``): what a step holds is on disk before
+    the rename that makes it visible. Files fsynced already (the shards) cost next to nothing."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(folder))
 
 
 def step_dir(out: Path, step: int) -> Path:
@@ -48,7 +96,7 @@ def complete_steps(out: Path) -> list[int]:
     steps = []
     for e in entries:
         if m := STEP_RE.fullmatch(e):
-            if not (out / e / "contmerge_state.json").is_file():
+            if not (out / e / STATE_FILE).is_file():
                 raise ContMergeError(f"{out / e} has no contmerge_state.json: it was not written by hf-contmerge. Move it away.")
             steps.append(int(m.group(1)))
     return sorted(steps)
@@ -73,7 +121,9 @@ def new_partial(out: Path, step: int) -> Path:
 
 
 def publish(partial: Path, final: Path) -> None:
-    """Make a finished partial step visible atomically (rename), durably (fsync the parent)."""
+    """Make a finished partial step visible atomically (rename), durably: every file in it, then the
+    parent after the rename, are fsynced."""
+    fsync_tree(partial)
     if final.exists():
         raise ContMergeError(f"{final} appeared while this step was being written; another run is using --out {final.parent}.")
     os.rename(partial, final)

@@ -79,6 +79,8 @@ from typing import overload
 import torch
 from torch import Tensor
 
+from ..engine.lowrank import EPS32, F32, as_f32, check_factors, check_matrix, count_above, thin_svd_from_factors
+
 __all__ = [
     "rank_cutoff",
     "opcm_project_literal",
@@ -87,17 +89,11 @@ __all__ = [
     "gram_preferred",
     "thin_svd",
     "project_with_svd",
-    "thin_svd_from_factors",
     "opcm_project_lowrank",
     "project_factors_with_svd",
-    "factored_norm_sq",
-    "add_factored",
-    "recompress",
     "sum_sq",
 ]
 
-_F32 = torch.float32
-_EPS32 = torch.finfo(_F32).eps
 
 
 _SUM_BLOCK = 1 << 20  # elements per block of sum_sq: a 4 MiB float32 temporary, whatever the tensor
@@ -121,36 +117,12 @@ def sum_sq(x: Tensor, minus: Tensor | None = None) -> float:
     return total
 
 
-def _f32(x: Tensor, device: torch.device | None = None) -> Tensor:
-    """``x`` as float32 on ``device`` (its own device when None); no copy when already there."""
-    return x.to(device=x.device if device is None else device, dtype=_F32)
-
-
-def _check_matrix(name: str, x: Tensor) -> None:
-    if x.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D matrix, got shape {tuple(x.shape)}")
-
-
 def _check_pair(tau_bar: Tensor, tau_t: Tensor) -> None:
-    _check_matrix("tau_bar", tau_bar)
+    check_matrix("tau_bar", tau_bar)
     if tau_t.shape != tau_bar.shape:
         raise ValueError(
             f"tau_t has shape {tuple(tau_t.shape)} but tau_bar has shape {tuple(tau_bar.shape)}"
         )
-
-
-def _check_factors(name: str, left: Tensor, right: Tensor) -> None:
-    _check_matrix(f"{name} left factor", left)
-    _check_matrix(f"{name} right factor", right)
-    if left.shape[1] != right.shape[0]:
-        raise ValueError(
-            f"{name} factors do not chain: {tuple(left.shape)} @ {tuple(right.shape)}"
-        )
-
-
-def _count_above(s: Tensor, tol: float) -> int:
-    """How many entries of the descending ``s`` exceed ``tol`` (the numerical rank)."""
-    return int((s > tol).sum()) if s.numel() else 0
 
 
 def rank_cutoff(s: Tensor, alpha: float) -> int:
@@ -189,8 +161,8 @@ def opcm_project_literal(
     O(m n max(m, n)) time and O(m^2 + n^2) memory: use :func:`opcm_project` in real runs.
     """
     _check_pair(tau_bar, tau_t)
-    tb = _f32(tau_bar)
-    tt = _f32(tau_t, tb.device)
+    tb = as_f32(tau_bar)
+    tt = as_f32(tau_t, tb.device)
     u, s, vh = torch.linalg.svd(tb, full_matrices=True)
     r = rank_cutoff(s, alpha)
     p = u.mT @ tt @ vh.mT
@@ -232,10 +204,10 @@ def project_with_svd(
     :func:`opcm_project`; with the SVD truncated to the non-zero directions the diagonal removal
     is restricted to them (the factored-path convention). Output float32 on ``u``'s device.
     """
-    _check_matrix("tau_t", tau_t)
+    check_matrix("tau_t", tau_t)
     device = u.device
-    u32, vh32 = _f32(u), _f32(vh, device)
-    tt = _f32(tau_t, device)
+    u32, vh32 = as_f32(u), as_f32(vh, device)
+    tt = as_f32(tau_t, device)
     r = rank_cutoff(s, alpha)
     active = s.numel() if zero_diagonal else r
     if active == 0:
@@ -251,8 +223,8 @@ def thin_svd(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     ``U = Vh'^T`` and ``Vh = U'^T``: the CPU LAPACK route is several times slower on wide
     row-major input (about 3x for 1024 x 4096, measured), and the result is the same SVD.
     """
-    _check_matrix("x", x)
-    xf = _f32(x)
+    check_matrix("x", x)
+    xf = as_f32(x)
     if xf.shape[0] >= xf.shape[1]:
         u, s, vh = torch.linalg.svd(xf, full_matrices=False)
         return u, s, vh
@@ -284,12 +256,12 @@ def opcm_project(
     zeroed, an artefact of the definition rather than a projection.
     """
     _check_pair(tau_bar, tau_t)
-    tb = _f32(tau_bar)
+    tb = as_f32(tau_bar)
     if not zero_diagonal and (alpha >= 1.0 or alpha <= 0.0):
-        return _f32(tau_t, tb.device).clone()
+        return as_f32(tau_t, tb.device).clone()
     u, s, vh = thin_svd(tb)
     if not diagonal_in_null_space:
-        rho = _count_above(s, max(tb.shape) * _EPS32 * float(s[0]) if s.numel() else 0.0)
+        rho = count_above(s, max(tb.shape) * EPS32 * float(s[0]) if s.numel() else 0.0)
         u, s, vh = u[:, :rho], s[:rho], vh[:rho]
     return project_with_svd(tau_t, u, s, vh, alpha, zero_diagonal)
 
@@ -339,9 +311,9 @@ def opcm_project_gram(
     tensor on ``tau_bar``'s device) and returns it. Output float32 on ``tau_bar``'s device.
     """
     _check_pair(tau_bar, tau_t)
-    x = _f32(tau_bar)
-    out = tau_t if inplace else _f32(tau_t, x.device).clone()
-    if inplace and (out.dtype != _F32 or out.device != x.device):
+    x = as_f32(tau_bar)
+    out = tau_t if inplace else as_f32(tau_t, x.device).clone()
+    if inplace and (out.dtype != F32 or out.device != x.device):
         raise ValueError("inplace needs tau_t as float32 on tau_bar's device")
     if x.numel() == 0 or (not zero_diagonal and (alpha >= 1.0 or alpha <= 0.0)):
         return out  # the cut-off is 0 for every tau_bar: nothing is removed
@@ -360,17 +332,17 @@ def opcm_project_gram(
     w, v = torch.linalg.eigh(g, UPLO="L")  # ascending
     del g  # each stage's n x n temporaries go before the next stage's (n = 4096: 128 MiB each)
     s = w.flip(0).clamp_min(0.0).sqrt()  # descending, as an SVD returns them
-    rho = _count_above(s, max(m, n) * _EPS32 * float(s[0]) if s.numel() else 0.0)
+    rho = count_above(s, max(m, n) * EPS32 * float(s[0]) if s.numel() else 0.0)
     r = rank_cutoff(s[:rho], alpha)
     active = rho if zero_diagonal else r
     if active == 0:
         return out
     v_a, s_a = v[:, n - active :].flip(1), s[:active]  # the top singular directions, descending
     del v, w
-    k = torch.zeros(n, n, dtype=_F32, device=x.device)  # K = tau_bar^T tau_t, accumulated by row blocks
+    k = torch.zeros(n, n, dtype=F32, device=x.device)  # K = tau_bar^T tau_t, accumulated by row blocks
     for i in range(0, m, step):
         k.addmm_(xt[i : i + step].mT, tt[i : i + step])
-    v_a, s_a = v_a.to(_F32), s_a.to(_F32)
+    v_a, s_a = v_a.to(F32), s_a.to(F32)
     left = (v_a.mT @ k).div_(s_a[:, None])  # U_a^T tau_t (a x n), without U
     del k
     rows_c = _removed_rows(left, v_a, v_a.mT, r, zero_diagonal).div_(s_a[:, None])  # S^-1 C V_a^T
@@ -385,48 +357,6 @@ def opcm_project_gram(
         else:
             out[i : i + rows].sub_(x[i : i + rows] @ m_mat)
     return out
-
-
-def _factor_core_svd(
-    left: Tensor, right: Tensor
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, float]:
-    r"""QR of both factors and SVD of the small core: ``left @ right = Q1 Uc diag(s) Vhc Q2^T``.
-
-    Returns ``(Q1, Uc, s, Vhc, Q2, tol)`` where ``tol`` is the numerical-zero threshold of
-    :func:`thin_svd_from_factors`. ``q = 0`` (no columns) is handled as the zero matrix.
-    """
-    _check_factors("low-rank", left, right)
-    lf = _f32(left)
-    rf = _f32(right, lf.device)
-    q1, r1 = torch.linalg.qr(lf)  # q1: m x min(m, q), r1: min(m, q) x q
-    q2, r2 = torch.linalg.qr(rf.mT)  # q2: n x min(n, q), r2: min(n, q) x q
-    uc, s, vhc = torch.linalg.svd(r1 @ r2.mT, full_matrices=False)
-    m, n = lf.shape[0], rf.shape[1]
-    if s.numel() == 0:
-        return q1, uc, s, vhc, q2, 0.0
-    # ||L||_2 ||R||_2 is the scale of the rounding error of this route; it equals s[0] when the
-    # factors are an SVD (recompress output) and exposes exact cancellation between factors.
-    scale = float(torch.linalg.matrix_norm(r1, ord=2) * torch.linalg.matrix_norm(r2, ord=2))
-    return q1, uc, s, vhc, q2, max(m, n) * _EPS32 * scale
-
-
-def thin_svd_from_factors(left: Tensor, right: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    r"""Thin SVD of ``left @ right`` (m x q @ q x n) without forming the m x n product.
-
-    ``left = Q1 R1`` and ``right^T = Q2 R2`` (reduced QR), ``R1 R2^T = Uc diag(s) Vhc`` (small
-    SVD), so ``left @ right = (Q1 Uc) diag(s) (Vhc Q2^T)``: O((m + n) q^2 + q^3) time.
-
-    Only the numerically non-zero directions are returned: those with
-    ``s_i > max(m, n) * eps_float32 * ||left||_2 * ||right||_2`` (the spectral norms are read off
-    the small triangular factors). ``||left||_2 ||right||_2 >= s[0]``, with equality for factors
-    in SVD form (what :func:`recompress` returns), where this is the usual
-    ``max(m, n) * eps * s[0]`` rank tolerance; using the factor norms also reports rank 0 for
-    factors that cancel exactly (e.g. ``[B, -B] @ [A; A]``), whose computed ``s[0]`` is itself
-    rounding noise. Returns ``U`` (m x rho), ``s`` (rho), ``Vh`` (rho x n), float32, rho >= 0.
-    """
-    q1, uc, s, vhc, q2, tol = _factor_core_svd(left, right)
-    keep = _count_above(s, tol)
-    return q1 @ uc[:, :keep], s[:keep].clone(), vhc[:keep] @ q2.mT
 
 
 @overload
@@ -474,7 +404,7 @@ def opcm_project_lowrank(
     """
     u, s, vh = thin_svd_from_factors(left, right)
     if isinstance(tau_t, Tensor):
-        _check_matrix("tau_t", tau_t)
+        check_matrix("tau_t", tau_t)
         if tuple(tau_t.shape) != (left.shape[0], right.shape[1]):
             raise ValueError(
                 f"tau_t has shape {tuple(tau_t.shape)} but tau_bar is "
@@ -493,13 +423,13 @@ def project_factors_with_svd(
     For callers that carry ``tau_bar`` in SVD form already (``U·s``, ``Vh``): no QR is needed.
     """
     b, a = tau_t
-    _check_factors("tau_t", b, a)
+    check_factors("tau_t", b, a)
     if (b.shape[0], a.shape[1]) != (u.shape[0], vh.shape[1]):
         raise ValueError(
             f"tau_t is {b.shape[0]} x {a.shape[1]} but tau_bar is "
             f"{u.shape[0]} x {vh.shape[1]}"
         )
-    bf, af = _f32(b, u.device), _f32(a, u.device)
+    bf, af = as_f32(b, u.device), as_f32(a, u.device)
     r = rank_cutoff(s, alpha)
     active = s.numel() if zero_diagonal else r
     if active == 0:
@@ -510,67 +440,3 @@ def project_factors_with_svd(
     return torch.cat([bf, u_a], dim=1), torch.cat([af, -removed], dim=0)
 
 
-def factored_norm_sq(left: Tensor, right: Tensor) -> Tensor:
-    r"""``||left @ right||_F^2`` from the q x q Gram matrices, without the m x n product.
-
-    ``||L R||_F^2 = tr(R^T L^T L R) = sum((L^T L) * (R R^T))`` (both Grams are symmetric):
-    O((m + n) q^2). Returns a 0-d float32 tensor on ``left``'s device (no host sync), clamped at
-    0. Its absolute error is of order ``eps32 * ||L||_F^2 ||R||_F^2``, so when the factors cancel
-    heavily (a freshly projected ``tau'``) run :func:`recompress` first for a tight value.
-    """
-    _check_factors("norm", left, right)
-    lf = _f32(left)
-    rf = _f32(right, lf.device)
-    return ((lf.mT @ lf) * (rf @ rf.mT)).sum().clamp_min(0.0)
-
-
-def add_factored(
-    left1: Tensor,
-    right1: Tensor,
-    left2: Tensor,
-    right2: Tensor,
-    scale1: float = 1.0,
-    scale2: float = 1.0,
-) -> tuple[Tensor, Tensor]:
-    r"""Factors of ``scale1 * left1 @ right1 + scale2 * left2 @ right2``.
-
-    ``L = [scale1 * left1, scale2 * left2]``, ``R = [right1; right2]`` (the scales go on the left
-    factors); the rank is the sum of the two ranks, so follow with :func:`recompress` to keep it
-    bounded. For the OPCM update ``unscaled = lam_prev * tau_bar + tau'`` use
-    ``add_factored(L, R, L', R', lam_prev, 1.0)``. float32 on ``left1``'s device.
-    """
-    _check_factors("first", left1, right1)
-    _check_factors("second", left2, right2)
-    if (left1.shape[0], right1.shape[1]) != (left2.shape[0], right2.shape[1]):
-        raise ValueError(
-            f"cannot add a {left1.shape[0]} x {right1.shape[1]} and a "
-            f"{left2.shape[0]} x {right2.shape[1]} matrix"
-        )
-    device = left1.device
-    left = torch.cat([scale1 * _f32(left1), scale2 * _f32(left2, device)], dim=1)
-    right = torch.cat([_f32(right1, device), _f32(right2, device)], dim=0)
-    return left, right
-
-
-def recompress(
-    left: Tensor, right: Tensor, max_rank: int | None = None
-) -> tuple[Tensor, Tensor, float]:
-    r"""Re-factor ``left @ right`` to its numerical rank (and at most ``max_rank``).
-
-    From :func:`thin_svd_from_factors`, ``left @ right ~= (U diag(s)) @ Vh``: returns
-    ``(U * s, Vh, dropped_energy)`` with the singular values on the left factor (so the right
-    factor has orthonormal rows), keeping the numerically non-zero directions, then the top
-    ``max_rank`` of them when given (the best rank-``max_rank`` approximation, Eckart-Young).
-    ``dropped_energy = sum of s_i^2 over dropped directions = ||left @ right - L' R'||_F^2``
-    (the numerically-zero ones included), as a Python float.
-    """
-    if max_rank is not None and max_rank < 0:
-        raise ValueError(f"max_rank must be >= 0, got {max_rank}")
-    q1, uc, s, vhc, q2, tol = _factor_core_svd(left, right)
-    keep = _count_above(s, tol)
-    if max_rank is not None:
-        keep = min(keep, max_rank)
-    new_left = q1 @ (uc[:, :keep] * s[:keep])
-    new_right = vhc[:keep] @ q2.mT
-    dropped = float(s[keep:].to(torch.float64).square().sum()) if s.numel() else 0.0
-    return new_left, new_right, dropped

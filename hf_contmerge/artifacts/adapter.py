@@ -30,14 +30,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .errors import ContMergeError
-from .lowrank import LowRank
+from ..engine.lowrank import LowRank
+from ..errors import ContMergeError
+from .layout import ADAPTER_CONFIG
 
 if TYPE_CHECKING:  # naming imports transformers' model classes: only when an adapter is written
-    from .naming import FileLayout
+    from ..sources.naming import FileLayout
 
 PREFIX = "base_model.model."
-WEIGHTS_NAME = "adapter_model"
 TASK_TYPES = {"ForCausalLM": "CAUSAL_LM", "ForSeq2SeqLM": "SEQ_2_SEQ_LM", "ForConditionalGeneration": "SEQ_2_SEQ_LM"}
 
 
@@ -45,21 +45,17 @@ def _module(memory_key: str) -> str:
     return memory_key.rsplit(".", 1)[0]
 
 
-@dataclass
-class AdapterExport:
+@dataclass(frozen=True)
+class AdapterPlan:
     """What one step's adapter holds, planned before the step from the keys it may write."""
 
     layout: FileLayout
-    lora_keys: set[str]  # factored linear weights (file keys) published as lora_A / lora_B
-    dense_keys: set[str]  # file keys published in full (their modules in modules_to_save)
+    lora_keys: frozenset[str]  # factored linear weights (file keys) published as lora_A / lora_B
+    dense_keys: frozenset[str]  # file keys published in full (their modules in modules_to_save)
     max_rank: int | None
-    ranks: dict[str, int] = field(default_factory=dict)  # module -> published rank
-    energy: float = 0.0
-    dropped: float = 0.0
-    worst: float = 0.0  # largest per-weight relative Frobenius error of the truncation
 
     @classmethod
-    def plan(cls, layout: FileLayout, factored: set[str], touched: set[str], max_rank: int | None) -> AdapterExport:
+    def plan(cls, layout: FileLayout, factored: set[str], touched: set[str], max_rank: int | None) -> AdapterPlan:
         """``factored``: keys carried as factors this step; ``touched``: keys some item so far changed.
 
         A factored linear weight is published as LoRA factors; any other touched key (dense, or a
@@ -76,21 +72,39 @@ class AdapterExport:
         dense = touched - lora
         saved = {_module(layout.to_memory[k]) for k in dense}
         moved = {k for k in lora if _module(layout.to_memory[k]) in saved}
-        return cls(layout, lora - moved, dense | moved, max_rank)
+        return cls(layout, frozenset(lora - moved), frozenset(dense | moved), max_rank)
 
     def names(self) -> list[str]:
         """Every tensor name the adapter file may hold (the append writer reserves its header for them)."""
         lora = [f"{PREFIX}{_module(self.layout.to_memory[k])}.lora_{ab}.weight" for k in sorted(self.lora_keys) for ab in "AB"]
         return lora + [PREFIX + self.layout.to_memory[k] for k in sorted(self.dense_keys)]
 
-    def dense_name(self, key: str) -> str:
-        return PREFIX + self.layout.to_memory[key]
+    def published_name(self, key: str) -> str | None:
+        """The name ``key`` is published under: PEFT's name of a densely saved tensor; None for a LoRA
+        target (published as factors) or a tensor the adapter leaves at the base."""
+        return PREFIX + self.layout.to_memory[key] if key in self.dense_keys else None
+
+    @property
+    def modules_to_save(self) -> list[str]:
+        return sorted({_module(self.layout.to_memory[k]) for k in self.dense_keys})
+
+
+@dataclass
+class AdapterExport:
+    """The adapter being written in one step: its plan, and what the written factors add up to."""
+
+    plan: AdapterPlan
+    ranks: dict[str, int] = field(default_factory=dict)  # module -> published rank
+    energy: float = 0.0
+    dropped: float = 0.0
+    worst: float = 0.0  # largest per-weight relative Frobenius error of the truncation
 
     def lora_tensors(self, key: str, delta: LowRank, dtype: torch.dtype) -> list[tuple[str, torch.Tensor]]:
         """``lora_A`` and ``lora_B`` of one factored weight (none if its delta is zero), truncation recorded."""
+        max_rank, layout = self.plan.max_rank, self.plan.layout
         exact, _ = delta.compressed()
         energy = exact.norm_sq_of_svd_form()
-        kept, dropped = exact.compressed(self.max_rank) if self.max_rank is not None and exact.rank > self.max_rank else (exact, 0.0)
+        kept, dropped = exact.compressed(max_rank) if max_rank is not None and exact.rank > max_rank else (exact, 0.0)
         self.energy += energy
         self.dropped += dropped
         if energy > 0:
@@ -101,11 +115,11 @@ class AdapterExport:
         u, s, vh = kept.svd_of_svd_form()
         root = s.sqrt()
         left, right = u * root, vh * root[:, None]
-        if self.layout.linear.get(key, False):  # Conv1D stores (in, out): PEFT adds (B @ A)ᵀ
+        if layout.linear.get(key, False):  # Conv1D stores (in, out): PEFT adds (B @ A)ᵀ
             lora_b, lora_a = right.mT, left.mT
         else:
             lora_b, lora_a = left, right
-        module = _module(self.layout.to_memory[key])
+        module = _module(layout.to_memory[key])
         self.ranks[module] = left.shape[1]
         return [(f"{PREFIX}{module}.lora_A.weight", lora_a.contiguous().to(dtype)),
                 (f"{PREFIX}{module}.lora_B.weight", lora_b.contiguous().to(dtype))]
@@ -115,9 +129,9 @@ class AdapterExport:
         return {
             "format": "adapter",
             "rank": max(self.ranks.values(), default=0),
-            "max_rank": self.max_rank,
+            "max_rank": self.plan.max_rank,
             "lora_modules": len(self.ranks),
-            "modules_to_save": sorted({_module(self.layout.to_memory[k]) for k in self.dense_keys}),
+            "modules_to_save": self.plan.modules_to_save,
             "truncation_relative_error": math.sqrt(self.dropped / self.energy) if self.energy > 0 else 0.0,
             "truncation_worst_weight": self.worst,
         }
@@ -136,8 +150,8 @@ class AdapterExport:
             rank_pattern=pattern,
             alpha_pattern=dict(pattern),
             target_modules=sorted(self.ranks) or None,
-            modules_to_save=self.summary()["modules_to_save"] or None,
-            fan_in_fan_out=any(self.layout.linear.get(k, False) for k in self.lora_keys),
+            modules_to_save=self.plan.modules_to_save or None,
+            fan_in_fan_out=any(self.plan.layout.linear.get(k, False) for k in self.plan.lora_keys),
             lora_dropout=0.0,
             bias="none",
             task_type=task_type,
@@ -148,4 +162,4 @@ class AdapterExport:
         # written here rather than by ``config.save_pretrained``: PEFT turns target_modules into a set and
         # writes it in set order, which changes with the interpreter's hash seed (a step must not)
         values = {k: sorted(v) if isinstance(v, set) else v for k, v in config.to_dict().items()}
-        (folder / "adapter_config.json").write_text(json.dumps(values, indent=2, sort_keys=True))
+        (folder / ADAPTER_CONFIG).write_text(json.dumps(values, indent=2, sort_keys=True))

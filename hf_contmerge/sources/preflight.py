@@ -26,8 +26,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import ContMergeError
-from .sources import ResolvedSource
+from ..errors import ContMergeError
+from ..io.safetensors import itemsize
+from .architecture import architecture_class
+from .resolve import ResolvedSource
 
 _PREFIX_CACHE: dict[str, str | None] = {}
 
@@ -39,9 +41,7 @@ def config_prefix(config: dict) -> str | None:
     if key not in _PREFIX_CACHE:
         prefix = None
         try:
-            import transformers
-
-            cls = getattr(transformers, arch, None) if arch else None
+            cls = architecture_class(config)
             if cls is None and config.get("model_type"):
                 from transformers import AutoConfig, AutoModel
 
@@ -147,8 +147,6 @@ class StreamPlan:
 
 
 def _size_of(kp: KeyPlan) -> int:
-    from .safetensors_io import itemsize
-
     return int(torch.Size(kp.shape).numel()) * itemsize(kp.dtype)
 
 

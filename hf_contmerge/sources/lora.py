@@ -5,7 +5,7 @@ The engine asks a stream item for tensors by the base's file names; this checkpo
 disk or in memory), the adapter's full tensor for ``modules_to_save``, and the base tensor itself
 for everything else (task vector zero). So every method merges a LoRA stream exactly as it merges the
 same fine-tunes given as merged full checkpoints. Adapter parsing and its refusals are in
-``lora.py``; shapes are always checked against the base, and a declared base name against
+``lora_adapter.py``; shapes are always checked against the base, and a declared base name against
 ``--base`` when both are Hub ids.
 """
 
@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from .errors import ContMergeError
-from .lora import AdapterError, LoraAdapter
-from .safetensors_io import TensorInfo
-from .sources import Checkpoint, TensorIndex
+from ..errors import ContMergeError
+from ..io.checkpoint import Checkpoint, TensorIndex
+from ..io.safetensors import TensorInfo
+from .lora_adapter import AdapterError, LoraAdapter
 
 
 class LoraCheckpoint(TensorIndex):

@@ -29,7 +29,7 @@ applied to the base file tensor, which equals PEFT's merge when that copy equals
 Adapter keys are accepted with or without the ``base_model.model.`` prefix, with or without the
 adapter name (``lora_A.weight`` / ``lora_A.default.weight``), and with in-memory (transformers 5,
 e.g. ViT ``vit.layers.0.attention.q_proj``) or file (``vit.encoder.layer.0.attention.attention.query``)
-module names; :mod:`hf_contmerge.naming` maps them to file keys. **[choice]** A name is first read
+module names; :mod:`hf_contmerge.sources.naming` maps them to file keys. **[choice]** A name is first read
 as an in-memory name (what PEFT under transformers 5 writes), then as a file name (adapters written
 under transformers 4), each also with ``base_model_prefix`` added or removed (an adapter trained on
 ``LlamaModel`` applied to a ``LlamaForCausalLM`` base), as ``from_pretrained`` does for checkpoint keys.
@@ -62,8 +62,8 @@ from torch import nn
 from transformers import PretrainedConfig
 from transformers.pytorch_utils import Conv1D
 
-from hf_contmerge.errors import ContMergeError
-from hf_contmerge.naming import FileLayout, file_layout
+from ..errors import ContMergeError
+from .naming import FileLayout, file_layout
 
 __all__ = ["AdapterError", "LoraAdapter"]
 
@@ -186,10 +186,6 @@ class LoraAdapter:
     def declared_base(self) -> str | None:
         """The ``base_model_name_or_path`` the adapter was trained on, as its config declares it."""
         return self.config.get("base_model_name_or_path") or None
-
-    def declared_revision(self) -> str | None:
-        """The base revision the adapter config declares, if any."""
-        return self.config.get("revision") or None
 
     def target_file_keys(self) -> list[str]:
         """Base file keys that receive a low-rank delta, sorted."""

@@ -13,10 +13,11 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from . import outdir
-from .errors import ContMergeError
-from .sources import SourceSpec, hub_errors
-from .state import StepState, read_state
+from ..artifacts import layout
+from ..artifacts.layout import GITATTRIBUTES
+from ..artifacts.state import StepState, read_state
+from ..errors import ContMergeError
+from ..io.remote import SourceSpec, hub_errors
 
 
 def materialise(published: str, out: Path, token: str | None, check: Callable[[StepState], None]) -> int:
@@ -34,9 +35,9 @@ def materialise(published: str, out: Path, token: str | None, check: Callable[[S
         folder = Path(snapshot_download(spec.location, revision=spec.revision, token=token))
     state = read_state(folder)  # refuses a repo that holds no hf-contmerge step
     check(state)
-    done = outdir.complete_steps(out)
+    done = layout.complete_steps(out)
     if state.step in done:
-        local = read_state(outdir.step_dir(out, state.step))
+        local = read_state(layout.step_dir(out, state.step))
         if (local.base, local.stream, local.method, local.params) != (state.base, state.stream, state.method, state.params):
             raise ContMergeError(
                 f"--out {out} already has a step-{state.step} that differs from the one published in {published}. "
@@ -45,17 +46,17 @@ def materialise(published: str, out: Path, token: str | None, check: Callable[[S
         return state.step
     if done and done[-1] > state.step:
         raise ContMergeError(f"--out {out} already holds steps up to {done[-1]}, past the published step {state.step}.")
-    outdir.claim(out)
-    partial = outdir.new_partial(out, state.step)
+    layout.claim(out)
+    partial = layout.new_partial(out, state.step)
     try:
         for path in sorted(folder.rglob("*")):
             rel = path.relative_to(folder)
-            if path.is_dir() or rel.parts[0] == ".cache" or rel.name == ".gitattributes":
+            if path.is_dir() or rel.parts[0] == ".cache" or rel.name == GITATTRIBUTES:
                 continue
-            dest = outdir.safe_relative(partial, str(rel))  # repo file names never escape the step folder
+            dest = layout.safe_relative(partial, str(rel))  # repo file names never escape the step folder
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, dest)
-        outdir.publish(partial, outdir.step_dir(out, state.step))
+        layout.publish(partial, layout.step_dir(out, state.step))
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise

@@ -50,16 +50,15 @@ from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from . import __version__
-from .errors import ContMergeError
-from .outdir import step_dir
-from .state import STATE_FILE, StepState, read_state
+from .._version import __version__
+from ..artifacts.layout import GITATTRIBUTES, STATE_FILE, step_dir
+from ..artifacts.state import StepState, read_state
+from ..errors import ContMergeError
 
 logger = logging.getLogger(__name__)
 
 MAX_BACKOFF = 60.0  # seconds: longest computed wait between two attempts
 MAX_RETRY_AFTER = 300.0  # seconds: longest wait a server's Retry-After can impose
-GITATTRIBUTES = ".gitattributes"  # created by the Hub with every repo; never deleted by a push
 
 _T = TypeVar("_T")
 Log = Callable[[str], None]  # where retry notices and progress go (the engine passes its own; default: logging)

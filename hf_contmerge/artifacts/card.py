@@ -15,8 +15,9 @@ from importlib import resources
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .methods import method_class
-from .sources import SourceSpec
+from ..io.remote import SourceSpec
+from ..methods.registry import method_class
+from ..options import MergeOptions
 from .state import StepState
 
 TEMPLATE = "continual_merge.md"
@@ -35,12 +36,7 @@ def reproduce_command(state: StepState, out: str = "OUT") -> str:
     args += ["--method", state.method]
     for k, v in state.params.items():
         args += ["--set", f"{k}={v}"]
-    if state.options.get("dtype", "auto") != "auto":
-        args += ["--dtype", state.options["dtype"]]
-    for name, default in (("lowrank", "auto"), ("output_format", "full"), ("max_rank", None)):
-        if state.options.get(name, default) != default:
-            args += ["--" + name.replace("_", "-"), str(state.options[name])]
-    return shlex.join([*args, "--out", out])
+    return shlex.join([*args, *MergeOptions.reproduce_flags(state.options), "--out", out])
 
 
 def _compact(value: object) -> object:

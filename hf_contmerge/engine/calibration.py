@@ -1,0 +1,37 @@
+"""The seam where data-dependent methods get their statistics: a :class:`Calibrator`.
+
+A method declares what it needs at every step (``Method.calibration``: statistics of the new
+fine-tune or of the merged model so far, e.g. diagonal Fishers). Before the step's tensor pass the
+engine asks the run's calibrator for them; per-tensor statistics come back as a
+:class:`~hf_contmerge.io.checkpoint.TensorIndex` per statistic (float32, keyed by the base's file
+names, read a tensor or a row range at a time like any checkpoint) and reach the kernels in
+``TensorInputs.extra``; scalars reach them in ``StepContext.calibration``. The streaming tensor pass
+stays the one writer of weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from ..io.checkpoint import TensorIndex
+from ..methods.base import CalibrationRequest
+from ..sources.resolve import ResolvedSource
+
+
+@dataclass
+class Calibrated:
+    """One step's calibration results: per-tensor statistics by name, and scalars by name."""
+
+    tensors: Mapping[str, TensorIndex] = field(default_factory=dict)
+    scalars: Mapping[str, float] = field(default_factory=dict)
+
+
+class Calibrator(Protocol):
+    def calibrate(self, step: int, requests: tuple[CalibrationRequest, ...], *, base: ResolvedSource,
+                  item: ResolvedSource, previous_step: Path | None) -> Calibrated:
+        """The statistics ``requests`` ask for at ``step``; ``item`` is the new fine-tune, ``previous_step``
+        the folder of the merged model so far (None at step 1)."""
+        ...

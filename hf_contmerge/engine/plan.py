@@ -1,0 +1,228 @@
+"""A step's plan: everything the step will do, decided before any tensor is read.
+
+:func:`plan_step` is a pure function of the stream plan (pre-flight), the previous step's state,
+the method's description and the options. It fixes:
+
+- which tensors are carried as low-rank factors this step, with a bound of their rank (from the
+  headers' ranks and the previous state: a tensor stays factored while the method has a low-rank
+  form for it, the item's task vector on it is low-rank, it was factored before, and the factors
+  stay smaller than the matrix; ``lowrank.worth_factoring``);
+- the ordered **work units** of each pass: a dense tensor or dim-0 slice of it (``dense``), a
+  factored tensor's merge or finish (``factored``), or rows of a factored tensor's published weight
+  (``rows``); each names the weights shard it writes;
+- the writers' shard cuts (huggingface_hub's split of the planned specs) and, for
+  ``--output-format adapter``, the adapter's contents (:class:`~hf_contmerge.artifacts.adapter.AdapterPlan`).
+
+The plan is the same however many workers execute it: :meth:`StepPlan.split` cuts a pass into
+contiguous runs of whole tensors balanced by a cost model, and the executor reduces statistics in
+plan order, so the bytes do not depend on the split.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+from ..artifacts.adapter import AdapterPlan
+from ..artifacts.layout import LEFT, LOWRANK_PREFIX, RIGHT, WEIGHTS_PREFIX
+from ..io.safetensors import TensorSpec, iter_row_chunks
+from ..io.writer import PlannedShard, plan_shards
+from ..methods.base import KeyInfo, Method
+from ..sources.preflight import KeyPlan, StreamPlan
+from .lowrank import worth_factoring
+
+if TYPE_CHECKING:
+    from ..artifacts.state import StepState
+    from ..options import MergeOptions
+    from ..sources.naming import FileLayout
+
+OUT_DTYPE = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+CHUNK_ITEMSIZE = 4  # slices are sized for their float32 working copies
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the plan may know about the base model's modules, computed once per run (and only when
+    needed: building the meta model costs a transformers import): the linear weights' file keys
+    (methods with ``needs_module_types``) and the file layout (adapter output)."""
+
+    linear: frozenset[str] = frozenset()
+    file_layout: FileLayout | None = None
+
+
+@dataclass(frozen=True)
+class WorkUnit:
+    """One unit of a pass: ``form`` ``dense`` (a tensor, or rows ``rows`` of it), ``factored`` (a factored
+    tensor, whole) or ``rows`` (rows of a factored tensor's published weight). ``shard``: the weights file
+    it writes (planned full output), else None. ``heavy``: a whole-matrix kernel (SVD, QR) that gets all
+    of torch's threads; the others are memory-bound (see ``executor.py``). ``numel``: elements covered."""
+
+    key: str
+    rows: tuple[int, int] | None
+    form: Literal["dense", "factored", "rows"]
+    numel: int
+    shard: str | None = None
+    heavy: bool = False
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    step: int
+    item_index: int  # into the stream plan's items
+    keys: tuple[KeyPlan, ...]  # every output tensor, in the base's file order
+    info: Mapping[str, KeyInfo]  # what the method may know about each tensor
+    out_dtype: Mapping[str, str]  # stored dtype of each published tensor
+    factored: Mapping[str, int]  # tensors merged as factors this step -> bound of their rank
+    touched: frozenset[str]  # tensors some item so far changed
+    passes: tuple[tuple[WorkUnit, ...], ...]  # (merge,) or, for two-pass methods, (merge to scratch, finish)
+    slots: tuple[str, ...]
+    weight_specs: tuple[TensorSpec, ...]  # full output: every published tensor
+    weight_shards: tuple[PlannedShard, ...]
+    state_specs: tuple[TensorSpec, ...]  # dense carried tensors of each slot (float32)
+    state_shards: Mapping[str, tuple[PlannedShard, ...]]  # slot -> its cut of state_specs
+    factor_names: tuple[str, ...]  # KEY::left / KEY::right of the factored tensors
+    adapter: AdapterPlan | None  # --output-format adapter
+
+    @property
+    def two_pass(self) -> bool:
+        return len(self.passes) == 2
+
+    @property
+    def slot_files(self) -> tuple[str, ...]:
+        """File prefixes of the carried state: each slot's dense set, and its factored one if any."""
+        return (*self.slots, *(LOWRANK_PREFIX + s for s in self.slots if self.factored))
+
+    def published_name(self, key: str) -> str | None:
+        """The name ``key``'s merged weight is written under, or None when the output leaves it out (an
+        adapter publishes LoRA targets as factors and untouched tensors not at all)."""
+        return key if self.adapter is None else self.adapter.published_name(key)
+
+    def split(self, pass_index: int, workers: int) -> list[tuple[WorkUnit, ...]]:
+        """Pass ``pass_index`` cut into ``workers`` contiguous runs of whole tensors, balanced by :func:`unit_cost`.
+
+        Concatenated in order the runs are the pass itself, for any ``workers``; a run may be empty.
+        """
+        units = self.passes[pass_index]
+        groups: list[list[WorkUnit]] = []
+        for u in units:  # a tensor's units stay together (factors, then the rows that need them)
+            if groups and groups[-1][0].key == u.key:
+                groups[-1].append(u)
+            else:
+                groups.append([u])
+        shapes = {kp.key: kp.shape for kp in self.keys}
+        costs = [sum(unit_cost(u, shapes[u.key], self.factored.get(u.key, 0)) for u in g) for g in groups]
+        total, done, runs = sum(costs), 0.0, [[] for _ in range(max(1, workers))]
+        for group, cost in zip(groups, costs):
+            # the run whose share of the total the middle of this tensor falls in
+            index = min(int((done + cost / 2) / total * len(runs)) if total else 0, len(runs) - 1)
+            runs[index].extend(group)
+            done += cost
+        return [tuple(r) for r in runs]
+
+
+def numel(shape: tuple[int, ...], rows: tuple[int, int] | None) -> int:
+    """Elements of a tensor of ``shape``, or of its dim-0 rows ``rows``."""
+    n = math.prod(shape) if shape else 1
+    return n if rows is None or not shape or shape[0] == 0 else n // shape[0] * (rows[1] - rows[0])
+
+
+def unit_cost(unit: WorkUnit, shape: tuple[int, ...], rank: int) -> float:
+    """Work of a unit, in multiply-adds, for balancing: elements for memory-bound units,
+    m·n·min(m, n) for a whole-matrix dense kernel (an SVD), (m + n)·q² for a factored one."""
+    if unit.form == "factored":
+        return float((shape[0] + shape[1]) * max(rank, 1) ** 2) if len(shape) == 2 else float(unit.numel)
+    if unit.heavy and len(shape) == 2:
+        return float(unit.numel) * min(shape)
+    return float(unit.numel)
+
+
+def out_dtype(kp: KeyPlan, dtype: str) -> str:
+    """Stored dtype of a published tensor: floats in ``dtype`` (``auto``: the base's), others as they are."""
+    if kp.dtype in OUT_DTYPE.values() or kp.dtype == "F64":
+        return kp.dtype if dtype == "auto" else OUT_DTYPE[dtype]
+    return kp.dtype  # integer / bool buffers keep their dtype
+
+
+def plan_step(stream: StreamPlan, item_index: int, step: int, previous: StepState | None, method: Method,
+              options: MergeOptions, facts: ModelFacts) -> StepPlan:
+    """The plan of ``step``, merging ``stream.items[item_index]`` into the previous step (see the module docstring)."""
+    item = stream.items[item_index].checkpoint
+    chunk_bytes = int(options.chunk_mb * 2**20)
+    merged = [kp for kp in stream.keys if kp.merged]
+    info = {kp.key: KeyInfo(kp.key, kp.shape, kp.key in facts.linear) for kp in stream.keys}
+
+    factored: dict[str, int] = {}
+    if options.lowrank != "off" and method.lowrank:
+        for kp in merged:
+            if len(kp.shape) != 2 or not method.lowrank_key(info[kp.key]):
+                continue
+            ikey = kp.item_keys[item_index]
+            rank = 0 if ikey is None else item.low_rank(ikey)
+            if rank is None:
+                continue
+            if previous is not None:
+                if kp.key not in previous.lowrank:  # dense before: dense from then on
+                    continue
+                rank += previous.lowrank[kp.key]
+            if worth_factoring(kp.shape, rank):
+                factored[kp.key] = rank
+    touched = set(previous.touched) if previous else set()
+    for kp in merged:
+        ikey = kp.item_keys[item_index]
+        if ikey is not None and item.low_rank(ikey) != 0:
+            touched.add(kp.key)
+
+    adapter = None
+    if options.output_format == "adapter":
+        adapter = AdapterPlan.plan(facts.file_layout, set(factored), touched, options.max_rank)
+    dtypes = {kp.key: out_dtype(kp, options.dtype) for kp in stream.keys}
+    weight_specs = tuple(TensorSpec(kp.key, kp.shape, dtypes[kp.key]) for kp in stream.keys) if adapter is None else ()
+    weight_shards = tuple(plan_shards(weight_specs, options.shard_bytes, WEIGHTS_PREFIX))
+    shard_of = {k: shard.name for shard in weight_shards for k in shard.keys}
+
+    def chunks(kp: KeyPlan) -> list[tuple[int, int] | None]:
+        if kp.key in factored or (kp.merged and not method.can_slice(info[kp.key])):
+            return [None]
+        return list(iter_row_chunks(kp.shape, CHUNK_ITEMSIZE, chunk_bytes))
+
+    def dense(kp: KeyPlan, final: bool) -> list[WorkUnit]:
+        heavy = kp.merged and not method.can_slice(info[kp.key])
+        return [WorkUnit(kp.key, rows, "dense", numel(kp.shape, rows), shard_of.get(kp.key) if final else None, heavy)
+                for rows in chunks(kp)]
+
+    passes: list[tuple[WorkUnit, ...]] = []
+    if method.two_pass:
+        passes.append(tuple(u for kp in merged for u in (
+            [WorkUnit(kp.key, None, "factored", numel(kp.shape, None), None, True)] if kp.key in factored
+            else dense(kp, final=False))))
+    final: list[WorkUnit] = []
+    for kp in stream.keys:
+        if kp.key in factored:
+            final.append(WorkUnit(kp.key, None, "factored", numel(kp.shape, None), None, True))
+            if (adapter.published_name(kp.key) if adapter else kp.key) is not None:  # an adapter publishes factors, no rows
+                final += [WorkUnit(kp.key, rows, "rows", numel(kp.shape, rows), shard_of.get(kp.key))
+                          for rows in iter_row_chunks(kp.shape, CHUNK_ITEMSIZE, chunk_bytes)]
+        elif kp.merged or adapter is None:
+            final += dense(kp, final=True)
+    passes.append(tuple(final))
+
+    state_specs = tuple(TensorSpec(kp.key, kp.shape, "F32") for kp in merged if kp.key not in factored)
+    return StepPlan(
+        step=step,
+        item_index=item_index,
+        keys=tuple(stream.keys),
+        info=info,
+        out_dtype=dtypes,
+        factored=factored,
+        touched=frozenset(touched),
+        passes=tuple(passes),
+        slots=tuple(method.slots),
+        weight_specs=weight_specs,
+        weight_shards=weight_shards,
+        state_specs=state_specs,
+        state_shards={s: tuple(plan_shards(state_specs, options.shard_bytes, s)) for s in method.slots},
+        factor_names=tuple(n for key in factored for n in (key + LEFT, key + RIGHT)),
+        adapter=adapter,
+    )

@@ -1,0 +1,248 @@
+"""The continual loop: one step per stream item, each planned, executed, assembled and published.
+
+For a validated :class:`~hf_contmerge.options.MergeOptions` the engine resolves the base and the
+stream items still to merge, pre-flights them all from headers (``sources/preflight.py``), checks a
+resume against what the last complete step recorded, and then, step by step: plans the step
+(``plan.py``), gets the calibration a data-dependent method asks for, writes the step's tensors
+into a partial folder (``step.py``), completes the folder (side files, heads, state, card;
+``artifacts/folder.py``), renames it into place (``artifacts/layout.py``) and runs the step hooks
+(evaluation, push; ``hooks.py``). It knows nothing about any particular method.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Sequence
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+
+from ..artifacts import folder as step_folder
+from ..artifacts import layout
+from ..artifacts.state import StepState, read_state
+from ..errors import ContMergeError
+from ..hub.resume import materialise
+from ..methods.base import Method
+from ..methods.registry import build_method
+from ..options import MergeOptions
+from ..sources.preflight import StreamPlan, plan_stream
+from ..sources.resolve import ResolvedSource, resolve
+from .calibration import Calibrated, Calibrator
+from .executor import failpoint
+from .hooks import StepHook
+from .plan import ModelFacts, StepPlan, plan_step
+from .step import StepResult, StepWriter
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ContMergeError(f"--device {name} was asked for but no CUDA GPU is available. Use --device cpu or auto.")
+    return dev
+
+
+class Engine:
+    """Runs a validated :class:`MergeOptions` to completion (:meth:`run`).
+
+    ``hooks`` run after every step, in order (``hooks.step_hooks`` builds the standard ones);
+    ``calibrator`` answers the calibration requests of a data-dependent method.
+    """
+
+    def __init__(self, options: MergeOptions, hooks: Sequence[StepHook] = (), calibrator: Calibrator | None = None):
+        self.options = options
+        self.hooks = list(hooks)
+        self.calibrator = calibrator
+        self.method: Method = build_method(options.method, options.params)
+        self.device = resolve_device(options.device)
+        if self.method.calibration and calibrator is None:
+            raise ContMergeError(
+                f"Method {self.method.name!r} needs calibration data at every step "
+                f"({', '.join(r.statistic for r in self.method.calibration)}), and this run has no calibrator for it."
+            )
+
+    # ------------------------------------------------------------------ whole runs
+    def run(self) -> list[StepResult]:
+        """Pre-flight the whole stream, then write every missing step. Returns the steps written."""
+        opts = self.options
+        if not opts.stream:
+            raise ContMergeError("No stream items: give at least one fine-tune with --stream (or `stream:` in the recipe).")
+        if opts.resume_from and not opts.dry_run:
+            materialise(opts.resume_from, opts.out, opts.token_value(), check=self._check_resume)
+        done = layout.complete_steps(opts.out)
+        if done and not (opts.resume or opts.resume_from):
+            raise ContMergeError(
+                f"--out {opts.out} already holds steps {done[0]}..{done[-1]} of an earlier run. Pass --resume to "
+                "continue it, or choose another --out. Nothing was written."
+            )
+        last = done[-1] if done else 0
+        previous = read_state(layout.step_dir(opts.out, last)) if last else None
+        if previous is not None:
+            self._check_resume(previous)
+        token = opts.token_value()
+        with ExitStack() as stack:
+            base = resolve(opts.base, token=token, allow_pickle=opts.allow_pickle, role="base", lazy=True)
+            stack.callback(base.close)
+            if previous is not None and previous.base["fingerprint"] != base.fingerprint:
+                raise ContMergeError(
+                    f"The base {opts.base!r} is not the one step {last} in {opts.out} was made from (its content "
+                    "changed). Resume with the same base, or start a new --out."
+                )
+            items = []
+            for text in opts.stream[last:]:
+                items.append(resolve(text, token=token, allow_pickle=opts.allow_pickle, role="stream item", base=base, lazy=True))
+                stack.callback(items[-1].close)
+            stream = plan_stream(base, items)
+            facts = self._model_facts(base)
+            if opts.output_format == "adapter":
+                self._check_adapter_output(previous, items)
+            todo = range(last + 1, len(opts.stream) + 1)
+            for hook in self.hooks:  # e.g. refuse a foreign push target before anything is computed
+                hook.check(todo)
+            if opts.dry_run:
+                logger.info(stream.report())
+                logger.info(f"dry run: would write {', '.join(f'step-{t}' for t in todo) or 'nothing'} in {opts.out}")
+                return []
+            for hook in self.hooks:
+                hook.start(done)
+            if last >= len(opts.stream):
+                logger.info(f"{opts.out}: all {last} steps are already complete; nothing to do.")
+                return []
+            base.ensure_local()  # every step reads it, and its config and tokenizer go into each step
+            layout.claim(opts.out)
+            results = []
+            for j in range(len(items)):
+                plan = plan_step(stream, j, last + 1 + j, previous, self.method, opts, facts)
+                result = self.write_step(stream, plan, previous)
+                logger.info(f"wrote {result.folder}")
+                for hook in self.hooks:
+                    result = hook.after_step(result)
+                previous = result.state
+                results.append(result)
+            return results
+
+    def _model_facts(self, base: ResolvedSource) -> ModelFacts:
+        """The base's module facts the plan needs: linear weights (methods that ask), file layout (adapters)."""
+        needs_layout = self.method.needs_module_types or self.options.output_format == "adapter"
+        if not needs_layout:
+            return ModelFacts()
+        from ..sources.naming import config_from_dict, file_layout  # transformers' model classes: only when needed
+
+        try:
+            found = file_layout(config_from_dict(base.config))
+        except (OSError, ValueError, KeyError) as e:
+            raise ContMergeError(
+                f"{self.method.name if self.method.needs_module_types else '--output-format adapter'} needs the module "
+                f"types of the base model to find its linear weights, and the base's config could not be built into a "
+                f"model ({e}). Use a transformers architecture for the base."
+            ) from None
+        return ModelFacts(frozenset(found.linear) if self.method.needs_module_types else frozenset(), found)
+
+    def _check_adapter_output(self, previous: StepState | None, items: list[ResolvedSource]) -> None:
+        """``--output-format adapter`` needs a method with a low-rank form and a stream of LoRA adapters only."""
+        if not self.method.lowrank:
+            raise ContMergeError(
+                f"--output-format adapter: method {self.method.name!r} has no low-rank form, so its merged model is "
+                "not a LoRA adapter. Use a method that has one (opcm), or --output-format full."
+            )
+        kinds = [(s["source"], s.get("kind", "full")) for s in (previous.stream if previous else [])]
+        kinds += [(item.spec.text, item.kind) for item in items]
+        full = [src for src, kind in kinds if kind != "lora"]
+        if full:
+            raise ContMergeError(
+                f"--output-format adapter: stream item {full[0]!r} is a full checkpoint, so the merged model is not "
+                "low-rank. Stream only LoRA adapters, or use --output-format full. Nothing was written."
+            )
+        if previous is not None and not previous.lowrank:
+            raise ContMergeError(
+                f"--output-format adapter: step {previous.step} in {self.options.out} carries its state dense (made with "
+                "--lowrank off or an older hf-contmerge), so later steps cannot be published as an adapter. Continue "
+                "it with --output-format full, or start a new --out. Nothing was written."
+            )
+
+    def _check_resume(self, previous: StepState) -> None:
+        opts = self.options
+        k = previous.step
+        if previous.lowrank and previous.format_version < 2:
+            raise ContMergeError(
+                f"--resume: step {k} in {opts.out} carries low-rank factors written by a development version of "
+                "hf-contmerge (state format 1), which this version does not read. Recompute the run into a new --out."
+            )
+        asked = self.method.params.model_dump()
+        problems = []
+        if previous.method != opts.method:
+            problems.append(f"method {previous.method!r} there, {opts.method!r} now")
+        elif previous.params != asked:
+            problems.append(f"parameters {previous.params} there, {asked} now")
+        problems += opts.resume_conflicts(previous.options)
+        if previous.base["source"] != opts.base:
+            problems.append(f"base {previous.base['source']!r} there, {opts.base!r} now")
+        done = [s["source"] for s in previous.stream]
+        if done != list(opts.stream[:k]):
+            problems.append(f"stream so far {done} there, {list(opts.stream[:k])} now")
+        if problems:
+            raise ContMergeError(
+                f"--resume: {opts.out} step {k} was made with other settings: {'; '.join(problems)}. "
+                "Resume with the same base, method, parameters, options and stream prefix, or choose another --out."
+            )
+
+    # ------------------------------------------------------------------ one step
+    def write_step(self, stream: StreamPlan, plan: StepPlan, previous: StepState | None) -> StepResult:
+        """Write ``OUT/step-{plan.step}`` from its plan; the folder appears whole or not at all."""
+        opts, method = self.options, self.method
+        prev_folder = layout.step_dir(opts.out, previous.step) if previous else None
+        item, item_plan = stream.items[plan.item_index], stream.item_plans[plan.item_index]
+        calibrated = self._calibrate(plan, stream, item, prev_folder)
+        partial = layout.new_partial(opts.out, plan.step)
+        try:
+            writer = StepWriter(plan, stream, method, device=self.device, chunk_bytes=int(opts.chunk_mb * 2**20),
+                                shard_bytes=opts.shard_bytes, allow_nonfinite=opts.allow_nonfinite, quiet=opts.quiet,
+                                calibration=calibrated.tensors, calibration_scalars=calibrated.scalars)
+            written = writer.write(partial, prev_folder, dict(previous.scalars) if previous else method.init_scalars())
+            step_folder.copy_side_files(stream.base.folder, partial, opts.dtype, adapter=plan.adapter is not None)
+            heads = step_folder.carry_heads(partial, prev_folder, previous.heads if previous else [], plan.step, item,
+                                            item_plan.heads)
+            entry = {
+                **item.identity(),
+                "step": plan.step,
+                "alignment": item_plan.alignment.describe(),
+                "heads": item_plan.heads,
+                "kept_modules": item_plan.kept_modules,
+                "method": method.step_summary(written.scalars),
+            }
+            state = StepState(
+                step=plan.step,
+                method=method.name,
+                params=method.params.model_dump(),
+                options=opts.recorded(),
+                base=stream.base.identity(),
+                stream=[*(previous.stream if previous else []), entry],
+                scalars=written.scalars,
+                slots=list(method.slots),
+                heads=heads,
+                lowrank=dict(written.ranks),
+                touched=sorted(plan.touched),
+                output=written.adapter.summary() if written.adapter else {"format": "full"},
+            )
+            if written.adapter is not None:
+                base_id = stream.base.identity()
+                written.adapter.write_config(partial, stream.base.config, base_id["source"], base_id.get("revision"))
+            step_folder.write_state_and_card(partial, state)
+            final = layout.step_dir(opts.out, plan.step)
+            failpoint(f"step-{plan.step}:publish")
+            layout.publish(partial, final)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+        return StepResult(plan.step, final, state)
+
+    def _calibrate(self, plan: StepPlan, stream: StreamPlan, item: ResolvedSource, prev_folder: Path | None) -> Calibrated:
+        if not self.method.calibration:
+            return Calibrated()
+        return self.calibrator.calibrate(plan.step, self.method.calibration, base=stream.base, item=item,
+                                         previous_step=prev_folder)

@@ -1,0 +1,160 @@
+"""A checkpoint as the engine sees it: names, shapes and dtypes from headers, tensors read on demand.
+
+A :class:`TensorIndex` answers ``keys()``, ``info(key)`` (shape and dtype from the headers alone) and
+``read(key, rows)``; it never holds a whole model. :class:`Checkpoint` is one folder's weights
+(safetensors single or sharded; pickles only when the user opts in, since unpickling runs code).
+Other implementations: a Hub checkpoint known from its headers (``remote.py``), a LoRA adapter over
+its base (``sources/lora.py``), a step's carried state (``artifacts/folder.py``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from ..artifacts.layout import ADAPTER_CONFIG, PICKLE_INDEX, PICKLE_SINGLE, SAFE_INDEX, SAFE_SINGLE
+from ..errors import ContMergeError
+from .safetensors import DTYPE_NAMES, SafetensorsFile, TensorInfo
+
+
+class TensorIndex:
+    """Names, shapes and dtypes of a checkpoint's tensors, known before any is read.
+
+    What the pre-flight and the engine ask of every kind of source (a folder, a Hub repo known from
+    its headers, a LoRA adapter over its base); ``read`` gives a tensor or a dim-0 row range of it.
+    """
+
+    _info: dict[str, TensorInfo]
+
+    def keys(self) -> list[str]:
+        return list(self._info)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._info
+
+    def info(self, key: str) -> TensorInfo:
+        return self._info[key]
+
+    def read(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def low_rank(self, key: str) -> int | None:
+        """The rank of this source's task vector on ``key`` when it is known to be low-rank
+        (a LoRA target: r; a tensor the source leaves at the base: 0), else None."""
+        return None
+
+    def low_rank_delta(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Factors ``(L, R)``, float32, with task vector ``L @ R`` on ``key`` (when ``low_rank`` is not None)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release open files; the default holds none."""
+
+
+class Checkpoint(TensorIndex):
+    """The weights of one model folder: safetensors (single or sharded), or opted-in pickles."""
+
+    def __init__(self, folder: Path, files: list[SafetensorsFile] | None = None, pickles: list[Path] | None = None):
+        self.folder = folder
+        self._files = files or []
+        self._pickles = pickles or []
+        self._pickle_cache: tuple[Path, dict[str, torch.Tensor]] | None = None
+        self._where: dict[str, SafetensorsFile | Path] = {}
+        self._info: dict[str, TensorInfo] = {}
+        for f in self._files:
+            for key, info in sorted(f.tensors.items(), key=lambda kv: kv[1].start):
+                self._where[key], self._info[key] = f, info
+        for p in self._pickles:
+            for key, t in self._load_pickle(p).items():
+                self._where[key] = p
+                self._info[key] = TensorInfo(DTYPE_NAMES[t.dtype], tuple(t.shape), 0, t.numel() * t.element_size())
+
+    @classmethod
+    def open(cls, folder: Path, *, allow_pickle: bool = False, label: str = "", prefix: str = "model") -> Checkpoint:
+        """Open ``{prefix}.safetensors`` or its sharded index in ``folder`` (pickles only if allowed)."""
+        label = label or str(folder)
+        single, index = f"{prefix}.safetensors", f"{prefix}.safetensors.index.json"
+        if (folder / index).is_file():
+            return cls(folder, files=[SafetensorsFile(folder / n) for n in _index_files(folder / index, label)])
+        if (folder / single).is_file():
+            return cls(folder, files=[SafetensorsFile(folder / single)])
+        pickles = [folder / n for n in _index_files(folder / PICKLE_INDEX, label)] if (folder / PICKLE_INDEX).is_file() else (
+            [folder / PICKLE_SINGLE] if (folder / PICKLE_SINGLE).is_file() else []
+        )
+        if pickles and not allow_pickle:
+            raise ContMergeError(
+                f"{label} holds only pickle weights ({pickles[0].name}). Unpickling can run arbitrary code, "
+                "so it is refused by default. Convert the model to safetensors (load it and save_pretrained "
+                "with safe_serialization=True), or pass --allow-pickle if you trust its author."
+            )
+        if pickles:
+            return cls(folder, pickles=pickles)
+        raise ContMergeError(
+            f"{label} has no model weights: expected {SAFE_SINGLE} or {SAFE_INDEX} (or a PEFT adapter with "
+            f"{ADAPTER_CONFIG}). Point the source at a folder written by save_pretrained."
+        )
+
+    @staticmethod
+    def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # torch raises many types for a bad pickle
+            raise ContMergeError(f"{path} could not be read as a PyTorch checkpoint ({e}). Re-save it.") from None
+
+    def file_of(self, key: str) -> Path:
+        where = self._where[key]
+        return where.path if isinstance(where, SafetensorsFile) else where
+
+    def read(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        where = self._where[key]
+        if isinstance(where, SafetensorsFile):
+            return where.read(key, rows)
+        if self._pickle_cache is None or self._pickle_cache[0] != where:
+            self._pickle_cache = (where, self._load_pickle(where))
+        t = self._pickle_cache[1][key]
+        return (t if rows is None or t.dim() == 0 else t[rows[0] : rows[1]]).clone()
+
+    def close(self) -> None:
+        for f in self._files:
+            f.close()
+        self._pickle_cache = None
+
+
+def _index_files(index: Path, label: str) -> list[str]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ContMergeError(f"{index} in {label} is not a valid shard index ({e}). Re-download or re-save it.") from None
+    names = sorted(set(weight_map.values()))
+    for name in names:
+        if Path(name).name != name or name in (".", ".."):
+            raise ContMergeError(f"{index} in {label} names a shard outside its folder ({name!r}); refusing it.")
+        if not (index.parent / name).is_file():
+            raise ContMergeError(
+                f"{label}: shard {name} listed in {index.name} is missing. The download is incomplete: fetch it again."
+            )
+    return names
+
+
+def fingerprint(checkpoint: Checkpoint) -> str:
+    """A cheap content fingerprint: every file's size and header plus sampled data blocks.
+
+    Hashing every byte of a 7B model would cost as much as the merge; the header (names, shapes,
+    offsets) plus 64 KiB samples at fixed positions catches a different or re-trained model.
+    """
+    h = hashlib.sha256()
+    paths = sorted({checkpoint.file_of(k) for k in checkpoint.keys()})
+    for path in paths:
+        size = path.stat().st_size
+        h.update(f"{path.name}:{size}".encode())
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else 0
+            h.update(f.read(min(n, 1 << 24)) if path.suffix == ".safetensors" else b"")
+            for frac in (0.0, 0.25, 0.5, 0.75, 1.0):
+                f.seek(max(0, int(size * frac) - (1 << 16)))
+                h.update(f.read(1 << 16))
+    return h.hexdigest()[:16]

@@ -1,0 +1,104 @@
+"""The factory over every kind of source: a text as the user wrote it -> an opened :class:`ResolvedSource`.
+
+Kinds: a local folder or a Hub repo (``io/remote.py``), holding a full checkpoint (``io/checkpoint.py``,
+safetensors single or sharded, pickles only when allowed) or a PEFT LoRA adapter (``lora.py``: the
+base plus ``s·B@A``). What identifies the source exactly (resolved commit hash, or a content
+fingerprint for local folders) is recorded, so a card and a resume can say what went in.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..artifacts.layout import ADAPTER_CONFIG, SAFE_INDEX, SAFE_SINGLE
+from ..errors import ContMergeError
+from ..io.checkpoint import Checkpoint, TensorIndex, fingerprint
+from ..io.remote import RemoteCheckpoint, SourceSpec, fetch, hub_errors, remote_metadata
+from ..io.safetensors import TensorInfo
+
+
+@dataclass
+class ResolvedSource:
+    """A source fetched (if remote) and opened, with what identifies it exactly."""
+
+    spec: SourceSpec
+    folder: Path
+    kind: str  # "full" or "lora"
+    revision: str | None  # commit hash for Hub sources
+    fingerprint: str
+    config: dict = field(default_factory=dict)
+    checkpoint: TensorIndex | None = None
+    download_bytes: int = 0  # weights still to be fetched (lazy Hub sources)
+
+    def ensure_local(self) -> Path:
+        """Download a lazily resolved Hub checkpoint now (pinned to its pre-flight commit); its folder."""
+        if isinstance(self.checkpoint, RemoteCheckpoint):
+            self.checkpoint.fetch()
+            self.folder = self.checkpoint.folder
+        return self.folder
+
+    def identity(self) -> dict[str, str | None]:
+        """What the state file and the card record about this source (never a token)."""
+        return {"source": self.spec.text, "kind": self.kind, "revision": self.revision, "fingerprint": self.fingerprint}
+
+    def close(self) -> None:
+        if self.checkpoint is not None:
+            self.checkpoint.close()
+
+
+def read_config(folder: Path) -> dict:
+    path = folder / "config.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ContMergeError(f"{path} is not valid JSON ({e}). Re-download or re-save the model.") from None
+
+
+def resolve(
+    text: str, *, token: str | None = None, allow_pickle: bool = False, role: str = "source", base: ResolvedSource | None = None,
+    lazy: bool = False,
+) -> ResolvedSource:
+    """Parse, fetch and open one source; raise :class:`ContMergeError` for anything unusable.
+
+    A PEFT LoRA adapter folder (``adapter_config.json``) is opened over ``base`` (``lora.py``):
+    it answers the base's tensors plus its ``s·B@A`` deltas, and records kind ``lora``. With
+    ``lazy``, a Hub checkpoint is known from its headers only (:class:`RemoteCheckpoint`) until its
+    tensors are first read.
+    """
+    spec = SourceSpec.parse(text)
+    label = f"{role} {text!r}"
+    if lazy and not spec.is_local:
+        sha, files = remote_metadata(spec, token)
+        weights = [n for n in files if n.endswith(".safetensors") and "/" not in n and n.startswith("model")]
+        if weights and ADAPTER_CONFIG not in files:
+            from huggingface_hub import get_safetensors_metadata, hf_hub_download
+
+            with hub_errors(spec):
+                meta = get_safetensors_metadata(spec.location, revision=sha, token=token)
+                config = json.loads(Path(hf_hub_download(spec.location, "config.json", revision=sha, token=token)).read_text()) \
+                    if "config.json" in files else {}
+            tensors: dict[str, TensorInfo] = {}
+            for file_meta in meta.files_metadata.values():
+                for key, t in file_meta.tensors.items():
+                    begin, end = t.data_offsets
+                    tensors[key] = TensorInfo(t.dtype, tuple(t.shape), begin, end)
+            checkpoint = RemoteCheckpoint(spec, sha, tensors, token, allow_pickle)
+            source = ResolvedSource(spec, Path(), "full", sha, sha[:16], config, checkpoint)
+            source.download_bytes = sum(files[n] for n in weights)
+            return source
+    folder, revision = fetch(spec, token=token, allow_pickle=allow_pickle)
+    if (folder / ADAPTER_CONFIG).is_file() and not (folder / SAFE_SINGLE).is_file() and not (folder / SAFE_INDEX).is_file():
+        if base is None:
+            raise ContMergeError(f"{label} is a PEFT adapter; adapters are stream items, not a base. Give a full model as --base.")
+        from .lora import adapter_fingerprint, open_adapter  # PEFT and transformers' model classes: only for adapters
+
+        location = None if base.spec.is_local else base.spec.location
+        checkpoint = open_adapter(folder, label, base.ensure_local(), location, base.checkpoint, allow_pickle)
+        return ResolvedSource(spec, folder, "lora", revision, adapter_fingerprint(folder), dict(base.config), checkpoint)
+    checkpoint = Checkpoint.open(folder, allow_pickle=allow_pickle, label=label)
+    return ResolvedSource(spec, folder, "full", revision, revision[:16] if revision else fingerprint(checkpoint),
+                          read_config(folder), checkpoint)
