@@ -69,9 +69,15 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import make_synthetic  # noqa: E402  (sibling scripts, not a package)
-from bench_stream import (  # noqa: E402
-    Code, folder_bytes, insert_section, machine, run_measured, snapshot_package, startup_seconds,
+import make_synthetic
+from bench_stream import (
+    Code,
+    folder_bytes,
+    insert_section,
+    machine,
+    run_measured,
+    snapshot_package,
+    startup_seconds,
 )
 
 SECTION = "## OPCM on a LoRA stream: factored vs dense"

@@ -1,7 +1,8 @@
 """Dense OPCM at 7B layer shapes: step time against the sum of its SVDs alone, and peak RSS.
 
 An OPCM step t ≥ 2 takes one thin SVD per linear weight (for a Llama-7B layer: four 4096×4096 and
-three 11008×4096 matrices; for the model, also ``lm_head``, 32000×4096), then a global rescale that needs a second pass over the model. The SVDs
+three 11008×4096 matrices; for the model, also ``lm_head``, 32000×4096), then a global rescale that needs a second pass
+over the model. The SVDs
 are the irreducible cost; everything else (reading, projecting, two passes, writing) is overhead.
 This script times, in one run on the same machine and thread count:
 
@@ -29,10 +30,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_stream import insert_section, machine, run_measured  # noqa: E402
-from make_synthetic import ensure, llama_config, llama_shapes  # noqa: E402
+from bench_stream import insert_section, machine, run_measured
+from make_synthetic import ensure, llama_config, llama_shapes
 
-from hf_contmerge.methods.opcm_kernels import thin_svd  # noqa: E402
+from hf_contmerge.methods.opcm_kernels import thin_svd
 
 SECTION = "## OPCM (dense) at 7B layer shapes"
 

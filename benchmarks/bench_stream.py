@@ -64,7 +64,7 @@ import torch
 from safetensors import safe_open
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import make_synthetic  # noqa: E402  (sibling script, not a package)
+import make_synthetic
 
 SECTION = "## Streaming engine: data-free methods at 7B layer shapes"
 BLOCK = 16 * 2**20
@@ -166,7 +166,8 @@ def snapshot_package(ref: str, scratch: Path) -> Code:
         dirty = git("status", "--porcelain", "hf_contmerge", "model_cards")
         source = f"working tree on {git('rev-parse', '--short', 'HEAD')}" + (" with uncommitted changes" if dirty else "")
     else:
-        archive = subprocess.run(["git", "-C", str(REPO), "archive", ref, "hf_contmerge", "model_cards"], capture_output=True, check=True).stdout
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", ref, "hf_contmerge", "model_cards"],
+                                 capture_output=True, check=True).stdout
         subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
         subject = git("log", "-1", "--format=%s", ref)
         source = f"commit {git('rev-parse', '--short', ref)} ({subject[:90] + ('…' if len(subject) > 90 else '')})"

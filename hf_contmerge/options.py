@@ -93,7 +93,8 @@ class MergeOptions(BaseModel):
     revision_prefix: str = Field("step-", description="prefix of the tag that marks each pushed step (step-1, step-2, …)")
     push_existing: bool = Field(False, description="allow pushing into an existing repo that hf-contmerge did not create")
     push_retries: int = Field(5, ge=0, description="retries (with exponential backoff) of a failed push")
-    token: SecretStr | None = Field(None, description="Hub token (default: HF_TOKEN or the saved login); never written anywhere", exclude=True)
+    token: SecretStr | None = Field(None, description="Hub token (default: HF_TOKEN or the saved login); never written anywhere",
+                                    exclude=True)
 
     @field_validator("shard_size")
     @classmethod

@@ -9,9 +9,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-import pytest  # noqa: E402
+import pytest
 
-from tiny_models import make_stream  # noqa: E402
+from support.tiny_models import make_stream
 
 
 @pytest.fixture(scope="session")
@@ -41,4 +41,4 @@ def cli(capsys):
     return run
 
 
-from hub_server import hub_server  # noqa: E402,F401  (a local Hub on 127.0.0.1, see hub_server.py)
+from support.hub_server import hub_server  # noqa: E402,F401  (a local Hub on 127.0.0.1, see hub_server.py)

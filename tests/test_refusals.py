@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tiny_models import bert, llama, perturb, save, weights
+from support.tiny_models import bert, llama, perturb, save, weights
 
 
 def _merge(cli, base, items, out, *extra, method="task_arithmetic"):

@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..engine.lowrank import LowRank
 from ..errors import ContMergeError
+from ..methods.lowrank import LowRank
 from .layout import ADAPTER_CONFIG
 
 if TYPE_CHECKING:  # naming imports transformers' model classes: only when an adapter is written

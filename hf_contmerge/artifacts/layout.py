@@ -18,19 +18,22 @@ from pathlib import Path
 
 from ..errors import ContMergeError
 
-# ---- checkpoints (sources and step folders): transformers' and PEFT's names
-WEIGHTS_PREFIX = "model"  # model.safetensors, model-0000i-of-0000N.safetensors
-SAFE_SINGLE, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
-PICKLE_SINGLE, PICKLE_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
-CONFIG = "config.json"
-GENERATION_CONFIG = "generation_config.json"
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS_PREFIX = "adapter_model"  # adapter_model.safetensors
+# ---- checkpoints (sources and step folders): transformers' and PEFT's names, defined where they are read
+from ..io.checkpoint import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS_PREFIX,
+    CONFIG,
+    GENERATION_CONFIG,
+    PICKLE_INDEX,
+    PICKLE_SINGLE,
+    SAFE_INDEX,
+    SAFE_SINGLE,
+    SIDE_PATTERNS,
+    WEIGHTS_PREFIX,
+)
+
 CARD = "README.md"
 GITATTRIBUTES = ".gitattributes"  # created by the Hub with every repo; never deleted by a push, never copied back
-# Files a merged folder needs besides weights; fetched from the Hub and copied from the base.
-# Never code (*.py): loading it would need trust_remote_code.
-SIDE_PATTERNS = ["*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja"]
 
 # ---- a step folder (see artifacts/state.py for what the state holds)
 STATE_FILE = "contmerge_state.json"
@@ -47,6 +50,13 @@ MODEL_CONFIGS = {CONFIG, GENERATION_CONFIG}  # side files an adapter step must n
 MARKER = ".hf-contmerge.json"
 STEP_RE = re.compile(r"step-([1-9]\d*)")
 PARTIAL_RE = re.compile(r"\.step-[1-9]\d*\.partial-\d+")
+
+__all__ = [  # every file name, including the checkpoint names imported above
+    "ADAPTER_CONFIG", "ADAPTER_WEIGHTS_PREFIX", "CARD", "CONFIG", "GENERATION_CONFIG", "GITATTRIBUTES", "HEADS_DIR",
+    "LEFT", "LOWRANK_PREFIX", "MARKER", "MODEL_CONFIGS", "PASS1_DIR", "PICKLE_INDEX", "PICKLE_SINGLE", "RIGHT",
+    "SAFE_INDEX", "SAFE_SINGLE", "SIDE_PATTERNS", "SKIP_SIDE", "STATE_DIR", "STATE_FILE", "WEIGHTS_PREFIX",
+    "claim", "complete_steps", "fsync_dir", "fsync_tree", "new_partial", "publish", "safe_relative", "step_dir",
+]
 
 
 def fsync_dir(path: Path) -> None:

@@ -6,8 +6,9 @@ resolved commit hash, content fingerprint, how names were aligned, heads, module
 the method's carried scalars, and where its carried float32 tensors are: one safetensors set per
 slot in ``contmerge_state/`` (``{slot}.safetensors`` or sharded with an index), keyed by the
 output's tensor names; tensors carried as low-rank factors (LoRA streams) are in
-``lowrank-{slot}.safetensors`` as ``KEY::left`` and ``KEY::right`` (dense value: base + left @ right). It never holds a token. It holds no timestamp either, so a resumed run
-writes the same bytes as an uninterrupted one.
+``lowrank-{slot}.safetensors`` as ``KEY::left`` and ``KEY::right`` (dense value: base + left @ right).
+It never holds a token. It holds no timestamp either, so a resumed run writes the same bytes as an
+uninterrupted one.
 """
 
 from __future__ import annotations

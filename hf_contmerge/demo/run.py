@@ -42,7 +42,6 @@ def _print_row(row: dict[str, Any], width: int) -> None:
 
 def run_demo(method: str = "opcm", out: Path | None = None, params: dict[str, Any] | None = None, quiet: bool = False) -> dict[str, Any]:
     from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
-
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # keep the printed table readable

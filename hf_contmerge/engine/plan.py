@@ -30,8 +30,8 @@ from ..artifacts.layout import LEFT, LOWRANK_PREFIX, RIGHT, WEIGHTS_PREFIX
 from ..io.safetensors import TensorSpec, iter_row_chunks
 from ..io.writer import PlannedShard, plan_shards
 from ..methods.base import KeyInfo, Method
+from ..methods.lowrank import worth_factoring
 from ..sources.preflight import KeyPlan, StreamPlan
-from .lowrank import worth_factoring
 
 if TYPE_CHECKING:
     from ..artifacts.state import StepState

@@ -31,9 +31,9 @@ from ..io.checkpoint import Checkpoint, TensorIndex
 from ..io.safetensors import SAFE_DTYPES
 from ..io.writer import StreamingWriter
 from ..methods.base import LowRankInputs, Method, StepContext, StepStats, TensorInputs, TensorOutput
+from ..methods.lowrank import LowRank
 from ..sources.preflight import StreamPlan
 from .executor import PIPELINE_CHUNKS, run_units
-from .lowrank import LowRank
 from .plan import StepPlan, WorkUnit
 
 

@@ -263,7 +263,7 @@ class _Hub:
                 return fn()
             except ContMergeError:
                 raise
-            except Exception as error:  # noqa: BLE001 - classified below, re-raised as a safe message
+            except Exception as error:  # any failure: classified below, re-raised as a safe message
                 reason = _describe(error, self.token)
                 if not _is_transient(error):
                     raise _HubCallFailed(reason, _status(error)) from None

@@ -15,9 +15,21 @@ from pathlib import Path
 
 import torch
 
-from ..artifacts.layout import ADAPTER_CONFIG, PICKLE_INDEX, PICKLE_SINGLE, SAFE_INDEX, SAFE_SINGLE
 from ..errors import ContMergeError
 from .safetensors import DTYPE_NAMES, SafetensorsFile, TensorInfo
+
+# What a model folder holds, by transformers' and PEFT's conventions (``artifacts/layout.py`` lists
+# these with every other file name the package uses).
+WEIGHTS_PREFIX = "model"  # model.safetensors, model-0000i-of-0000N.safetensors
+SAFE_SINGLE, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
+PICKLE_SINGLE, PICKLE_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
+CONFIG = "config.json"
+GENERATION_CONFIG = "generation_config.json"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS_PREFIX = "adapter_model"  # adapter_model.safetensors
+# Files a merged folder needs besides weights; fetched from the Hub and copied from the base.
+# Never code (*.py): loading it would need trust_remote_code.
+SIDE_PATTERNS = ["*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja"]
 
 
 class TensorIndex:

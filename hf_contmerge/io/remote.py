@@ -17,9 +17,8 @@ from pathlib import Path
 
 import torch
 
-from ..artifacts.layout import SIDE_PATTERNS
 from ..errors import ContMergeError
-from .checkpoint import Checkpoint, TensorIndex
+from .checkpoint import SIDE_PATTERNS, Checkpoint, TensorIndex
 from .safetensors import TensorInfo
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)?$")
@@ -83,7 +82,8 @@ def hub_errors(spec: SourceSpec) -> Iterator[None]:
         raise ContMergeError(f"Fetching {spec.text} from the Hub failed ({e.__class__.__name__} {status}). Try again later.") from None
 
 
-def fetch(spec: SourceSpec, *, token: str | None = None, allow_pickle: bool = False, revision: str | None = None) -> tuple[Path, str | None]:
+def fetch(spec: SourceSpec, *, token: str | None = None, allow_pickle: bool = False,
+          revision: str | None = None) -> tuple[Path, str | None]:
     """The local folder for ``spec`` (downloaded weights, configs, tokenizer) and its commit hash."""
     if spec.is_local:
         return Path(spec.location), None

@@ -185,7 +185,7 @@ class StreamingWriter:
             offset += s.nbytes
         self._start_file(self.folder / shard.name, _header_blob(header))
         self._headers.append(header)
-        self.weight_map.update({k: shard.name for k in shard.keys})
+        self.weight_map.update(dict.fromkeys(shard.keys, shard.name))
 
     def _open_appended(self) -> None:
         self._close_file()

@@ -36,7 +36,7 @@ Kernels (all tensors float32, on ``ctx.device``):
   first-pass slots it gets are fresh buffers it may overwrite.
 - ``weight(ctx, base, slots) -> Tensor``: the merged weight to publish, from the final slots.
 - Low-rank form: for tensors where ``lowrank_key`` holds and every task vector so far is low-rank
-  (LoRA streams), the engine passes task vectors and slots as :class:`~hf_contmerge.engine.lowrank.LowRank`
+  (LoRA streams), the engine passes task vectors and slots as :class:`~hf_contmerge.methods.lowrank.LowRank`
   factors, slot values being deltas from the base tensor (dense slot = ``base + L @ R``), to
   ``merge_lowrank`` / ``finish_lowrank`` / ``weight_lowrank``. They must give the same results as the
   dense kernels up to float32 rounding; ``weight`` then sees the dense slot rows ``base + L @ R``.
@@ -59,7 +59,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
-from ..engine.lowrank import LowRank
+from .lowrank import LowRank
 
 
 class MethodParams(BaseModel):

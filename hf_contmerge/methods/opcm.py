@@ -25,7 +25,8 @@ copies, and faster than LAPACK's SVD on long matrices such as ``lm_head`` or a 7
 Choices:
 - *Linear weights* are the 2-D weights of ``nn.Linear`` and transposed HF ``Conv1D`` modules,
   found from the module types of the base model built on the meta device (``sources/naming.py``;
-  the engine hands the answer to every kernel as ``linear``), mapped to file names; never from tensor rank (embeddings are 2-D and are not projected). A transposed
+  the engine hands the answer to every kernel as ``linear``), mapped to file names; never from
+  tensor rank (embeddings are 2-D and are not projected). A transposed
   Conv1D weight is projected as stored: the projection commutes with transposition.
 - Every other floating-point tensor (biases, norms, embeddings, convolutions) takes the plain rule
   above; none is skipped (the reference code skips parameters owned by non-leaf modules, a known
@@ -61,9 +62,9 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from ..engine.lowrank import LowRank
 from ..errors import ContMergeError
 from .base import KeyInfo, LowRankInputs, Method, MethodParams, StepContext, StepStats, TensorInputs, TensorOutput
+from .lowrank import LowRank
 from .opcm_kernels import gram_preferred, opcm_project, opcm_project_gram, project_factors_with_svd, sum_sq
 
 

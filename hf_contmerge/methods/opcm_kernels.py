@@ -79,7 +79,7 @@ from typing import overload
 import torch
 from torch import Tensor
 
-from ..engine.lowrank import EPS32, F32, as_f32, check_factors, check_matrix, count_above, thin_svd_from_factors
+from .lowrank import EPS32, F32, as_f32, check_factors, check_matrix, count_above, thin_svd_from_factors
 
 __all__ = [
     "rank_cutoff",

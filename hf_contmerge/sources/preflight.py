@@ -135,7 +135,8 @@ class StreamPlan:
             ick = item.checkpoint
             size = sum(ick.info(k).nbytes for k in ick.keys())
             fetch = f", {_size(item.download_bytes)} to download" if item.download_bytes else ""
-            lines.append(f"step {i:<3} {item.spec.text}  ({_rev(item)}), {item.kind}, {_size(size)}{fetch}, names {plan.alignment.describe()}")
+            lines.append(f"step {i:<3} {item.spec.text}  ({_rev(item)}), {item.kind}, {_size(size)}{fetch}, "
+                         f"names {plan.alignment.describe()}")
             if plan.heads:
                 lines.append(f"       task head kept apart: {', '.join(plan.heads)}")
             if plan.kept_modules:

@@ -12,9 +12,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..artifacts.layout import ADAPTER_CONFIG, SAFE_INDEX, SAFE_SINGLE
 from ..errors import ContMergeError
-from ..io.checkpoint import Checkpoint, TensorIndex, fingerprint
+from ..io.checkpoint import ADAPTER_CONFIG, SAFE_INDEX, SAFE_SINGLE, Checkpoint, TensorIndex, fingerprint
 from ..io.remote import RemoteCheckpoint, SourceSpec, fetch, hub_errors, remote_metadata
 from ..io.safetensors import TensorInfo
 

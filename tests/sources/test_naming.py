@@ -15,8 +15,6 @@ from transformers import (
     T5Config,
 )
 
-from tiny_configs import bert, gpt2, llama, vit
-
 from hf_contmerge.sources.naming import (
     file_layout,
     file_names_for,
@@ -25,6 +23,7 @@ from hf_contmerge.sources.naming import (
     meta_model,
     transposed_linear_file_keys,
 )
+from support.tiny_configs import bert, gpt2, llama, vit
 
 
 def dinov2_swiglu() -> Dinov2Config:

@@ -7,7 +7,7 @@ import json
 import torch
 
 from hf_contmerge import load_task_model
-from tiny_models import bert, bert_classifier, perturb, save, vit, vit_classifier, weights
+from support.tiny_models import bert, bert_classifier, perturb, save, vit, vit_classifier, weights
 
 
 def _classifier_stream(tmp_path, backbone, classifier, labels):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from tiny_models import weights
+from support.tiny_models import weights
 
 TOKEN = "hf_CLIsecret0987654321"
 COMMIT = r"^POST /api/models/org/merged/commit/"

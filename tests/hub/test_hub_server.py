@@ -30,7 +30,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils._runtime import is_xet_available  # the check upload_folder itself makes
 from safetensors import safe_open
 
-from hub_server import HubServer, git_blob_oid, running_hub
+from support.hub_server import HubServer, git_blob_oid, running_hub
 
 REPO = "org/tiny-llama"
 
@@ -86,7 +86,7 @@ def _local_files(folder: Path) -> set[str]:
 
 
 def test_fixture_redirects_clients_imported_before_it(hub_server: HubServer, tmp_path: Path) -> None:
-    assert huggingface_hub.constants.ENDPOINT == hub_server.endpoint
+    assert hub_server.endpoint == huggingface_hub.constants.ENDPOINT
     assert huggingface_hub.constants.HF_HUB_CACHE.startswith(str(tmp_path))
     url = huggingface_hub.create_repo(REPO)  # module-level function bound to the HfApi built at import
     assert url == f"{hub_server.endpoint}/{REPO}" and url.repo_id == REPO
@@ -280,7 +280,7 @@ def test_transformers_api_created_before_the_fixture_is_redirected(tmp_path: Pat
         assert transformers.utils.hub.hf_api() is not stale
         assert transformers.utils.hub.hf_api().endpoint == hub.endpoint
     assert isinstance(model, transformers.LlamaForCausalLM)
-    assert huggingface_hub.constants.ENDPOINT != hub.endpoint  # restored on exit
+    assert hub.endpoint != huggingface_hub.constants.ENDPOINT  # restored on exit
 
 
 def test_peft_adapter_from_a_repo_revision(hub_server: HubServer, tmp_path: Path) -> None:

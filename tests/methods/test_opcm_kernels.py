@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from hf_contmerge.engine.lowrank import add_factored, factored_norm_sq, recompress, thin_svd_from_factors
+from hf_contmerge.methods.lowrank import add_factored, factored_norm_sq, recompress, thin_svd_from_factors
 from hf_contmerge.methods.opcm_kernels import (
     gram_preferred,
     opcm_project,

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from reference import task_arithmetic
-from tiny_models import perturb, weights
+from support.reference import task_arithmetic
+from support.tiny_models import perturb, weights
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import torch
 
 from hf_contmerge.methods.base import Method, TensorOutput
 from hf_contmerge.methods.registry import REGISTRY
-from tiny_models import weights
+from support.tiny_models import weights
 
 
 class UnitTaskVector(Method):

@@ -6,28 +6,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from reference import REFERENCES
-from tiny_models import FAMILIES, weights
-
-METHODS = [
-    ("average", {}),
-    ("task_arithmetic", {"scaling": 0.4}),
-    ("ties", {"scaling": 0.5, "top_k": 0.3}),
-    ("magmax", {"scaling": 0.7}),
-]
-
-
-def _sets(params: dict) -> list[str]:
-    return [a for k, v in params.items() for a in ("--set", f"{k}={v}")]
+from support.reference import DATA_FREE, REFERENCES, set_flags
+from support.tiny_models import FAMILIES, weights
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-@pytest.mark.parametrize("method,params", METHODS, ids=[m for m, _ in METHODS])
+@pytest.mark.parametrize("method,params", DATA_FREE, ids=[m for m, _ in DATA_FREE])
 def test_streamed_equals_reference(tmp_path, streams, cli, family, method, params):
     base, items = streams(family)
     out = tmp_path / "out"
     # a tiny slice budget makes elementwise kernels run on many dim-0 slices of each tensor
-    code, _, err = cli("merge", "--base", base, "--stream", *items, "--method", method, *_sets(params),
+    code, _, err = cli("merge", "--base", base, "--stream", *items, "--method", method, *set_flags(params),
                        "--out", out, "--quiet", "--chunk-mb", "0.002")
     assert code == 0, err
     base_sd = weights(base)
@@ -43,12 +32,12 @@ def test_streamed_equals_reference(tmp_path, streams, cli, family, method, param
             torch.testing.assert_close(got[k].double(), ref[k].double(), atol=2e-6, rtol=1e-5, msg=lambda m: f"step {t} {k}: {m}")
 
 
-@pytest.mark.parametrize("method,params", METHODS, ids=[m for m, _ in METHODS])
+@pytest.mark.parametrize("method,params", DATA_FREE, ids=[m for m, _ in DATA_FREE])
 def test_bf16_stream_carries_float32_state(tmp_path, streams, cli, method, params):
     """bf16 in, bf16 out, but the carried state stays float32: no rounding build-up over the stream."""
     base, items = streams("llama", n=4, dtype=torch.bfloat16)
     out = tmp_path / "out"
-    code, _, err = cli("merge", "--base", base, "--stream", *items, "--method", method, *_sets(params), "--out", out, "--quiet")
+    code, _, err = cli("merge", "--base", base, "--stream", *items, "--method", method, *set_flags(params), "--out", out, "--quiet")
     assert code == 0, err
     ref = REFERENCES[method](weights(base), [weights(i) for i in items], **params)[-1]
     final = out / "step-4"

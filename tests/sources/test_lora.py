@@ -12,10 +12,9 @@ from peft import IA3Config, LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import PretrainedConfig
 
-from tiny_configs import bert, gpt2, llama, vit
-
 from hf_contmerge.errors import ContMergeError
 from hf_contmerge.sources.lora_adapter import AdapterError, LoraAdapter
+from support.tiny_configs import bert, gpt2, llama, vit
 
 LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from golden_steps import CASES, GOLDEN, build_fixtures, run_cases, versions
+from support.golden_steps import CASES, GOLDEN, build_fixtures, run_cases, versions
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +21,7 @@ def test_step_folders_match_recorded_bytes(produced, case):
     golden = json.loads(GOLDEN.read_text())
     if golden["versions"] != versions():
         pytest.fail(f"golden hashes were recorded with {golden['versions']}, this environment has {versions()}: "
-                    "review the change and re-record with `python tests/golden_steps.py record`")
+                    "review the change and re-record with `python tests/support/golden_steps.py record`")
     want, got = golden["cases"][case], produced[case]
     assert sorted(got) == sorted(want), f"{case}: files differ"
     changed = [name for name in want if got[name] != want[name]]

@@ -69,3 +69,16 @@ def ties(base: StateDict, items: list[StateDict], scaling: float = 0.3, top_k: f
 
 
 REFERENCES = {"average": average, "task_arithmetic": task_arithmetic, "magmax": magmax, "ties": ties}
+
+
+# The data-free methods with the non-default parameters the streamed tests use, and their --set flags.
+DATA_FREE = [
+    ("average", {}),
+    ("task_arithmetic", {"scaling": 0.4}),
+    ("ties", {"scaling": 0.5, "top_k": 0.3}),
+    ("magmax", {"scaling": 0.7}),
+]
+
+
+def set_flags(params: dict) -> list[str]:
+    return [a for k, v in params.items() for a in ("--set", f"{k}={v}")]

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoConfig
 
 from hf_contmerge.sources.naming import linear_weight_file_keys
-from tiny_models import weights
+from support.tiny_models import weights
 
 
 def opcm_reference(base, items, linear, alpha=0.5, zero_diagonal=True):

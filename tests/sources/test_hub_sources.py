@@ -6,7 +6,7 @@ import json
 
 import torch
 
-from tiny_models import weights
+from support.tiny_models import weights
 
 
 def _publish(tmp_path, streams, api, n=3):

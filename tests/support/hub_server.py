@@ -123,11 +123,11 @@ _TYPE_BY_SEGMENT = {"models": "model", "datasets": "dataset", "spaces": "space"}
 _URL_PREFIX = {"model": "", "dataset": "datasets/", "space": "spaces/"}
 # The .gitattributes the Hub writes in a new repo's initial commit (shortened: same kind of LFS rules).
 _INITIAL_GITATTRIBUTES = (
-    "*.bin filter=lfs diff=lfs merge=lfs -text\n"
-    "*.pt filter=lfs diff=lfs merge=lfs -text\n"
-    "*.safetensors filter=lfs diff=lfs merge=lfs -text\n"
-    "*.gguf filter=lfs diff=lfs merge=lfs -text\n"
-).encode()
+    b"*.bin filter=lfs diff=lfs merge=lfs -text\n"
+    b"*.pt filter=lfs diff=lfs merge=lfs -text\n"
+    b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"
+    b"*.gguf filter=lfs diff=lfs merge=lfs -text\n"
+)
 _SHA_RE = re.compile(r"[0-9a-f]{40}")
 _SHA_PREFIX_RE = re.compile(r"[0-9a-f]{7,39}")
 _SAFETENSORS_MAX_HEADER = 100_000_000  # refuse absurd header lengths when counting parameters
@@ -179,7 +179,7 @@ class Commit:
     @staticmethod
     def make(
         parents: tuple[str, ...], title: str, message: str, authors: tuple[str, ...], tree: dict[str, str]
-    ) -> "Commit":
+    ) -> Commit:
         """Build a commit dated now; id = sha1 of the canonical JSON payload (content-addressed, like git)."""
         draft = Commit("", parents, title, message, _now_iso(), authors, dict(tree))
         canonical = json.dumps(draft.payload(), sort_keys=True, separators=(",", ":")).encode()
@@ -393,7 +393,7 @@ class _Handler(BaseHTTPRequestHandler):
     """Reads the request (always the whole body), dispatches to the server's routes, writes the reply."""
 
     protocol_version = "HTTP/1.1"  # keep-alive, like the Hub; every reply sets Content-Length
-    server: "_Server"
+    server: _Server
 
     def setup(self) -> None:
         self.timeout = self.server.hub.request_timeout  # per-connection socket timeout
@@ -408,7 +408,7 @@ class _Handler(BaseHTTPRequestHandler):
         finally:
             self.server.track(self.connection, add=False)
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - signature of the base class
+    def log_message(self, format: str, *args: Any) -> None:  # the base class names its argument `format`
         """Silence the default stderr access log; :attr:`HubServer.requests` is the log."""
 
     def _read_body(self) -> bytes:
@@ -456,7 +456,7 @@ class _Server(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, hub: "HubServer") -> None:
+    def __init__(self, hub: HubServer) -> None:
         self.hub = hub
         self._connections: set[socket.socket] = set()
         self._connections_lock = threading.Lock()
@@ -548,7 +548,7 @@ class HubServer:
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 
-    def start(self) -> "HubServer":
+    def start(self) -> HubServer:
         """Bind a free port on 127.0.0.1 and serve in a daemon thread."""
         self._server = _Server(self)
         host, port = self._server.server_address[:2]
@@ -570,7 +570,7 @@ class HubServer:
             self._thread.join(timeout=5)
         self._server = self._thread = None
 
-    def __enter__(self) -> "HubServer":
+    def __enter__(self) -> HubServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -22,9 +22,10 @@ import torch
 from huggingface_hub import HfApi, ModelCard, hf_hub_download
 from transformers import AutoModelForCausalLM
 
+from hf_contmerge.artifacts.layout import step_dir
+from hf_contmerge.artifacts.state import read_state
 from hf_contmerge.cli import main
 from hf_contmerge.errors import ContMergeError
-from hf_contmerge.artifacts.layout import step_dir
 from hf_contmerge.hub.push import (
     MAX_RETRY_AFTER,
     PushTarget,
@@ -37,9 +38,8 @@ from hf_contmerge.hub.push import (
     pushed_steps,
     retry_delay,
 )
-from hf_contmerge.artifacts.state import read_state
-from hub_server import HubServer, git_blob_oid, running_hub
-from tiny_models import make_stream, weights
+from support.hub_server import HubServer, git_blob_oid, running_hub
+from support.tiny_models import make_stream, weights
 
 TOKEN = "hf_SECRETtoken123"
 REPO = "org/m"
@@ -213,7 +213,8 @@ def test_missing_or_rejected_token_refused_before_anything(tmp_path: Path, monke
             check_target(_target(), TOKEN)
         assert [r.status for r in hub.requests] == [401]  # a 401 is not retried
         hub.fail_next("whoami", status=503, count=3)
-        with pytest.raises(ContMergeError, match=r"Could not check --push-to org/m on the Hub \(HTTP 503.*3 attempts\)\. Nothing was computed"):
+        with pytest.raises(ContMergeError,
+                           match=r"Could not check --push-to org/m on the Hub \(HTTP 503.*3 attempts\)\. Nothing was computed"):
             check_target(_target(), TOKEN)
         assert [r.status for r in hub.requests] == [401, 503, 503, 503]
         with monkeypatch.context() as patch:

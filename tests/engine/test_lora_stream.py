@@ -6,46 +6,22 @@ import json
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel
 from transformers import LlamaForCausalLM
 
-from test_methods_streamed import METHODS, _sets
-from tiny_models import llama, save_lora, weights
+from support.reference import DATA_FREE, set_flags
+from support.tiny_models import weights
 
 PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-@pytest.fixture(scope="module")
-def lora_stream(tmp_path_factory):
-    """A tiny Llama base, three LoRA adapters of it (different ranks/targets), and PEFT's merges of them."""
-    root = tmp_path_factory.mktemp("lora")
-    torch.manual_seed(0)
-    base = llama()
-    base.save_pretrained(root / "base")
-    state = {k: v.clone() for k, v in base.state_dict().items()}
-    configs = [
-        LoraConfig(r=4, lora_alpha=8, target_modules=PROJ),
-        LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "lm_head"], use_rslora=True),
-        LoraConfig(r=3, lora_alpha=3, target_modules=["down_proj", "embed_tokens"]),
-    ]
-    adapters, merged = [], []
-    for i, cfg in enumerate(configs):
-        adapters.append(save_lora(base, cfg, 10 + i, root / f"adapter{i}", 0.05))
-        model = LlamaForCausalLM(base.config)
-        model.load_state_dict(state)
-        PeftModel.from_pretrained(model, adapters[-1]).merge_and_unload().save_pretrained(root / f"merged{i}")
-        merged.append(root / f"merged{i}")
-    return root / "base", adapters, merged
-
-
-ALL = [*METHODS, ("opcm", {"alpha": 0.5})]
+ALL = [*DATA_FREE, ("opcm", {"alpha": 0.5})]
 
 
 @pytest.mark.parametrize("method,params", ALL, ids=[m for m, _ in ALL])
 def test_lora_stream_equals_merged_stream(tmp_path, cli, lora_stream, method, params):
     base, adapters, merged = lora_stream
     for name, stream in (("lora", adapters), ("full", merged), ("mixed", [adapters[0], merged[1], adapters[2]])):
-        code, _, err = cli("merge", "--base", base, "--stream", *stream, "--method", method, *_sets(params),
+        code, _, err = cli("merge", "--base", base, "--stream", *stream, "--method", method, *set_flags(params),
                            "--out", tmp_path / name, "--quiet", "--chunk-mb", "0.002")
         assert code == 0, err
     tol = 1e-5 if method == "opcm" else 1e-6  # OPCM's SVDs see τ̄ with different float32 rounding

@@ -17,15 +17,15 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification, BertModel
-from transformers import BertTokenizer
+from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification, BertModel, BertTokenizer
 
 from hf_contmerge.demo import experts, tasks
 from hf_contmerge.demo.evaluate import evaluate
 from hf_contmerge.demo.tasks import Task, load_tasks
 from hf_contmerge.errors import ContMergeError
 
-WORDS = "the a movie film good bad great awful plot review python code robot feel happy sad who what is".split()
+WORDS = ["the", "a", "movie", "film", "good", "bad", "great", "awful", "plot", "review", "python", "code", "robot", "feel",
+         "happy", "sad", "who", "what", "is"]
 
 
 def _pkg(name: str) -> Path:

@@ -1,8 +1,8 @@
 """Golden step folders: every method on tiny models, hashed file by file.
 
-``python tests/golden_steps.py record`` writes ``golden_steps.json`` (the SHA-256 of every file of every
+``python tests/support/golden_steps.py record`` writes ``golden_steps.json`` (the SHA-256 of every file of every
 step folder of every case below, plus the library versions they were made with); the test
-``test_golden_steps`` rebuilds the same cases and asserts the same bytes. The hashes were first
+``tests/engine/test_golden_steps.py`` rebuilds the same cases and asserts the same bytes. The hashes were first
 recorded with the code before the architecture change (86278f0), so a refactor that changes a single
 byte of a weight shard, a carried-state file, the state JSON or the card fails here.
 
@@ -31,8 +31,7 @@ def build_fixtures(root: Path) -> None:
     """Tiny models saved under ``root``: Llama (fp32 and bf16), GPT-2, BERT with classifiers, LoRA adapters."""
     from peft import LoraConfig
 
-    sys.path.insert(0, str(HERE))
-    from tiny_models import bert, bert_classifier, llama, make_stream, perturb, save, save_lora
+    from support.tiny_models import bert, bert_classifier, llama, make_stream, perturb, save, save_lora
 
     make_stream(root, "llama", 3)
     make_stream(root, "gpt2", 2)
@@ -117,6 +116,8 @@ def versions() -> dict[str, str]:
 
 if __name__ == "__main__" and sys.argv[1:] == ["record"]:
     import tempfile
+
+    sys.path.insert(0, str(HERE.parent))  # run as a script: make ``support`` importable
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with tempfile.TemporaryDirectory() as tmp:

@@ -17,8 +17,8 @@ from peft import LoraConfig, PeftModel
 from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 
-from real_llama import smollm2_folder
-from tiny_models import save_lora
+from support.real_llama import smollm2_folder
+from support.tiny_models import save_lora
 
 TARGETS = (["q_proj", "v_proj", "down_proj"], ["q_proj", "o_proj", "up_proj"])
 

@@ -17,8 +17,7 @@ from peft import LoraConfig
 from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 
-from test_lora_stream import lora_stream  # noqa: F401 (fixture)
-from tiny_models import llama, perturb, save, save_lora, weights
+from support.tiny_models import llama, perturb, save, save_lora, weights
 
 PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RANK = 4

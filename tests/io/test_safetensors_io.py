@@ -1,0 +1,122 @@
+"""The validating reader and the streaming writer against the safetensors library and transformers."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from hf_contmerge.io.safetensors import SafetensorsFile, TensorSpec, iter_row_chunks
+from hf_contmerge.io.writer import StreamingWriter, plan_shards
+from support.tiny_models import weights
+
+
+def test_sharded_writer_round_trip(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "b.weight": torch.randn(7, 5, generator=g),
+        "a.bias": torch.randn(5, generator=g).to(torch.bfloat16),
+        "c.ids": torch.arange(6, dtype=torch.int64),
+        "scalar": torch.tensor(3.5, dtype=torch.float16),
+        "empty": torch.zeros(0, 4),
+    }
+    specs = [TensorSpec(k, tuple(v.shape), {torch.float32: "F32", torch.bfloat16: "BF16", torch.int64: "I64",
+                                             torch.float16: "F16"}[v.dtype]) for k, v in tensors.items()]
+    writer = StreamingWriter.planned(tmp_path, specs, plan_shards(specs, 100))
+    for key in writer.sequence:
+        t = tensors[key]
+        for rows in iter_row_chunks(tuple(t.shape), t.element_size(), 24):
+            writer.write(key, t if rows is None else t[rows[0]:rows[1]])
+    files = writer.close()
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(tensors)
+    assert index["metadata"]["total_size"] == sum(v.numel() * v.element_size() for v in tensors.values())
+    loaded = {}
+    for f in files:
+        if f.suffix == ".safetensors":
+            loaded.update(load_file(f))  # the safetensors library accepts what we wrote
+            assert SafetensorsFile(f).metadata == {"format": "pt"}
+    assert loaded.keys() == tensors.keys()
+    for k, v in tensors.items():
+        assert torch.equal(loaded[k], v), k
+
+
+def test_append_writer_round_trip(tmp_path):
+    """Shapes known only on arrival (low-rank factors): whole tensors, chunked ones, empty ones, shards."""
+    g = torch.Generator().manual_seed(1)
+    tensors = {
+        "w::left": torch.randn(6, 3, generator=g),
+        "w::right": torch.randn(3, 0, generator=g),
+        "chunked": torch.randn(8, 2, generator=g).to(torch.bfloat16),
+        "x::left": torch.randn(2, 9, generator=g),
+    }
+    writer = StreamingWriter.appended(tmp_path, [*tensors, "never.written"], max_shard_size=60, prefix="lowrank-merged",
+                                      shapes={"chunked": (8, 2)})
+    for key, t in tensors.items():
+        for rows in ([(0, 3), (3, 8)] if key == "chunked" else [None]):
+            writer.write(key, t if rows is None else t[rows[0]:rows[1]])
+    files = writer.close()
+    index = json.loads((tmp_path / "lowrank-merged.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(tensors) and len({f for f in files if f.suffix == ".safetensors"}) > 1
+    loaded = {}
+    for f in files:
+        if f.suffix == ".safetensors":
+            loaded.update(load_file(f))
+            assert set(SafetensorsFile(f).tensors) <= set(tensors)  # our validating reader accepts the padding
+    for k, v in tensors.items():
+        assert torch.equal(loaded[k], v), k
+    assert not list(tmp_path.glob(".*partial"))
+
+
+def test_writers_with_nothing_planned_leave_valid_empty_files(tmp_path):
+    StreamingWriter.planned(tmp_path, [], [], prefix="merged").close()
+    StreamingWriter.appended(tmp_path, ["a"], prefix="lowrank-merged").close()
+    assert load_file(tmp_path / "merged.safetensors") == {} and load_file(tmp_path / "lowrank-merged.safetensors") == {}
+
+
+def test_reader_rows_equal_slices(tmp_path):
+    t = torch.randn(9, 4, 3)
+    save_file({"x": t, "y": torch.ones(2)}, tmp_path / "m.safetensors")
+    f = SafetensorsFile(tmp_path / "m.safetensors")
+    assert torch.equal(f.read("x"), t)
+    assert torch.equal(f.read("x", (2, 7)), t[2:7])
+    f.close()
+
+
+def test_sharded_output_loads_with_transformers(tmp_path, streams, cli):
+    from transformers import AutoModelForCausalLM
+
+    base, items = streams("llama")
+    out = tmp_path / "out"
+    code, _, err = cli("merge", "--base", base, "--stream", *items, "--method", "average", "--shard-size", "30KB",
+                       "--out", out, "--quiet")
+    assert code == 0, err
+    step = out / "step-3"
+    assert len(list(step.glob("model-*-of-*.safetensors"))) > 2 and (step / "model.safetensors.index.json").is_file()
+    model = AutoModelForCausalLM.from_pretrained(step)
+    ref = {k: sum(weights(i)[k] for i in items) / 3 for k in weights(base)}
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, ref[k])
+    # the carried state is sharded the same way and reads back as the published weights (float32)
+    assert (step / "contmerge_state" / "merged.safetensors.index.json").is_file()
+    carried = {}
+    for f in (step / "contmerge_state").glob("merged-*.safetensors"):
+        carried.update(load_file(f))
+    assert carried.keys() == ref.keys()
+    for k, v in weights(step).items():
+        assert torch.equal(carried[k], v), k  # float32 model: state and weights are the same numbers
+
+
+def test_sharded_input_is_read(tmp_path, streams, cli):
+    from transformers import AutoModelForCausalLM
+
+    base, items = streams("llama")
+    sharded = tmp_path / "sharded-ft"
+    AutoModelForCausalLM.from_pretrained(items[0]).save_pretrained(sharded, max_shard_size="20KB")
+    out = tmp_path / "out"
+    code, _, err = cli("merge", "--base", base, "--stream", sharded, "--method", "average", "--out", out, "--quiet")
+    assert code == 0, err
+    assert weights(out / "step-1").keys() == weights(items[0]).keys()
+    for k, v in weights(items[0]).items():
+        assert torch.equal(weights(out / "step-1")[k], v)
