@@ -3,8 +3,8 @@
 A :class:`TensorIndex` answers ``keys()``, ``info(key)`` (shape and dtype from the headers alone) and
 ``read(key, rows)``; it never holds a whole model. :class:`Checkpoint` is one folder's weights
 (safetensors single or sharded; pickles only when the user opts in, since unpickling runs code).
-Other implementations: a Hub checkpoint known from its headers (``remote.py``), a LoRA adapter over
-its base (``sources/lora.py``), a step's carried state (``artifacts/folder.py``).
+Other implementations: tensors in memory (:class:`TensorDict`), a Hub checkpoint known from its
+headers (``remote.py``), a LoRA adapter over its base (``sources/lora.py``).
 """
 
 from __future__ import annotations
@@ -64,6 +64,19 @@ class TensorIndex:
 
     def close(self) -> None:
         """Release open files; the default holds none."""
+
+
+class TensorDict(TensorIndex):
+    """Tensors held in memory, answering like a checkpoint (calibration statistics, a model being trained)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self._tensors = dict(tensors)
+        self._info = {k: TensorInfo(DTYPE_NAMES[t.dtype], tuple(t.shape), 0, t.numel() * t.element_size())
+                      for k, t in self._tensors.items()}
+
+    def read(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        t = self._tensors[key]
+        return (t if rows is None or t.dim() == 0 else t[rows[0] : rows[1]]).clone()
 
 
 class Checkpoint(TensorIndex):

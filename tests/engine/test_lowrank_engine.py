@@ -131,6 +131,16 @@ def test_dense_previous_step_continues_dense(tmp_path, cli, adapters):
     _assert_same(tmp_path / "o", tmp_path / "ref", 2)
 
 
+def test_factored_run_resumed_dense(tmp_path, cli, adapters):
+    """--lowrank may change on resume: a factored state resumed with off is expanded, and goes on dense."""
+    base, items, _ = adapters
+    _run(cli, base, items[:2], tmp_path / "o")
+    _run(cli, base, items[:3], tmp_path / "o", "--resume", "--lowrank", "off")
+    assert _state(tmp_path / "o/step-3")["lowrank"] == {} and _state(tmp_path / "o/step-3")["options"]["lowrank"] == "off"
+    _run(cli, base, items[:3], tmp_path / "ref")
+    _assert_same(tmp_path / "o", tmp_path / "ref", 3)
+
+
 # ---------------------------------------------------------------- --output-format adapter
 def _peft_merged(base: Path, adapter: Path) -> dict[str, torch.Tensor]:
     """What a user gets: PEFT loads the published adapter on the base and merges it."""
@@ -232,3 +242,16 @@ def test_api_loads_an_adapter_step_as_the_merged_model(tmp_path, cli, adapters):
         got = model.state_dict()
         for k, v in want.items():
             torch.testing.assert_close(got[k], v, atol=2e-6, rtol=1e-4, msg=lambda m: f"{k}: {m}")
+
+
+def test_max_rank_may_change_on_resume(tmp_path, cli, adapters):
+    """--max-rank changes only what a step publishes; the carried state is exact, so a resume may change it."""
+    base, items, _ = adapters
+    out = tmp_path / "o"
+    _run(cli, base, items[:2], out, "--output-format", "adapter", "--max-rank", "6")
+    _run(cli, base, items[:3], out, "--resume", "--output-format", "adapter", "--max-rank", "3")
+    assert [_state(out / f"step-{t}")["output"]["max_rank"] for t in (2, 3)] == [6, 3]
+    assert json.loads((out / "step-3" / "adapter_config.json").read_text())["r"] <= 3
+    _run(cli, base, items[:3], tmp_path / "ref", "--output-format", "adapter", "--max-rank", "3")
+    for name in ("contmerge_state/lowrank-merged.safetensors", "adapter_model.safetensors"):
+        assert (out / "step-3" / name).read_bytes() == (tmp_path / "ref" / "step-3" / name).read_bytes(), name

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -91,6 +92,7 @@ def test_resume_with_other_settings_is_refused(tmp_path, cli, streams):
         ([*_merge_args(base, items, out)[:-3], "--set", "scaling=0.1", "--out", out, "--quiet"], "parameters"),
         (_merge_args(base, [items[1], items[0], *items[2:]], out), "stream so far"),
         ([*_merge_args(base, items, out), "--dtype", "bfloat16"], "--dtype"),
+        ([*_merge_args(base, items, out), "--seed", "3"], "--seed"),
     ]:
         code, _, err = cli(*args, "--resume")
         assert code == 2 and needle in err, err
@@ -121,3 +123,16 @@ def test_api_continues_a_cli_run(tmp_path, cli, reference_run):
         _same_files(out / f"step-{t}", ref / f"step-{t}")
     model = merger.model()
     assert type(model).__name__ == "LlamaForCausalLM"
+
+
+def test_options_free_on_resume_are_recorded_per_step(tmp_path, cli, streams):
+    """--shard-size (and --lowrank, --output-format, --max-rank) may change on resume: each step records its own."""
+    base, items = streams("llama", n=3)
+    out = tmp_path / "out"
+    assert cli(*_merge_args(base, items[:2], out))[0] == 0
+    code, _, err = cli(*_merge_args(base, items, out), "--shard-size", "20KB", "--resume")
+    assert code == 0, err
+    options = [json.loads((out / f"step-{t}" / "contmerge_state.json").read_text())["options"] for t in (2, 3)]
+    assert options[0]["shard_size"] == "5GB" and options[1]["shard_size"] == "20KB"
+    assert (out / "step-3" / "model.safetensors.index.json").is_file() and not (out / "step-2" / "model.safetensors.index.json").exists()
+    assert "--shard-size 20KB" in (out / "step-3" / "README.md").read_text()  # the card reproduces what it was made with
