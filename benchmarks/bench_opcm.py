@@ -6,7 +6,7 @@ over the model. The SVDs
 are the irreducible cost; everything else (reading, projecting, two passes, writing) is overhead.
 This script times, in one run on the same machine and thread count:
 
-1. the SVDs alone: ``linalg.thin_svd`` on float32 random matrices of every linear weight's shape,
+1. the SVDs alone: ``methods.opcm_kernels.thin_svd`` on float32 random matrices of every linear weight's shape,
    each timed once, summed;
 2. ``hf-contmerge merge --method opcm`` step 2 (the first step with projections) on a synthetic
    stream (``make_synthetic.py``), as a subprocess, with its wall time and peak RSS (``wait4``),

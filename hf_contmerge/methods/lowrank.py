@@ -65,7 +65,7 @@ class LowRank:
 
     def compressed(self, max_rank: int | None = None) -> tuple[LowRank, float]:
         """Re-factored to its numerical rank (at most ``max_rank``) in SVD form ``(U·s, Vh)``, and the
-        squared Frobenius norm dropped (``linalg.recompress``)."""
+        squared Frobenius norm dropped (:func:`recompress`)."""
         left, right, dropped = recompress(self.left, self.right, max_rank)
         return LowRank(left, right), dropped
 

@@ -11,7 +11,7 @@ Runs before a byte is written, and refuses every mismatch there:
   copied from the base.
 - **Task heads** are tensors an item has and the base does not, outside the backbone (e.g. a
   ``classifier``), or tensors outside the backbone whose shape differs from the base's. They are
-  not merged: every step keeps each seen item's head under ``task_heads/`` (see ``heads.py``).
+  not merged: every step keeps each seen item's head under ``task_heads/`` (see ``artifacts/heads.py``).
 - **Modules the item lacks altogether** (ViT classifiers have no ``pooler``) keep the base's values
   for that item (its task vector is zero there); this is reported and written in the card.
 - **Refused:** a different ``model_type`` or vocabulary size, an item key inside the backbone that the
