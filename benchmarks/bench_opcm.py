@@ -15,7 +15,12 @@ This script times, in one run on the same machine and thread count:
 
 Target (issue): step time within 20 % of the SVD sum, peak RSS under 3 GiB.
 
+``--git-ref REF`` (repeatable) measures those commits instead of the working tree, each from a
+snapshot of the package (``bench_stream.snapshot_package``), kernel by kernel in turn, so two
+versions are compared side by side in one run.
+
     python benchmarks/bench_opcm.py --depth 1 --scratch /work/bench-scratch
+    python benchmarks/bench_opcm.py --depth 1 --git-ref 86278f0 --git-ref HEAD
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_stream import insert_section, machine, run_measured
+from bench_stream import insert_section, machine, run_measured, snapshot_package
 from make_synthetic import ensure, llama_config, llama_shapes
 
 from hf_contmerge.methods.opcm_kernels import thin_svd
@@ -73,38 +78,58 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=1)
     parser.add_argument("--scratch", type=Path, default=Path("/work/bench-scratch"))
     parser.add_argument("--results", type=Path, default=Path(__file__).parent / "RESULTS.md")
+    parser.add_argument("--git-ref", dest="refs", action="append", default=[],
+                        help="commit to measure (repeatable; default: the working tree as installed)")
     args = parser.parse_args()
     folders = ensure(args.scratch / f"llama-d{args.depth}-opcm", args.depth, 2)
     base, items = folders[0], folders[1:]
     here = Path(__file__).parent.parent
+    # name -> (environment, working directory, description); a snapshot runs outside the repo, or
+    # ``python -m`` would import the repo's package (the working directory comes first on sys.path)
+    codes = {"worktree": ({}, here, f"commit {commit()} (working tree)")} if not args.refs else {}
+    for ref in args.refs:
+        code = snapshot_package(ref, args.scratch / f"opcm-code-{len(codes)}")
+        codes[ref] = (code.env(), args.scratch, code.source)
     load_before = load()
     runs = {}
     for kernel in ("svd", "auto"):
-        out = args.scratch / f"opcm-d{args.depth}-{kernel}-out"
-        if out.exists():
-            shutil.rmtree(out)
-        cli = [sys.executable, "-m", "hf_contmerge.cli", "merge", "--base", str(base), "--method", "opcm",
-               "--set", f"kernel={kernel}", "--out", str(out), "--quiet"]
-        step1 = run_measured([*cli, "--stream", str(items[0])], {}, here)
-        step2 = run_measured([*cli, "--stream", *map(str, items), "--resume"], {}, here)
-        runs[kernel] = (step1, step2)
+        for name, (env, cwd, _) in codes.items():
+            out = args.scratch / f"opcm-d{args.depth}-{kernel}-out"
+            if out.exists():
+                shutil.rmtree(out)
+            cli = [sys.executable, "-m", "hf_contmerge.cli", "merge", "--base", str(base), "--method", "opcm",
+                   "--set", f"kernel={kernel}", "--out", str(out), "--quiet"]
+            step1 = run_measured([*cli, "--stream", str(items[0])], env, cwd)
+            step2 = run_measured([*cli, "--stream", *map(str, items), "--resume"], env, cwd)
+            runs[name, kernel] = (step1, step2)
+            print(f"{name} {kernel}: step 1 {step1[0]:.1f} s, step 2 {step2[0]:.1f} s, {step2[1] / 2**20:.2f} GiB", flush=True)
     svd = svd_seconds(args.depth)
     rows = [
-        "| depth | kernel | SVDs alone (s) | OPCM step 2 wall (s) | overhead | step 2 peak RSS | step 1 wall (s) | step 1 peak RSS |",
-        "|---|---|---|---|---|---|---|---|",
+        "| code | depth | kernel | SVDs alone (s) | OPCM step 2 wall (s) | overhead | step 2 peak RSS | step 1 wall (s) "
+        "| step 1 peak RSS |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for kernel, (step1, step2) in runs.items():
+    for (name, kernel), (step1, step2) in runs.items():
         rows.append(
-            f"| {args.depth} | {kernel} | {svd:.1f} | {step2[0]:.1f} | {100 * (step2[0] / svd - 1):+.0f} % | "
+            f"| {name} | {args.depth} | {kernel} | {svd:.1f} | {step2[0]:.1f} | {100 * (step2[0] / svd - 1):+.0f} % | "
             f"{step2[1] / 2**20:.2f} GiB | {step1[0]:.1f} | {step1[1] / 2**20:.2f} GiB |"
         )
     rows.append("")
-    rows.append(f"Step 2, auto against svd kernel (same run): time {runs['auto'][1][0] / runs['svd'][1][0]:.2f}x, "
-                f"peak RSS {runs['auto'][1][1] / runs['svd'][1][1]:.2f}x.")
+    for name in codes:
+        rows.append(f"Step 2 of {name}, auto against svd kernel (same run): time "
+                    f"{runs[name, 'auto'][1][0] / runs[name, 'svd'][1][0]:.2f}x, "
+                    f"peak RSS {runs[name, 'auto'][1][1] / runs[name, 'svd'][1][1]:.2f}x.")
+    if len(codes) == 2:
+        a, b = codes
+        for kernel in ("svd", "auto"):
+            rows.append(f"Kernel {kernel}, {b} against {a}: step 2 time {runs[b, kernel][1][0] / runs[a, kernel][1][0]:.2f}x, "
+                        f"step 1 time {runs[b, kernel][0][0] / runs[a, kernel][0][0]:.2f}x, "
+                        f"step 2 peak RSS {runs[b, kernel][1][1] / runs[a, kernel][1][1]:.2f}x.")
+    sources = "; ".join(f"`{name}` = {source}" for name, (_, _, source) in codes.items())
     block = "\n".join([
         f"### {date.today().isoformat()}: depth {args.depth}",
         "",
-        f"Command: `python benchmarks/bench_opcm.py --depth {args.depth}`. Code: commit {commit()} (working tree). "
+        f"Command: `python benchmarks/bench_opcm.py {' '.join(sys.argv[1:])}`. Code: {sources}. "
         f"Machine: {machine()}. Load before / after: {load_before} / {load()}.",
         "",
         *rows,

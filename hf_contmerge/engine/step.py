@@ -217,15 +217,15 @@ class StepWriter:
         kp = self.kp[key]
         if not kp.merged:  # copied from the base (integer buffers), in the output dtype
             return [(weights, name, raw["base"].to(out_dtype))]
-        base = raw["base"].to(self.device, torch.float32)
         if u.form == "rows":
-            factors = self.factors[1]
-            slots = {s: base + f.rows(u.rows) for s, f in factors.items()}
+            base = raw["base"].to(self.device, torch.float32)
+            slots = {s: base + f.rows(u.rows) for s, f in self.factors[1].items()}
             return [(weights, name, method.weight(ctx, base, slots).to(out_dtype))]
         if self.first:
+            base = raw["base"].to(self.device, torch.float32)
             slots = method.finish(ctx, base, {s: t.to(self.device, torch.float32) for s, t in raw["first"].items()})
         else:
-            base, slots = self._merge_dense(ctx, stats, u, raw)
+            base, slots = self._merge_dense(ctx, stats, u, raw)  # converts the base once, itself
         out = [(state[s], key, slots[s].float()) for s in plan.slots]
         weight = method.weight(ctx, base, slots).to(out_dtype)
         if name is None:  # an adapter leaves this tensor at the base: it must be the base, bit for bit

@@ -21,4 +21,5 @@ class Average(Method):
     def merge(self, ctx: StepContext, x: TensorInputs) -> TensorOutput:
         if x.prev is None:
             return TensorOutput({"merged": x.item})  # θ1 itself: the item's buffer is ours (see Method)
-        return TensorOutput({"merged": (x.prev["merged"] * (ctx.step - 1) + x.item) / ctx.step})
+        # in the previous slot's buffer (ours, see Method): the same bits as ((t − 1)·θ(t−1) + θt)/t, no temporaries
+        return TensorOutput({"merged": x.prev["merged"].mul_(ctx.step - 1).add_(x.item).div_(ctx.step)})

@@ -27,4 +27,5 @@ class TaskArithmetic(Method):
 
     def merge(self, ctx: StepContext, x: TensorInputs) -> TensorOutput:
         start = x.base if x.prev is None else x.prev["merged"]
-        return TensorOutput({"merged": start + self.params.scaling * (x.item - x.base)})
+        # in the item's buffer (ours, see Method): the same bits as start + λ·(θt − θ0), no temporaries
+        return TensorOutput({"merged": x.item.sub_(x.base).mul_(self.params.scaling).add_(start)})
