@@ -182,26 +182,25 @@ def plan_step(stream: StreamPlan, item_index: int, step: int, previous: StepStat
     weight_shards = tuple(plan_shards(weight_specs, options.shard_bytes, WEIGHTS_PREFIX))
     shard_of = {k: shard.name for shard in weight_shards for k in shard.keys}
 
-    def chunks(kp: KeyPlan) -> list[tuple[int, int] | None]:
-        if kp.key in factored or (kp.merged and not method.can_slice(info[kp.key])):
-            return [None]
-        return list(iter_row_chunks(kp.shape, CHUNK_ITEMSIZE, chunk_bytes))
+    published = (lambda key: key) if adapter is None else adapter.published_name
 
     def dense(kp: KeyPlan, final: bool) -> list[WorkUnit]:
-        heavy = kp.merged and not method.can_slice(info[kp.key])
-        return [WorkUnit(kp.key, rows, "dense", numel(kp.shape, rows), shard_of.get(kp.key) if final else None, heavy)
-                for rows in chunks(kp)]
+        whole = kp.merged and not method.can_slice(info[kp.key])  # the kernel needs the whole tensor (an SVD)
+        cuts = [None] if whole else iter_row_chunks(kp.shape, CHUNK_ITEMSIZE, chunk_bytes)
+        return [WorkUnit(kp.key, rows, "dense", numel(kp.shape, rows), shard_of.get(kp.key) if final else None, whole)
+                for rows in cuts]
+
+    def factors(kp: KeyPlan) -> WorkUnit:
+        return WorkUnit(kp.key, None, "factored", numel(kp.shape, None), None, heavy=True)
 
     passes: list[tuple[WorkUnit, ...]] = []
     if method.two_pass:
-        passes.append(tuple(u for kp in merged for u in (
-            [WorkUnit(kp.key, None, "factored", numel(kp.shape, None), None, True)] if kp.key in factored
-            else dense(kp, final=False))))
+        passes.append(tuple(u for kp in merged for u in ([factors(kp)] if kp.key in factored else dense(kp, final=False))))
     final: list[WorkUnit] = []
     for kp in stream.keys:
         if kp.key in factored:
-            final.append(WorkUnit(kp.key, None, "factored", numel(kp.shape, None), None, True))
-            if (adapter.published_name(kp.key) if adapter else kp.key) is not None:  # an adapter publishes factors, no rows
+            final.append(factors(kp))
+            if published(kp.key) is not None:  # an adapter publishes the factors themselves, no rows
                 final += [WorkUnit(kp.key, rows, "rows", numel(kp.shape, rows), shard_of.get(kp.key))
                           for rows in iter_row_chunks(kp.shape, CHUNK_ITEMSIZE, chunk_bytes)]
         elif kp.merged or adapter is None:

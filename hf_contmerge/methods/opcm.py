@@ -109,6 +109,7 @@ class OPCM(Method):
                 tau = opcm_project(tau_bar, tau, p.alpha, p.zero_diagonal, diagonal_in_null_space=False)
         # pass 1: the unscaled task vector, built in τ̄'s buffer (whole 7B matrices: one temporary fewer)
         unscaled = tau_bar.mul_(float(ctx.scalars["lambda"])).add_(tau)
+        del tau  # the SVD route's projection is a buffer of its own: gone before the norm is taken
         return TensorOutput({"merged": unscaled}, {"tau_sq": tau_sq, "unscaled_sq": sum_sq(unscaled)},
                             {"projected": True} if projected else {})
 
