@@ -133,6 +133,7 @@ def cmd_inspect(ns: argparse.Namespace) -> int:
 def cmd_demo(ns: argparse.Namespace) -> int:
     from .demo.run import run_demo
 
+    logging.getLogger("hf_contmerge").setLevel(logging.WARNING)  # the demo prints its own table, step by step
     run_demo(method=ns.method, out=ns.out, params=_parse_set(ns.set or []), quiet=ns.quiet)
     return 0
 
