@@ -65,7 +65,7 @@ Choices
   is formed (about the time of the SVD alone there; :func:`gram_preferred` says where it wins).
 * Low-rank streams (LoRA): the merged task vector of one linear weight is kept as factors
   ``tau_bar = L @ R`` (L: m x q, R: q x n). Its thin SVD comes from QR of ``L`` and ``R^T`` and the
-  SVD of the small core ``R_L R_R^T`` (:func:`thin_svd_from_factors`), O((m + n) q^2) instead of
+  SVD of the small core ``R_L R_R^T`` (``lowrank.thin_svd_from_factors``), O((m + n) q^2) instead of
   O(m n min(m, n)); ``tau'`` is returned as factors too, so no m x n matrix is ever formed.
   Directions whose singular value is at most ``max(m, n) * eps32 * ||L||_2 * ||R||_2`` are
   treated as zero (see :func:`thin_svd_from_factors`).
