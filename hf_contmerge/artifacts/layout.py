@@ -14,6 +14,8 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import ContMergeError
@@ -55,7 +57,7 @@ __all__ = [  # every file name, including the checkpoint names imported above
     "ADAPTER_CONFIG", "ADAPTER_WEIGHTS_PREFIX", "CARD", "CONFIG", "GENERATION_CONFIG", "GITATTRIBUTES", "HEADS_DIR",
     "LEFT", "LOWRANK_PREFIX", "MARKER", "MODEL_CONFIGS", "PASS1_DIR", "PICKLE_INDEX", "PICKLE_SINGLE", "RIGHT",
     "SAFE_INDEX", "SAFE_SINGLE", "SIDE_PATTERNS", "SKIP_SIDE", "STATE_DIR", "STATE_FILE", "WEIGHTS_PREFIX",
-    "claim", "complete_steps", "fsync_dir", "fsync_tree", "new_partial", "publish", "safe_relative", "step_dir",
+    "claim", "complete_steps", "exclusive", "fsync_dir", "fsync_tree", "new_partial", "publish", "safe_relative", "step_dir",
 ]
 
 
@@ -112,8 +114,51 @@ def complete_steps(out: Path) -> list[int]:
     return sorted(steps)
 
 
+@contextmanager
+def exclusive(out: Path) -> Iterator[None]:
+    """Hold ``out`` for one run: an exclusive ``flock`` on the folder itself, for the whole run.
+
+    A second run on the same ``--out`` (or the same command twice) stops at once with a clear
+    message, instead of removing the first run's step in progress as a leftover. The folder is
+    created if needed; a run that wrote no step into a new folder (refused before or during its
+    first step) removes its marker again, and the folder if it created it. ``flock`` is advisory and local to one machine (on a network
+    filesystem it may not reach other machines); without ``fcntl`` (Windows) no lock is taken.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ContMergeError(f"--out {out} is a file. Give a folder (new, empty, or an earlier hf-contmerge output).")
+    created = not out.exists()
+    marked = (out / MARKER).exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ContMergeError(f"--out {out} cannot be created ({e.strerror}). Choose a folder you can write.") from None
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        try:
+            import fcntl
+        except ImportError:
+            fcntl = None
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise ContMergeError(
+                    f"--out {out} is being written by another hf-contmerge run right now. Wait for it to finish "
+                    "(then --resume continues after its last step), or choose another --out. Nothing was written."
+                ) from None
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+        if not marked and out.is_dir() and {p.name for p in out.iterdir()} <= {MARKER}:  # no step came of this run
+            (out / MARKER).unlink(missing_ok=True)
+            if created:
+                out.rmdir()
+
+
 def claim(out: Path) -> None:
-    """Create ``out`` if needed and mark it as ours; remove partial steps of killed runs."""
+    """Create ``out`` if needed and mark it as ours; remove partial steps of killed runs (the run holds
+    :func:`exclusive`, so no other run is writing one)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     marker = out / MARKER

@@ -68,7 +68,15 @@ class Engine:
 
     # ------------------------------------------------------------------ whole runs
     def run(self) -> list[StepResult]:
-        """Pre-flight the whole stream, then write every missing step. Returns the steps written."""
+        """Pre-flight the whole stream, then write every missing step. Returns the steps written.
+
+        A run that may write holds ``--out`` for itself (``layout.exclusive``) from start to end."""
+        if self.options.dry_run:
+            return self._run()
+        with layout.exclusive(self.options.out):
+            return self._run()
+
+    def _run(self) -> list[StepResult]:
         opts = self.options
         if not opts.stream:
             raise ContMergeError("No stream items: give at least one fine-tune with --stream (or `stream:` in the recipe).")

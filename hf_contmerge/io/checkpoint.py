@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -30,6 +31,26 @@ ADAPTER_WEIGHTS_PREFIX = "adapter_model"  # adapter_model.safetensors
 # Files a merged folder needs besides weights; fetched from the Hub and copied from the base.
 # Never code (*.py): loading it would need trust_remote_code.
 SIDE_PATTERNS = ["*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja"]
+
+
+def refuse_outside_links(folder: Path, root: Path, label: str) -> None:
+    """Refuse a source folder holding a symbolic link whose target lies outside ``root``.
+
+    ``root`` is the folder itself for a local source, and the repo's folder of the Hub cache for a Hub
+    snapshot (whose files are links into the repo's ``blobs/``). Whatever a step copies from a source
+    (tokenizer and processor files, configs) ends up in every step and on the Hub, and its weights are
+    read as the source's: a link out of the source would carry a file of the user's machine there.
+    """
+    root = Path(root).resolve()
+    for dirpath, dirnames, filenames in os.walk(folder):  # links to folders are listed, not followed
+        for name in (*dirnames, *filenames):
+            path = Path(dirpath) / name
+            if path.is_symlink() and not path.resolve().is_relative_to(root):
+                raise ContMergeError(
+                    f"{label}: {path.relative_to(folder)} is a symbolic link to {path.resolve()}, outside the source "
+                    "folder. hf-contmerge reads and copies nothing from outside a source (it would end up in every "
+                    "step and on the Hub): replace the link with the file itself, or remove it. Nothing was written."
+                )
 
 
 class TensorIndex:

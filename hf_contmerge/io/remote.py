@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ContMergeError
-from .checkpoint import SIDE_PATTERNS, Checkpoint, TensorIndex
+from .checkpoint import SIDE_PATTERNS, Checkpoint, TensorIndex, refuse_outside_links
 from .safetensors import TensorInfo
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)?$")
@@ -84,16 +84,31 @@ def hub_errors(spec: SourceSpec) -> Iterator[None]:
 
 def fetch(spec: SourceSpec, *, token: str | None = None, allow_pickle: bool = False,
           revision: str | None = None) -> tuple[Path, str | None]:
-    """The local folder for ``spec`` (downloaded weights, configs, tokenizer) and its commit hash."""
+    """The local folder for ``spec`` (downloaded weights, configs, tokenizer) and its commit hash.
+
+    A folder holding a link to a file outside it is refused (:func:`~.checkpoint.refuse_outside_links`);
+    a Hub snapshot's links into its own repo's ``blobs/`` are what the cache is made of."""
     if spec.is_local:
-        return Path(spec.location), None
+        folder = Path(spec.location)
+        refuse_outside_links(folder, _links_root(folder), f"source {spec.text!r}")
+        return folder, None
     from huggingface_hub import snapshot_download
 
     patterns = ["*.safetensors", *SIDE_PATTERNS] + (["*.bin"] if allow_pickle else [])
     with hub_errors(spec):
         folder = Path(snapshot_download(spec.location, revision=revision or spec.revision, allow_patterns=patterns, token=token))
+    refuse_outside_links(folder, _links_root(folder), f"source {spec.text!r}")
     # snapshot_download returns .../snapshots/<commit hash>
     return folder, folder.name if re.fullmatch(r"[0-9a-f]{40}", folder.name) else None
+
+
+def _links_root(folder: Path) -> Path:
+    """Where a source's links may point: its own folder, or for a snapshot of the Hub cache
+    (``models--org--name/snapshots/<commit>``, downloaded or given as a local path) the repo's folder,
+    whose ``blobs/`` hold the files the snapshot links to."""
+    if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"):
+        return folder.parent.parent
+    return folder
 
 
 class RemoteCheckpoint(TensorIndex):
