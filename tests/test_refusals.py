@@ -165,6 +165,8 @@ def test_nonfinite_refused_when_met_and_allowed_on_request(tmp_path, cli, llama_
     (["--set", "scaling=-1"], ["scaling", "greater than 0", "defaults"]),
     (["--set", "top_k=0.5"], ["top_k", "Extra inputs", "scaling=0.3"]),
     (["--set", "scaling"], ["KEY=VALUE"]),
+    (["--set", "scaling=.inf"], ["scaling", "finite"]),
+    (["--set", "scaling=.nan"], ["scaling", "finite"]),
 ])
 def test_invalid_parameters(cli, llama_stream, sets, needles):
     base, items, out = llama_stream

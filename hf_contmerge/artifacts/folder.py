@@ -119,7 +119,8 @@ def load_step(folder: str | Path, **from_pretrained_kwargs: Any):
 
     A step published as a PEFT adapter (``--output-format adapter``) is loaded on the base it records
     (its local folder, or its Hub repo at the recorded commit) and merged with PEFT's
-    ``merge_and_unload``, so the result is the same plain transformers model either way.
+    ``merge_and_unload``, so the result is the same plain transformers model either way. Remote code
+    runs only if the caller passes ``trust_remote_code=True``.
     """
     from transformers import AutoConfig, AutoModel
 
@@ -132,8 +133,12 @@ def load_step(folder: str | Path, **from_pretrained_kwargs: Any):
         revision = {} if spec.is_local else {"revision": base.get("revision") or spec.revision}
         model = load_step(spec.location, **revision, **from_pretrained_kwargs)
         return PeftModel.from_pretrained(model, folder).merge_and_unload()
-    config = AutoConfig.from_pretrained(folder, revision=from_pretrained_kwargs.get("revision"))
-    return (architecture_class(config) or AutoModel).from_pretrained(folder, **from_pretrained_kwargs)
+    trust = from_pretrained_kwargs.pop("trust_remote_code", False)  # never by default; never a prompt
+    config = AutoConfig.from_pretrained(folder, revision=from_pretrained_kwargs.get("revision"), trust_remote_code=trust)
+    cls = architecture_class(config)
+    if cls is None:
+        return AutoModel.from_pretrained(folder, trust_remote_code=trust, **from_pretrained_kwargs)
+    return cls.from_pretrained(folder, **from_pretrained_kwargs)
 
 
 def load_task_model(step_folder: str | Path, task: int, **from_pretrained_kwargs):

@@ -53,7 +53,7 @@ def task_model(backbone: Path, folder: Path, task: int, from_pretrained_kwargs: 
     from transformers import AutoConfig
     from transformers.utils import logging as hf_logging
 
-    config = AutoConfig.from_pretrained(folder)
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
     arch, cls = (config.architectures or [None])[0], architecture_class(config)
     if cls is None:
         raise ContMergeError(f"Task head {task} declares architecture {arch!r}, which transformers does not have.")

@@ -63,9 +63,9 @@ from .lowrank import LowRank
 
 
 class MethodParams(BaseModel):
-    """Base of every method's parameters: unknown names are errors, values are immutable."""
+    """Base of every method's parameters: unknown names are errors, values are immutable and finite."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 @dataclass(frozen=True)

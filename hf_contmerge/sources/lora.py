@@ -72,7 +72,7 @@ def open_adapter(folder: Path, label: str, base_folder: Path, base_location: str
     from transformers import AutoConfig
 
     try:
-        base_config = AutoConfig.from_pretrained(base_folder)
+        base_config = AutoConfig.from_pretrained(base_folder, trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise ContMergeError(f"{label} is a LoRA adapter, which needs the base's config.json to place it ({e}).") from None
     try:

@@ -57,6 +57,20 @@ def read_config(folder: Path) -> dict:
         raise ContMergeError(f"{path} is not valid JSON ({e}). Re-download or re-save the model.") from None
 
 
+def refuse_remote_code(config: dict, label: str) -> dict:
+    """A model whose config names its own code (``auto_map``: ``configuration_*.py``/``modeling_*.py``
+    shipped with it) is refused: hf-contmerge never runs code from a model folder or repo, and never
+    lets transformers ask whether to (every loader gets ``trust_remote_code=False``)."""
+    if isinstance(config, dict) and config.get("auto_map"):
+        names = ", ".join(sorted(config["auto_map"])) if isinstance(config["auto_map"], dict) else "auto_map"
+        raise ContMergeError(
+            f"{label} needs custom code: its config.json maps {names} to Python files of its own (auto_map). "
+            "hf-contmerge never runs code from a model, so it cannot build or check this architecture. Use a "
+            "model whose architecture transformers itself defines. Nothing was written."
+        )
+    return config
+
+
 def resolve(
     text: str, *, token: str | None = None, allow_pickle: bool = False, role: str = "source", base: ResolvedSource | None = None,
     lazy: bool = False,
@@ -86,7 +100,7 @@ def resolve(
                     begin, end = t.data_offsets
                     tensors[key] = TensorInfo(t.dtype, tuple(t.shape), begin, end)
             checkpoint = RemoteCheckpoint(spec, sha, tensors, token, allow_pickle)
-            source = ResolvedSource(spec, Path(), "full", sha, sha[:16], config, checkpoint)
+            source = ResolvedSource(spec, Path(), "full", sha, sha[:16], refuse_remote_code(config, label), checkpoint)
             source.download_bytes = sum(files[n] for n in weights)
             return source
     folder, revision = fetch(spec, token=token, allow_pickle=allow_pickle)
@@ -98,6 +112,7 @@ def resolve(
         location = None if base.spec.is_local else base.spec.location
         checkpoint = open_adapter(folder, label, base.ensure_local(), location, base.checkpoint, allow_pickle)
         return ResolvedSource(spec, folder, "lora", revision, adapter_fingerprint(folder), dict(base.config), checkpoint)
+    config = refuse_remote_code(read_config(folder), label)
     checkpoint = Checkpoint.open(folder, allow_pickle=allow_pickle, label=label)
     return ResolvedSource(spec, folder, "full", revision, revision[:16] if revision else fingerprint(checkpoint),
-                          read_config(folder), checkpoint)
+                          config, checkpoint)
