@@ -12,6 +12,7 @@ API writes is what the CLI writes, and either can continue the other's ``out`` f
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ class ContinualMerger:
     (format: ``artifacts.folder.record_evaluation``).
     """
 
-    def __init__(self, base: str, method: str, out: str | Path, params: dict[str, Any] | None = None,
+    def __init__(self, base: str | os.PathLike[str], method: str, out: str | os.PathLike[str], params: dict[str, Any] | None = None,
                  evaluate: Callable[[StepResult], dict[str, Any]] | None = None, **options: Any):
         options.setdefault("quiet", True)
         self.evaluate = evaluate
@@ -60,14 +61,22 @@ class ContinualMerger:
     def last_step_folder(self) -> Path | None:
         return layout.step_dir(self.options.out, self.steps) if self.history else None
 
-    def step(self, source: str) -> StepResult:
+    def step(self, source: str | os.PathLike[str]) -> StepResult:
         """Merge one more fine-tune (folder or Hub id) and write the next step folder."""
+        source = os.fspath(source)
+        done = layout.complete_steps(self.options.out)
+        if done != list(range(1, self.steps + 1)):
+            found = f"steps {done[0]}..{done[-1]}" if done else "no step"
+            raise ContMergeError(
+                f"{self.options.out} changed under this merger: it should hold steps 1..{self.steps}, and it holds {found}. "
+                "Nothing was written. Make a new ContinualMerger (resume=True continues whatever the folder holds)."
+            )
         opts = self.options.model_copy(update={"stream": [*self.history, source], "resume": bool(self.history) or self.options.resume})
         (result,) = Engine(opts, hooks=step_hooks(opts, self.evaluate)).run()
         self.history.append(source)
         return result
 
-    def run(self, sources: list[str]) -> list[StepResult]:
+    def run(self, sources: list[str | os.PathLike[str]]) -> list[StepResult]:
         return [self.step(s) for s in sources]
 
     def model(self, **from_pretrained_kwargs: Any):

@@ -19,6 +19,7 @@ resume compares them (:meth:`MergeOptions.resume_conflicts`). Each says whether 
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -51,7 +52,7 @@ def _recorded(resume: Literal["same", "free"]) -> dict[str, Any]:
 
 
 class MergeOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     base: str = Field(description="base model: a local folder or a Hub repo id ORG/NAME[@REVISION]")
     stream: list[str] = Field(default_factory=list, description="fine-tunes to merge, in order (folders or Hub repo ids)")
@@ -75,7 +76,7 @@ class MergeOptions(BaseModel):
     max_rank: int | None = Field(None, ge=1, description="with --output-format adapter: truncate each published "
                                  "delta to this rank (best approximation; the error is reported in the card; the "
                                  "carried state stays exact)", json_schema_extra=_recorded("free"))
-    chunk_mb: float = Field(16, gt=0, description="slice size (MiB, float32) for elementwise kernels on large tensors")
+    chunk_mb: float = Field(16, gt=0, le=2**20, description="slice size (MiB, float32) for elementwise kernels on large tensors")
     resume: bool = Field(False, description="continue the run in --out after its last complete step")
     resume_from: str | None = Field(None, description="continue from a step published on the Hub, ORG/NAME[@REV] "
                                     "(e.g. @step-3); the --stream must start with the items that step holds")
@@ -95,6 +96,19 @@ class MergeOptions(BaseModel):
     push_retries: int = Field(5, ge=0, description="retries (with exponential backoff) of a failed push")
     token: SecretStr | None = Field(None, description="Hub token (default: HF_TOKEN or the saved login); never written anywhere",
                                     exclude=True)
+
+    @field_validator("base", "stream", "resume_from", mode="before")
+    @classmethod
+    def _sources(cls, v: Any) -> Any:
+        """Sources given as ``os.PathLike`` (the API) are recorded as the text of their path."""
+        if isinstance(v, (list, tuple)):
+            return [os.fspath(x) if isinstance(x, os.PathLike) else x for x in v]
+        return os.fspath(v) if isinstance(v, os.PathLike) else v
+
+    @field_validator("shard_size", mode="before")
+    @classmethod
+    def _shard_size_int(cls, v: Any) -> Any:
+        return str(v) if isinstance(v, int) and not isinstance(v, bool) else v  # bytes, from a recipe or the API
 
     @field_validator("shard_size")
     @classmethod
@@ -186,13 +200,20 @@ class MergeOptions(BaseModel):
 def load_recipe(path: Path) -> dict[str, Any]:
     """A YAML recipe: a mapping whose keys are MergeOptions field names (``params`` a mapping)."""
     try:
-        data = yaml.safe_load(Path(path).read_text())
+        data = yaml.safe_load(Path(path).read_bytes().decode("utf-8"))
     except FileNotFoundError:
         raise ContMergeError(f"Recipe {path} does not exist.") from None
+    except IsADirectoryError:
+        raise ContMergeError(f"Recipe {path} is a folder; give the YAML file (see recipes/).") from None
+    except UnicodeDecodeError as e:
+        raise ContMergeError(f"Recipe {path} is not UTF-8 text (byte {e.start}); save it as UTF-8.") from None
     except yaml.YAMLError as e:
         raise ContMergeError(f"Recipe {path} is not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ContMergeError(f"Recipe {path} must be a mapping of option names to values (see recipes/).")
+    if not isinstance(data.get("params", {}), dict):
+        raise ContMergeError(f"Recipe {path}: `params` must be a mapping of method parameters to values "
+                             f"(e.g. `params: {{scaling: 0.5}}`), not {data['params']!r}.")
     unknown = sorted(set(data) - set(MergeOptions.model_fields) - {"token"})
     if unknown:
         raise ContMergeError(f"Recipe {path} has unknown keys {unknown}; known: {sorted(MergeOptions.model_fields)}.")

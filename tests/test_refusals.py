@@ -10,20 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from support.refusal import merge as _merge
+from support.refusal import refused as _refused
 from support.tiny_models import bert, llama, perturb, save, weights
-
-
-def _merge(cli, base, items, out, *extra, method="task_arithmetic"):
-    return cli("merge", "--base", base, "--stream", *items, "--method", method, "--out", out, "--quiet", *extra)
-
-
-def _refused(result, *needles):
-    code, _, err = result
-    assert code == 2, err
-    assert "Traceback" not in err
-    for n in needles:
-        assert n in err, f"{n!r} not in {err!r}"
-    return err
 
 
 @pytest.fixture

@@ -11,7 +11,9 @@ into a partial folder (``step.py``), completes the folder (side files, heads, st
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import shutil
 from collections.abc import Sequence
 from contextlib import ExitStack
@@ -36,6 +38,17 @@ from .plan import ModelFacts, StepPlan, plan_step
 from .step import StepResult, StepWriter
 
 logger = logging.getLogger(__name__)
+
+
+def _io_refusal(e: OSError, out: Path) -> ContMergeError:
+    """An operating-system error while a step was written, as a message: which file, why, what to do."""
+    why = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded", errno.EROFS: "the filesystem is read-only",
+           errno.EACCES: "permission denied", errno.EPERM: "operation not permitted"}.get(e.errno, e.strerror or str(e))
+    where = f" on {e.filename}" if e.filename else ""
+    return ContMergeError(
+        f"The run stopped: {why}{where}. The step being written was removed; complete steps in --out {out} are intact. "
+        "Fix the cause (free space, or a folder you can write) and rerun with --resume to finish."
+    )
 
 
 def resolve_device(name: str) -> torch.device:
@@ -71,10 +84,30 @@ class Engine:
         """Pre-flight the whole stream, then write every missing step. Returns the steps written.
 
         A run that may write holds ``--out`` for itself (``layout.exclusive``) from start to end."""
+        self._check_out()
         if self.options.dry_run:
             return self._run()
         with layout.exclusive(self.options.out):
-            return self._run()
+            try:
+                return self._run()
+            except OSError as e:  # a full disk, a read-only or unwritable --out, a failing device
+                raise _io_refusal(e, self.options.out) from None
+
+    def _check_out(self) -> None:
+        """``--out`` may be neither a dangling link nor inside a local source: each step copies the base's
+        files, and a source would read the steps written into it."""
+        out = Path(self.options.out)
+        if out.is_symlink() and not out.exists():
+            raise ContMergeError(f"--out {out} is a symbolic link to {os.readlink(out)}, which does not exist. Create the "
+                                 "target folder, or give another --out. Nothing was written.")
+        resolved = out.resolve()
+        for role, text in (("--base", self.options.base), *(("--stream item", s) for s in self.options.stream)):
+            folder = Path(os.path.expanduser(text))
+            if folder.is_dir() and resolved.is_relative_to(folder.resolve()):
+                raise ContMergeError(
+                    f"--out {out} is inside the {role} folder {text!r}: every step would copy and read what earlier "
+                    "steps wrote there. Give an --out outside every source folder. Nothing was written."
+                )
 
     def _run(self) -> list[StepResult]:
         opts = self.options
@@ -181,6 +214,7 @@ class Engine:
                 f"--resume: step {k} in {opts.out} carries low-rank factors written by a development version of "
                 "hf-contmerge (state format 1), which this version does not read. Recompute the run into a new --out."
             )
+        self._check_carried_scalars(previous)
         asked = self.method.params.model_dump()
         problems = []
         if previous.method != opts.method:
@@ -198,6 +232,20 @@ class Engine:
                 f"--resume: {opts.out} step {k} was made with other settings: {'; '.join(problems)}. "
                 "Resume with the same base, method, parameters, options and stream prefix, or choose another --out."
             )
+
+    def _check_carried_scalars(self, previous: StepState) -> None:
+        """The scalars the method carries (``init_scalars`` names them) must be in the state, of their type."""
+        if previous.method != self.method.name:
+            return  # _check_resume refuses the other method itself
+        where = f"--resume: step {previous.step} in {self.options.out}"
+        for name, initial in self.method.init_scalars().items():
+            if name not in previous.scalars:
+                raise ContMergeError(f"{where} lacks the scalar {name!r} that {self.method.name} carries from step to step "
+                                     "(its contmerge_state.json is damaged). Remove that step folder and resume.")
+            value, kind = previous.scalars[name], float if isinstance(initial, float) else type(initial)
+            if isinstance(value, bool) != isinstance(initial, bool) or not isinstance(value, (int, float) if kind is float else kind):
+                raise ContMergeError(f"{where} carries scalar {name!r} = {value!r}, not a {kind.__name__} (its "
+                                     "contmerge_state.json is damaged). Remove that step folder and resume.")
 
     # ------------------------------------------------------------------ one step
     def write_step(self, stream: StreamPlan, plan: StepPlan, previous: StepState | None) -> StepResult:

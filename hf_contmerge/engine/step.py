@@ -94,6 +94,7 @@ class StepWriter:
                     self.prev[slot] = stack.enter_context(closing(open_slot(prev_folder, slot)))
                     if (factored := open_lowrank(prev_folder, slot)) is not None:
                         self.prev_lowrank[slot] = stack.enter_context(closing(factored))
+                self._check_previous(prev_folder)
             weights = self._weights_writer(partial)
             state = self._slot_writers(partial / STATE_DIR)
             total = sum(math.prod(kp.shape) if kp.shape else 1 for kp in plan.keys)
@@ -122,6 +123,32 @@ class StepWriter:
                 w.close()
         self.written.scalars = dict(ctx.scalars)
         return self.written
+
+    def _check_previous(self, prev_folder: Path) -> None:
+        """Every merged tensor's carried slots must be in the previous step, float32, in this plan's shapes
+        (dense, or factors ``(rows, r)`` and ``(r, cols)``): a damaged state is refused before any work."""
+        for slot in self.plan.slots:
+            dense, factored = self.prev[slot], self.prev_lowrank.get(slot)
+            for kp in self.plan.keys:
+                if not kp.merged:
+                    continue
+                if factored is not None and kp.key + LEFT in factored:
+                    left = factored.info(kp.key + LEFT)
+                    right = factored.info(kp.key + RIGHT) if kp.key + RIGHT in factored else None
+                    fits = right is not None and len(kp.shape) == 2 and left.shape[:1] == kp.shape[:1] and \
+                        right.shape[1:] == kp.shape[1:] and left.shape[1:] == right.shape[:1] and left.dtype == right.dtype == "F32"
+                    found = f"factors {left.shape} and {right.shape if right else 'none'}"
+                elif kp.key in dense:
+                    info = dense.info(kp.key)
+                    fits, found = info.shape == kp.shape and info.dtype == "F32", f"{info.dtype} {list(info.shape)}"
+                else:
+                    fits, found = False, "nothing"
+                if not fits:
+                    raise ContMergeError(
+                        f"--resume: the carried state {slot!r} of {prev_folder} holds {found} for tensor {kp.key!r}, "
+                        f"expected float32 {list(kp.shape)}: the step is damaged or was made on another base. Remove "
+                        "that step folder and resume from the one before, or start a new --out. Nothing was written."
+                    )
 
     def _run(self, units: tuple[WorkUnit, ...], handle, bar: tqdm, pass_index: int) -> None:
         final = pass_index == len(self.plan.passes) - 1
@@ -206,12 +233,16 @@ class StepWriter:
                 slots = method.finish_lowrank(ctx, {s: f.to(self.device) for s, f in raw["first"].items()})
             else:
                 slots = self._merge_lowrank(ctx, stats, u, raw).slots
+            for s, f in slots.items():
+                self._checked(key, f.left, torch.float32, slot=s)
+                self._checked(key, f.right, torch.float32, slot=s)
             self.factors = (key, slots)
             self.written.ranks[key] = max(f.rank for f in slots.values())
             out = [(state[LOWRANK_PREFIX + s], name, t) for s in plan.slots for name, t in _factor_tensors(key, slots[s])]
             export = self.written.adapter
             if export is not None and key in export.plan.lora_keys:
-                out += [(weights, name, t) for name, t in export.lora_tensors(key, method.weight_lowrank(ctx, slots), out_dtype)]
+                out += [(weights, name, self._checked(key, t, out_dtype))
+                        for name, t in export.lora_tensors(key, method.weight_lowrank(ctx, slots), torch.float32)]
             return out
         name = plan.published_name(key)
         kp = self.kp[key]
@@ -220,20 +251,36 @@ class StepWriter:
         if u.form == "rows":
             base = raw["base"].to(self.device, torch.float32)
             slots = {s: base + f.rows(u.rows) for s, f in self.factors[1].items()}
-            return [(weights, name, method.weight(ctx, base, slots).to(out_dtype))]
+            return [(weights, name, self._checked(key, method.weight(ctx, base, slots), out_dtype))]
         if self.first:
             base = raw["base"].to(self.device, torch.float32)
             slots = method.finish(ctx, base, {s: t.to(self.device, torch.float32) for s, t in raw["first"].items()})
         else:
             base, slots = self._merge_dense(ctx, stats, u, raw)  # converts the base once, itself
-        out = [(state[s], key, slots[s].float()) for s in plan.slots]
-        weight = method.weight(ctx, base, slots).to(out_dtype)
+        out = [(state[s], key, self._checked(key, slots[s], torch.float32, slot=s)) for s in plan.slots]
+        weight = self._checked(key, method.weight(ctx, base, slots), out_dtype)
         if name is None:  # an adapter leaves this tensor at the base: it must be the base, bit for bit
             if not torch.equal(weight, base.to(out_dtype)):
                 raise ContMergeError(f"internal: {key!r} changed although no adapter touched it; use --output-format full "
                                      "and report this.")
             return out
         return [*out, (weights, name, weight)]
+
+    def _checked(self, key: str, value: torch.Tensor, dtype: torch.dtype, slot: str | None = None) -> torch.Tensor:
+        """``value`` in ``dtype``, refused when a value is not finite (unless --allow-nonfinite): the inputs
+        were checked, so it is an overflow of the method's arithmetic, or of the output dtype's range."""
+        out = value.to(dtype)
+        if self.allow_nonfinite or finite(out):
+            return out
+        what = f"the carried state {slot!r}" if slot else "the merged weight"
+        if finite(value):
+            why = (f"its values exceed the range of {str(dtype).removeprefix('torch.')} (largest "
+                   f"{torch.finfo(dtype).max:g}); write a wider dtype (--dtype bfloat16 or float32)")
+        else:
+            why = ("the method's arithmetic overflowed float32 (inputs or parameters too large, e.g. --set scaling); "
+                   "check the parameters and the items' scale")
+        raise ContMergeError(f"step {self.plan.step}: {what} of tensor {key!r} has NaN or Inf values: {why}. "
+                             f"Step {self.plan.step} was not written (--allow-nonfinite writes it anyway).")
 
     def _merge_lowrank(self, ctx: StepContext, stats: StepStats, u: WorkUnit, raw: dict[str, Any]) -> TensorOutput:
         prev = {s: f.to(self.device) for s, f in raw["prev"].items()} if raw["prev"] else None
@@ -252,14 +299,18 @@ class StepWriter:
 
         # pop: the stored-dtype buffers go as soon as their float32 copies exist (whole 32000 x 4096 lm_head)
         base = f32(raw.pop("base"))
+        if not self.allow_nonfinite and not finite(base):
+            raise ContMergeError(
+                f"the base {self.stream.base.spec.text!r} has NaN or Inf values in tensor {u.key!r}, which would reach every "
+                f"step. Step {self.plan.step} was not written. Use a base without them, or pass --allow-nonfinite."
+            )
         raw_item = raw.pop("item")
         if raw_item is None:  # the item lacks this whole module: its task vector is zero here
             item = base.clone()  # a buffer of its own: kernels may overwrite ``item``
         else:
             item = f32(raw_item)
             del raw_item
-            # a NaN/Inf anywhere makes the sum non-finite: one reduction, then the exact check to confirm
-            if not self.allow_nonfinite and not math.isfinite(item.sum()) and not bool(torch.isfinite(item).all()):
+            if not self.allow_nonfinite and not finite(item):
                 raise ContMergeError(
                     f"stream item {self.item.spec.text!r} has NaN or Inf values in tensor "
                     f"{kp.item_keys[self.plan.item_index]!r}. Step {self.plan.step} was not written. Fix or drop the item, "
@@ -273,6 +324,12 @@ class StepWriter:
                                                   _on(raw.pop("extra"), self.device)))
         stats.add(u.key, out)
         return base, out.slots
+
+
+def finite(t: torch.Tensor) -> bool:
+    """Whether every value of a float tensor is finite: one reduction (a NaN/Inf makes the sum non-finite),
+    and the exact check only when the sum says otherwise (finite values may overflow a low-precision sum)."""
+    return not t.is_floating_point() or math.isfinite(t.sum()) or bool(torch.isfinite(t).all())
 
 
 def _on(tensors: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

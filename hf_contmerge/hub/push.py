@@ -54,6 +54,7 @@ from .._version import __version__
 from ..artifacts.layout import GITATTRIBUTES, STATE_FILE, step_dir
 from ..artifacts.state import StepState, read_state
 from ..errors import ContMergeError
+from ..io.remote import hub_offline
 
 logger = logging.getLogger(__name__)
 
@@ -384,8 +385,13 @@ def check_target(target: PushTarget, token: str | None, steps: Iterable[int] = (
     ``target.allow_existing``; a repo that already has the tag of a step this run will compute. ``steps``:
     the steps this run will compute (not those already complete); in the per-step layout they name the repos.
     A repo holding another hf-contmerge run is accepted here (the tags decide later). Network failures,
-    after retries, are a ContMergeError too.
+    after retries, are a ContMergeError too, and so is offline mode (``HF_HUB_OFFLINE``), at once.
     """
+    if hub_offline():
+        raise ContMergeError(
+            f"--push-to {target.repo} needs the Hub, but HF_HUB_OFFLINE is set. Nothing was computed. Unset HF_HUB_OFFLINE "
+            "to push, or run without --push-to and push later: the same command with --resume pushes the steps not yet on the Hub."
+        )
     hub = _Hub(target, token, log or logger.warning)
     steps = sorted(set(steps))
     repos = [target.repo] if target.layout == "single" else [target.repo_for(s) for s in steps]

@@ -10,13 +10,13 @@ headers (``remote.py``), a LoRA adapter over its base (``sources/lora.py``).
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 
 import torch
 
 from ..errors import ContMergeError
+from . import schemas
 from .safetensors import DTYPE_NAMES, SafetensorsFile, TensorInfo
 
 # What a model folder holds, by transformers' and PEFT's conventions (``artifacts/layout.py`` lists
@@ -145,10 +145,7 @@ class Checkpoint(TensorIndex):
 
     @staticmethod
     def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as e:  # torch raises many types for a bad pickle
-            raise ContMergeError(f"{path} could not be read as a PyTorch checkpoint ({e}). Re-save it.") from None
+        return load_pickle(path)
 
     def file_of(self, key: str) -> Path:
         where = self._where[key]
@@ -169,11 +166,31 @@ class Checkpoint(TensorIndex):
         self._pickle_cache = None
 
 
-def _index_files(index: Path, label: str) -> list[str]:
+def load_pickle(path: Path, mmap: bool = True) -> dict[str, torch.Tensor]:
+    """An opted-in pickle checkpoint, read with torch's ``weights_only`` unpickler (tensors and plain
+    containers only): one that asks for anything else is refused as unsafe, even with the opt-in."""
+    import pickle
+
     try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ContMergeError(f"{index} in {label} is not a valid shard index ({e}). Re-download or re-save it.") from None
+        data = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+        raise ContMergeError(
+            f"{path} is refused as unsafe even with --allow-pickle: it asks the unpickler for more than tensors "
+            f"({first[:200]}). Such a file can run code when loaded. Get the model as safetensors from its author."
+        ) from None
+    except Exception as e:  # torch raises many types for a damaged file
+        raise ContMergeError(f"{path} could not be read as a PyTorch checkpoint ({e.__class__.__name__}: "
+                             f"{str(e)[:200]}). Re-save it, preferably as safetensors.") from None
+    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in data.items()):
+        raise ContMergeError(f"{path} is not a state dict (a mapping of tensor names to tensors). Re-save it with "
+                             "save_pretrained, preferably as safetensors.")
+    return data
+
+
+def _index_files(index: Path, label: str) -> list[str]:
+    fix = "Re-download or re-save the model (save_pretrained writes it)."
+    weight_map = schemas.load(schemas.ShardIndex, index, f"{label}: shard index", fix).weight_map
     names = sorted(set(weight_map.values()))
     for name in names:
         if Path(name).name != name or name in (".", ".."):

@@ -4,16 +4,22 @@ A source is written ``PATH`` (an existing local folder) or ``ORG/NAME[@REVISION]
 fetched with ``huggingface_hub.snapshot_download``: only weights, configs and tokenizer files,
 honouring ``HF_HUB_OFFLINE`` and the usual cache). The resolved commit hash is recorded so a card
 and a resume can say exactly what went in. huggingface_hub is imported only where a Hub call is made.
+
+Every Hub call runs inside :func:`hub_errors`, which turns whatever it raises (typed Hub errors,
+offline mode, an unreachable server, an answer that is not a Hub API response) into one
+:class:`ContMergeError` naming the source.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import torch
 
@@ -22,6 +28,16 @@ from .checkpoint import SIDE_PATTERNS, Checkpoint, TensorIndex, refuse_outside_l
 from .safetensors import TensorInfo
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)?$")
+COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
+
+
+def hub_offline() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) is set: Hub sources then come from the local
+    Hub cache only. huggingface_hub reads the variable once, at import, into ``constants.HF_HUB_OFFLINE``,
+    and its own guard reads that constant at call time; so does this."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
 
 
 @dataclass(frozen=True)
@@ -49,20 +65,84 @@ class SourceSpec:
             )
         return cls(text, location, revision or None, False)
 
+    @property
+    def cache_only(self) -> bool:
+        """A Hub source that can only come from the local Hub cache (:func:`hub_offline`): no metadata call
+        can be made for it, only ``snapshot_download``, which returns the cached snapshot."""
+        return not self.is_local and hub_offline()
+
+
+def hub_endpoint() -> str:
+    """The Hub endpoint calls go to (``HF_ENDPOINT``), without any user:password part, for messages."""
+    from huggingface_hub import constants
+
+    try:
+        parts = urlsplit(str(constants.ENDPOINT))
+        host = f"[{parts.hostname}]" if parts.hostname and ":" in parts.hostname else parts.hostname  # IPv6
+        host = f"{host}:{parts.port}" if host and parts.port else host
+    except ValueError:  # a malformed HF_ENDPOINT: say so rather than echo it
+        return "HF_ENDPOINT (malformed)"
+    return f"{parts.scheme}://{host}{parts.path}".rstrip("/") if host else "HF_ENDPOINT (malformed)"
+
+
+def not_a_hub_answer(spec: SourceSpec, what: str) -> ContMergeError:
+    """The refusal for an answer from the Hub that hf-contmerge cannot use (``what``: which kind of failure)."""
+    return ContMergeError(
+        f"Fetching {spec.text} failed: the Hub at {hub_endpoint()} answered something that is not a Hub API response "
+        f"({what}). Check HF_ENDPOINT (it must point at the Hub or a Hub mirror, not at a proxy or a login page), "
+        f"or try again later; if it repeats once the Hub answers again, clear the repo from the Hub cache "
+        f"(`hf cache rm model/{spec.location}`)."
+    )
+
+
+def _module_errors(module_name: str, names: tuple[str, ...]) -> tuple[type[BaseException], ...]:
+    """Exception classes of an HTTP library, if it was imported (if not, nothing can have raised them)."""
+    module = sys.modules.get(module_name)
+    return tuple(c for n in names if isinstance(c := getattr(module, n, None), type) and issubclass(c, BaseException))
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """Connection failures and timeouts of whichever HTTP library huggingface_hub uses (httpx2 in 2.x,
+    httpx in 1.x, requests before), when they escape its calls untyped."""
+    return (ConnectionError, TimeoutError, *_module_errors("httpx2", ("TransportError",)),
+            *_module_errors("httpx", ("TransportError",)), *_module_errors("requests", ("ConnectionError", "Timeout")))
+
+
+def _garbage_errors() -> tuple[type[BaseException], ...]:
+    """What huggingface_hub's parsing raises on an answer that is not JSON, or JSON of another shape (its own
+    ``assert`` on a missing ``sha`` included), and the HTTP libraries' other errors (undecodable bodies,
+    redirect loops). Only Hub calls run inside :func:`hub_errors`, so these are never our own bugs."""
+    from huggingface_hub.errors import SafetensorsParsingError
+
+    return (ValueError, KeyError, TypeError, AttributeError, AssertionError, SafetensorsParsingError,
+            *_module_errors("httpx2", ("HTTPError",)), *_module_errors("httpx", ("HTTPError",)),
+            *_module_errors("requests", ("RequestException",)))
+
 
 @contextmanager
 def hub_errors(spec: SourceSpec) -> Iterator[None]:
-    """Turn huggingface_hub's exceptions into one clear message (never echoing a token)."""
+    """Turn what a Hub call raises into one :class:`ContMergeError` naming ``spec`` and the fix.
+
+    Wrap Hub calls only: besides huggingface_hub's typed errors, offline mode and connection failures, an
+    answer that is not a Hub API response (not JSON, JSON of another shape, names a client refuses) surfaces
+    as ``ValueError``/``KeyError``/``TypeError``/... from inside huggingface_hub, and is reported as such.
+    Messages are built from the source, the endpoint (without credentials) and exception class names,
+    never from an exception's text, so a token never shows.
+    """
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
+        HFValidationError,
         LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
 
     try:
         yield
+    except ContMergeError:
+        raise
     except GatedRepoError:
         raise ContMergeError(f"{spec.text} is gated: accept its terms on the Hub and pass --token (or log in).") from None
     except RepositoryNotFoundError:
@@ -72,14 +152,37 @@ def hub_errors(spec: SourceSpec) -> Iterator[None]:
         ) from None
     except RevisionNotFoundError:
         raise ContMergeError(f"Revision {spec.revision!r} of {spec.location} does not exist. Check the branch/tag/commit.") from None
-    except LocalEntryNotFoundError:
+    except LocalEntryNotFoundError as e:  # also IncompleteSnapshotError (a partial snapshot; by name: recent versions only)
+        if hub_offline():
+            raise ContMergeError(
+                f"{spec.text} is not {'fully ' if e.__class__.__name__ == 'IncompleteSnapshotError' else ''}in the local "
+                "Hub cache, and HF_HUB_OFFLINE is set. Download it first where the Hub can be reached "
+                f"(`hf download {spec.location}`{f' --revision {spec.revision}' if spec.revision else ''}, with the same "
+                "HF_HOME / HF_HUB_CACHE), unset HF_HUB_OFFLINE, or give a local folder."
+            ) from None
         raise ContMergeError(
             f"{spec.text} is not in the local Hub cache and the Hub cannot be reached (offline?). "
             "Download it first, unset HF_HUB_OFFLINE, or give a local folder."
         ) from None
+    except OfflineModeIsEnabled:  # a call that has no cache to fall back on (before ConnectionError, its base)
+        raise ContMergeError(
+            f"{spec.text} needs the Hub, but HF_HUB_OFFLINE is set. Unset HF_HUB_OFFLINE, or give a local folder."
+        ) from None
     except HfHubHTTPError as e:
         status = getattr(getattr(e, "response", None), "status_code", "")
         raise ContMergeError(f"Fetching {spec.text} from the Hub failed ({e.__class__.__name__} {status}). Try again later.") from None
+    except HFValidationError:  # huggingface_hub's own check of the id, stricter than SourceSpec.parse
+        raise ContMergeError(
+            f"{spec.text!r} is not a valid Hub repo id or revision: ids are ORG/NAME of letters, digits, '-', '_' "
+            "and '.', without '--' or '..', at most 96 characters. Check the spelling."
+        ) from None
+    except _transport_errors() as e:
+        raise ContMergeError(
+            f"Fetching {spec.text} failed: the Hub at {hub_endpoint()} could not be reached ({e.__class__.__name__}). "
+            "Check the network and HF_ENDPOINT and try again, or set HF_HUB_OFFLINE=1 to use what the Hub cache holds."
+        ) from None
+    except _garbage_errors() as e:
+        raise not_a_hub_answer(spec, e.__class__.__name__) from None
 
 
 def fetch(spec: SourceSpec, *, token: str | None = None, allow_pickle: bool = False,
@@ -152,9 +255,21 @@ class RemoteCheckpoint(TensorIndex):
 
 
 def remote_metadata(spec: SourceSpec, token: str | None) -> tuple[str, dict[str, int]]:
-    """Commit hash and file sizes of a Hub source, without downloading anything large."""
+    """Commit hash and file sizes of a Hub source, without downloading anything large.
+
+    An answer that parses but lacks a commit hash or a well-formed file list is refused like one that does not
+    parse (:func:`not_a_hub_answer`): the hash pins every later download, the names and sizes plan it."""
     from huggingface_hub import HfApi
 
     with hub_errors(spec):
         info = HfApi(token=token).model_info(spec.location, revision=spec.revision, files_metadata=True)
-    return info.sha, {f.rfilename: f.size or 0 for f in info.siblings or []}
+    sha, siblings = getattr(info, "sha", None), getattr(info, "siblings", None) or []
+    if not isinstance(sha, str) or not COMMIT_SHA.fullmatch(sha):
+        raise not_a_hub_answer(spec, "no commit hash")
+    files: dict[str, int] = {}
+    for sibling in siblings:
+        name, size = getattr(sibling, "rfilename", None), getattr(sibling, "size", None) or 0
+        if not isinstance(name, str) or not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise not_a_hub_answer(spec, "a malformed file list")
+        files[name] = size
+    return sha, files

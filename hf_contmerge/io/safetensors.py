@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ContMergeError
+from .schemas import safetensors_header
 
 SAFE_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -82,9 +83,9 @@ def _corrupt(path: Path, why: str) -> ContMergeError:
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Parse and validate a safetensors header against the file's size.
 
-    Checks what a truncated or damaged download breaks: header length, JSON, known dtypes, each
-    tensor's byte length against its shape, offsets inside the file, and data that exactly fills the
-    file with no gaps or overlaps.
+    Checks what a truncated or damaged download breaks: header length, JSON, the entries' types
+    (``schemas.safetensors_header``), known dtypes, each tensor's byte length against its shape,
+    offsets inside the file, and data that exactly fills the file with no gaps or overlaps.
     """
     path = Path(path)
     size = path.stat().st_size
@@ -99,23 +100,16 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise _corrupt(path, f"header is not valid JSON: {e}") from None
-    if not isinstance(header, dict):
-        raise _corrupt(path, "header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
+    entries, metadata = safetensors_header(header, path)
     data_start = 8 + n
     tensors: dict[str, TensorInfo] = {}
     spans: list[tuple[int, int, str]] = []
-    for key, entry in header.items():
-        try:
-            dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise _corrupt(path, f"malformed entry for tensor {key!r}") from None
+    for key, entry in entries.items():
+        dtype, shape, (begin, end) = entry.dtype, tuple(entry.shape), entry.data_offsets
         if dtype not in SAFE_DTYPES:
             raise _corrupt(path, f"tensor {key!r} has unknown dtype {dtype!r}")
-        if any((not isinstance(d, int)) or d < 0 for d in shape):
-            raise _corrupt(path, f"tensor {key!r} has invalid shape {list(shape)}")
         expected = math.prod(shape) * itemsize(dtype)
-        if not (isinstance(begin, int) and isinstance(end, int)) or end - begin != expected or begin < 0:
+        if end - begin != expected:
             raise _corrupt(path, f"tensor {key!r} spans {begin}..{end}, expected {expected} bytes")
         tensors[key] = TensorInfo(dtype, shape, data_start + begin, data_start + end)
         spans.append((begin, end, key))
@@ -127,7 +121,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         cursor = end
     if data_start + cursor != size:
         raise _corrupt(path, f"data ends at byte {data_start + cursor} but the file has {size} bytes")
-    return tensors, {str(k): str(v) for k, v in metadata.items()}
+    return tensors, metadata
 
 
 class SafetensorsFile:

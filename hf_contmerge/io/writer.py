@@ -50,7 +50,10 @@ def plan_shards(specs: Sequence[TensorSpec], max_shard_size: int | str, prefix: 
     """huggingface_hub's split of ``specs`` into shards of at most ``max_shard_size`` bytes.
 
     Shards come in the order their first tensor appears in ``specs``; within a shard tensors keep
-    their ``specs`` order, so writing ``specs`` in order fills the shards one after another.
+    their ``specs`` order, so writing ``specs`` in order fills the shards one after another. A tensor
+    larger than the shard size gets a shard of its own, as transformers does; the split puts it aside
+    and goes on filling the shard it was in, so that shard is cut there (into contiguous runs of
+    ``specs``) to keep the one-shard-after-another order, and the files are named again.
     """
     if not specs:
         return []
@@ -58,9 +61,16 @@ def plan_shards(specs: Sequence[TensorSpec], max_shard_size: int | str, prefix: 
         {s.key: s for s in specs}, get_storage_size=lambda s: s.nbytes,
         filename_pattern=prefix + "{suffix}.safetensors", max_shard_size=max_shard_size,
     )
-    order = {s.key: i for i, s in enumerate(specs)}
-    shards = [PlannedShard(name, tuple(sorted(keys, key=order.__getitem__))) for name, keys in split.filename_to_tensors.items()]
-    return sorted(shards, key=lambda shard: order[shard.keys[0]])
+    shard_of = {key: name for name, keys in split.filename_to_tensors.items() for key in keys}
+    runs: list[list[str]] = []
+    for spec in specs:
+        if runs and shard_of[runs[-1][-1]] == shard_of[spec.key]:
+            runs[-1].append(spec.key)
+        else:
+            runs.append([spec.key])
+    if len(runs) == 1:
+        return [PlannedShard(f"{prefix}.safetensors", tuple(runs[0]))]
+    return [PlannedShard(f"{prefix}-{i:05d}-of-{len(runs):05d}.safetensors", tuple(run)) for i, run in enumerate(runs, 1)]
 
 
 def _tensor_bytes(t: torch.Tensor) -> memoryview:

@@ -47,7 +47,6 @@ tensor, factor shapes that do not fit the base tensor, and pickle files unless `
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Callable, Mapping
@@ -63,6 +62,9 @@ from transformers import PretrainedConfig
 from transformers.pytorch_utils import Conv1D
 
 from ..errors import ContMergeError
+from ..io import schemas
+from ..io.checkpoint import load_pickle
+from ..io.safetensors import read_header
 from .naming import FileLayout, file_layout
 
 __all__ = ["AdapterError", "LoraAdapter"]
@@ -133,9 +135,8 @@ class _TensorStore:
     def __init__(self, path: Path, tensors: dict[str, torch.Tensor] | None = None) -> None:
         self.path = path
         self._tensors = tensors
-        if tensors is None:
-            with safe_open(str(path), framework="pt") as handle:
-                self.shapes = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
+        if tensors is None:  # the header validated by the package's reader (a truncated file is refused clearly)
+            self.shapes = {k: info.shape for k, info in read_header(path)[0].items()}
         else:
             self.shapes = {k: tuple(v.shape) for k, v in tensors.items()}
 
@@ -256,11 +257,14 @@ class LoraAdapter:
 
 
 def _read_config(path: Path) -> dict[str, Any]:
+    """``adapter_config.json``, validated (``io/schemas.py``: r a positive integer, lora_alpha a finite number, …)."""
     config_file = path / CONFIG_NAME
     if not config_file.is_file():
         raise AdapterError(f"{path} is not a PEFT adapter folder: {CONFIG_NAME} is missing.")
-    with config_file.open(encoding="utf-8") as handle:
-        return json.load(handle)
+    fix = "Save the adapter again with PEFT's save_pretrained."
+    data = schemas.read_json(config_file, "adapter config", fix)
+    schemas.validate(schemas.AdapterConfig, data, "adapter config", config_file, fix)
+    return data
 
 
 def _check_config(path: Path, config: Mapping[str, Any]) -> None:
@@ -304,7 +308,7 @@ def _open_tensors(path: Path, allow_pickle: bool) -> _TensorStore:
             "to safetensors, or pass allow_pickle=True (CLI: --allow-pickle) if you trust its source."
         )
     # weights_only=True still refuses arbitrary objects: an adapter file holds only tensors.
-    return _TensorStore(pickle_file, torch.load(pickle_file, map_location="cpu", weights_only=True))
+    return _TensorStore(pickle_file, load_pickle(pickle_file, mmap=False))
 
 
 class _AdapterReader:

@@ -8,11 +8,11 @@ fingerprint for local folders) is recorded, so a card and a resume can say what 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ContMergeError
+from ..io import schemas
 from ..io.checkpoint import ADAPTER_CONFIG, SAFE_INDEX, SAFE_SINGLE, Checkpoint, TensorIndex, fingerprint
 from ..io.remote import RemoteCheckpoint, SourceSpec, fetch, hub_errors, remote_metadata
 from ..io.safetensors import TensorInfo
@@ -47,14 +47,20 @@ class ResolvedSource:
             self.checkpoint.close()
 
 
-def read_config(folder: Path) -> dict:
+def read_config(folder: Path, label: str = "") -> dict:
+    """The folder's ``config.json`` (``{}`` when it has none), validated (``io/schemas.py``)."""
     path = folder / "config.json"
     if not path.is_file():
         return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ContMergeError(f"{path} is not valid JSON ({e}). Re-download or re-save the model.") from None
+    return _config(schemas.read_json(path, f"{label or 'model'}: config", _CONFIG_FIX), path, label)
+
+
+_CONFIG_FIX = "Re-download the model, or re-save it with save_pretrained."
+
+
+def _config(data: object, path: Path | str, label: str) -> dict:
+    schemas.validate(schemas.ModelConfig, data, f"{label or 'model'}: config", path, _CONFIG_FIX)
+    return dict(data)  # type: ignore[call-overload]  # validated as an object above
 
 
 def refuse_remote_code(config: dict, label: str) -> dict:
@@ -84,7 +90,7 @@ def resolve(
     """
     spec = SourceSpec.parse(text)
     label = f"{role} {text!r}"
-    if lazy and not spec.is_local:
+    if lazy and not spec.is_local and not spec.cache_only:  # offline: no metadata call, fetch() returns the cached snapshot
         sha, files = remote_metadata(spec, token)
         weights = [n for n in files if n.endswith(".safetensors") and "/" not in n and n.startswith("model")]
         if weights and ADAPTER_CONFIG not in files:
@@ -92,8 +98,10 @@ def resolve(
 
             with hub_errors(spec):
                 meta = get_safetensors_metadata(spec.location, revision=sha, token=token)
-                config = json.loads(Path(hf_hub_download(spec.location, "config.json", revision=sha, token=token)).read_text()) \
-                    if "config.json" in files else {}
+                config_path = Path(hf_hub_download(spec.location, "config.json", revision=sha, token=token)) \
+                    if "config.json" in files else None
+            config = _config(schemas.read_json(config_path, f"{label}: config", _CONFIG_FIX), f"{spec.text}/config.json", label) \
+                if config_path else {}
             tensors: dict[str, TensorInfo] = {}
             for file_meta in meta.files_metadata.values():
                 for key, t in file_meta.tensors.items():
@@ -112,7 +120,7 @@ def resolve(
         location = None if base.spec.is_local else base.spec.location
         checkpoint = open_adapter(folder, label, base.ensure_local(), location, base.checkpoint, allow_pickle)
         return ResolvedSource(spec, folder, "lora", revision, adapter_fingerprint(folder), dict(base.config), checkpoint)
-    config = refuse_remote_code(read_config(folder), label)
+    config = refuse_remote_code(read_config(folder, label), label)
     checkpoint = Checkpoint.open(folder, allow_pickle=allow_pickle, label=label)
     return ResolvedSource(spec, folder, "full", revision, revision[:16] if revision else fingerprint(checkpoint),
                           config, checkpoint)

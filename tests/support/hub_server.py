@@ -76,7 +76,8 @@ Usage: ``tests/conftest.py`` re-exports the fixture with ``from hub_server impor
 ``HfApi()``, ``hf_hub_download``, ``AutoModel.from_pretrained(repo_id, revision=...)`` as against the Hub. For other
 options use ``with running_hub(tmp_path, require_token=True, disable_xet=True) as hub:``. ``hub.store`` reads the
 server's state directly; ``hub.requests`` / ``hub.requests_to("commit")`` the log; ``hub.fail_next(...)`` injects
-faults.
+faults; ``hub.answer_next(...)`` answers a route with any body (non-JSON, or JSON of the wrong shape), as a
+misconfigured ``HF_ENDPOINT``, a proxy or a captive portal would.
 
 Not emulated: LFS/Xet storage (``lfsFile`` commit lines are refused), ``.gitignore`` handling in preupload
 (``shouldIgnore`` is always false), ``cardData`` in repo info (no YAML parser in the standard library: download
@@ -349,6 +350,15 @@ class _Failure:
 
 
 @dataclass
+class _Override:
+    """A pending injected answer: ``count`` more requests matching ``pattern`` get ``reply`` instead of the route's."""
+
+    pattern: re.Pattern[str]
+    reply: Reply
+    count: int
+
+
+@dataclass
 class _Request:
     """What a route handler sees: the parsed request with its whole body."""
 
@@ -541,6 +551,7 @@ class HubServer:
         self.request_timeout = request_timeout
         self.requests: list[RequestRecord] = []
         self._failures: list[_Failure] = []
+        self._overrides: list[_Override] = []
         self._log_lock = threading.Lock()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -590,6 +601,23 @@ class HubServer:
         with self._log_lock:
             self._failures.append(_Failure(re.compile(route_pattern), status, count, retry_after))
 
+    def answer_next(
+        self, route_pattern: str, body: bytes | str | Any, *, status: int = 200, content_type: str | None = None,
+        count: int = 1,
+    ) -> None:
+        """Answer the next ``count`` requests whose ``"<METHOD> <path>"`` matches ``route_pattern`` (``re.search``) with
+        ``body`` and ``status`` instead of handling them, like a server that is not the Hub. ``bytes``/``str`` are sent
+        as they are (``text/html`` by default); anything else is sent as JSON (``application/json``), e.g. a list where
+        the client expects an object. The log entry has the route and ``injected=True``. Checked after
+        :meth:`fail_next`'s failures."""
+        if isinstance(body, (bytes, str)):
+            data, default_type = (body.encode() if isinstance(body, str) else body), "text/html; charset=utf-8"
+        else:
+            data, default_type = json.dumps(body).encode(), "application/json"
+        reply = Reply(status, data, {"Content-Type": content_type or default_type})
+        with self._log_lock:
+            self._overrides.append(_Override(re.compile(route_pattern), reply, count))
+
     def record(self, record: RequestRecord) -> None:
         """Append to the request log."""
         with self._log_lock:
@@ -615,15 +643,26 @@ class HubServer:
                     return failure
         return None
 
+    def _take_override(self, method: str, path: str) -> Reply | None:
+        """The reply of the first pending override matching ``"<METHOD> <path>"``, with its count decremented."""
+        with self._log_lock:
+            for override in self._overrides:
+                if override.count > 0 and override.pattern.search(f"{method} {path}"):
+                    override.count -= 1
+                    return override.reply
+        return None
+
     def respond(self, request: _Request) -> tuple[str | None, Reply, bool]:
-        """``(route name, reply, injected)`` for one request: an injected failure if one matches, else the route's
-        reply; 404 for unknown routes, 400 for malformed input, 500 (with the exception) for anything else."""
+        """``(route name, reply, injected)`` for one request: an injected failure or answer if one matches, else the
+        route's reply; 404 for unknown routes, 400 for malformed input, 500 (with the exception) for anything else."""
         route, handler, args = self._route(request)
         failure = self._take_failure(request.method, request.path)
         if failure is not None:
             headers = {} if failure.retry_after is None else {"Retry-After": f"{failure.retry_after:g}"}
             message = f"Injected failure (HTTP {failure.status})"
             return route, _error_reply(_HttpError(failure.status, message, None, headers)), True
+        if (override := self._take_override(request.method, request.path)) is not None:
+            return route, override, True
         try:
             if handler is None:
                 raise _HttpError(404, f"No route for {request.method} {request.path}")
