@@ -384,3 +384,51 @@ def test_api_takes_paths_and_notices_a_deleted_out(tmp_path, stream):
     with pytest.raises(ContMergeError, match="changed under this merger"):
         merger.step(items[1])
     assert merger.history == [str(items[0])] and not out.exists()
+
+
+# ------------------------------------------------------------------ a changed base on resume
+
+
+def test_changed_base_is_noticed_on_resume(tmp_path, cli, stream):
+    _, items, out = stream
+    base = copy(stream[0], tmp_path / "base")
+    assert merge(cli, base, items[:1], out)[0] == 0
+    recorded = json.loads((out / "step-1" / "contmerge_state.json").read_text())["base"]["fingerprint"]
+    assert recorded.startswith("sha256:")
+    sd = load_file(base / "model.safetensors")
+    flat = sd["model.embed_tokens.weight"].view(-1)
+    flat[100:1100] = 7.0  # 1000 values inside the file: a sampled fingerprint would miss them
+    save_file(sd, base / "model.safetensors", metadata={"format": "pt"})
+    refused(merge(cli, base, items[:2], out, "--resume"), f"The base {str(base)!r}", "content changed", recorded)
+    assert sorted(p.name for p in out.iterdir()) == [".hf-contmerge.json", "step-1"]
+
+
+def test_the_same_weights_saved_otherwise_are_the_same_base(tmp_path, cli, stream):
+    base, items, out = stream
+    assert merge(cli, base, items[:1], out)[0] == 0
+    resharded = sharded(base, tmp_path / "resharded")
+    assert merge(cli, resharded, items[:2], out, "--resume")[0] == 2  # the base is given as another path: refused
+    state = out / "step-1" / "contmerge_state.json"
+    data = json.loads(state.read_text())
+    data["base"]["source"] = str(resharded)  # the user moved the base: same tensors, other files
+    state.write_text(json.dumps(data))
+    code, _, err = merge(cli, resharded, items[:2], out, "--resume")
+    assert code == 0, err
+
+
+def test_a_step_with_a_legacy_fingerprint_resumes_on_its_base(tmp_path, cli, stream):
+    from hf_contmerge.io.checkpoint import Checkpoint, legacy_fingerprint
+
+    _, items, out = stream
+    base = copy(stream[0], tmp_path / "base")
+    assert merge(cli, base, items[:1], out)[0] == 0
+    state = out / "step-1" / "contmerge_state.json"
+    data = json.loads(state.read_text())
+    data["base"]["fingerprint"] = legacy_fingerprint(Checkpoint.open(base))  # what 0.1 recorded
+    state.write_text(json.dumps(data))
+    code, _, err = merge(cli, base, items[:2], out, "--resume")
+    assert code == 0, err
+    sd = load_file(base / "model.safetensors")
+    sd["model.norm.weight"] += 1  # the header and the samples notice a change near the end of the file
+    save_file(sd, base / "model.safetensors", metadata={"format": "pt"})
+    refused(merge(cli, base, items, out, "--resume"), "content changed")

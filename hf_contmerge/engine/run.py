@@ -26,6 +26,7 @@ from ..artifacts import layout
 from ..artifacts.state import StepState, read_state
 from ..errors import ContMergeError
 from ..hub.resume import materialise
+from ..io.checkpoint import is_content_digest, legacy_fingerprint
 from ..methods.base import Method
 from ..methods.registry import build_method
 from ..options import MergeOptions
@@ -129,11 +130,8 @@ class Engine:
         with ExitStack() as stack:
             base = resolve(opts.base, token=token, allow_pickle=opts.allow_pickle, role="base", lazy=True)
             stack.callback(base.close)
-            if previous is not None and previous.base["fingerprint"] != base.fingerprint:
-                raise ContMergeError(
-                    f"The base {opts.base!r} is not the one step {last} in {opts.out} was made from (its content "
-                    "changed). Resume with the same base, or start a new --out."
-                )
+            if previous is not None and (base.known_fingerprint is not None or not is_content_digest(previous.base["fingerprint"])):
+                self._check_base(previous, base)  # now; a content digest is complete once step last+1 has read the base
             items = []
             for text in opts.stream[last:]:
                 items.append(resolve(text, token=token, allow_pickle=opts.allow_pickle, role="stream item", base=base, lazy=True))
@@ -233,6 +231,19 @@ class Engine:
                 "Resume with the same base, method, parameters, options and stream prefix, or choose another --out."
             )
 
+    def _check_base(self, previous: StepState, base: ResolvedSource) -> None:
+        """The base must be the one the steps so far were made from: the same commit, or the same content
+        (every tensor's sha256; a step by hf-contmerge 0.1 recorded a sampled fingerprint, compared as such)."""
+        recorded = previous.base["fingerprint"]
+        legacy = base.known_fingerprint is None and not is_content_digest(recorded)
+        now = legacy_fingerprint(base.checkpoint) if legacy else base.fingerprint
+        if now != recorded:
+            raise ContMergeError(
+                f"The base {self.options.base!r} is not the one step {previous.step} in {self.options.out} was made "
+                f"from: its content changed (fingerprint {recorded} there, {now} now). Nothing was written. Resume "
+                "with the same base, or start a new --out."
+            )
+
     def _check_carried_scalars(self, previous: StepState) -> None:
         """The scalars the method carries (``init_scalars`` names them) must be in the state, of their type."""
         if previous.method != self.method.name:
@@ -288,6 +299,8 @@ class Engine:
             if written.adapter is not None:
                 base_id = stream.base.identity()
                 written.adapter.write_config(partial, stream.base.config, base_id["source"], base_id.get("revision"))
+            if previous is not None:
+                self._check_base(previous, stream.base)  # the base was read whole by this step: its digest is complete
             step_folder.write_state_and_card(partial, state)
             final = layout.step_dir(opts.out, plan.step)
             failpoint(f"step-{plan.step}:publish")

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from ..errors import ContMergeError
 from . import schemas
-from .safetensors import DTYPE_NAMES, SafetensorsFile, TensorInfo
+from .safetensors import DTYPE_NAMES, SafetensorsFile, TensorInfo, itemsize, iter_row_chunks
 
 # What a model folder holds, by transformers' and PEFT's conventions (``artifacts/layout.py`` lists
 # these with every other file name the package uses).
@@ -110,6 +112,7 @@ class Checkpoint(TensorIndex):
         self._pickle_cache: tuple[Path, dict[str, torch.Tensor]] | None = None
         self._where: dict[str, SafetensorsFile | Path] = {}
         self._info: dict[str, TensorInfo] = {}
+        self.digest = ContentDigest(self)  # the content fingerprint, fed by read()
         for f in self._files:
             for key, info in sorted(f.tensors.items(), key=lambda kv: kv[1].start):
                 self._where[key], self._info[key] = f, info
@@ -154,11 +157,14 @@ class Checkpoint(TensorIndex):
     def read(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         where = self._where[key]
         if isinstance(where, SafetensorsFile):
-            return where.read(key, rows)
-        if self._pickle_cache is None or self._pickle_cache[0] != where:
-            self._pickle_cache = (where, self._load_pickle(where))
-        t = self._pickle_cache[1][key]
-        return (t if rows is None or t.dim() == 0 else t[rows[0] : rows[1]]).clone()
+            t = where.read(key, rows)
+        else:
+            if self._pickle_cache is None or self._pickle_cache[0] != where:
+                self._pickle_cache = (where, self._load_pickle(where))
+            t = self._pickle_cache[1][key]
+            t = (t if rows is None or t.dim() == 0 else t[rows[0] : rows[1]]).clone()
+        self.digest.feed(key, rows, t)
+        return t
 
     def close(self) -> None:
         for f in self._files:
@@ -202,12 +208,71 @@ def _index_files(index: Path, label: str) -> list[str]:
     return names
 
 
-def fingerprint(checkpoint: Checkpoint) -> str:
-    """A cheap content fingerprint: every file's size and header plus sampled data blocks.
+FINGERPRINT_SCHEME = "sha256:"
 
-    Hashing every byte of a 7B model would cost as much as the merge; the header (names, shapes,
-    offsets) plus 64 KiB samples at fixed positions catches a different or re-trained model.
+
+class ContentDigest:
+    """The fingerprint of a checkpoint's content: sha256 over every tensor's name, dtype, shape and bytes.
+
+    Hashing 14 GB of a 7B model costs as much as reading it, so the digest is fed by the reads the
+    engine makes anyway: a tensor read whole, or in consecutive row ranges from its first row on, is
+    hashed as it arrives (in the reader thread, before any kernel can touch the buffer). Re-reads and
+    reads out of order are not hashed again; :meth:`hexdigest` reads whatever was not covered (tensors
+    the merge never asks for). So every byte of every tensor counts, and the file layout (sharding,
+    header order, metadata) does not: two saves of the same weights have one fingerprint.
     """
+
+    def __init__(self, index: TensorIndex):
+        self.index = index
+        self._partial: dict[str, tuple[int, Any]] = {}  # key -> (rows hashed so far, hasher)
+        self._done: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def feed(self, key: str, rows: tuple[int, int] | None, tensor: torch.Tensor) -> None:
+        """Hash ``tensor`` (tensor ``key``, or its rows ``[a, b)``) if it continues where ``key`` stands."""
+        with self._lock:
+            if key in self._done:
+                return
+            shape = self.index.info(key).shape
+            first, last = (0, shape[0] if shape else 1) if rows is None or not shape else rows
+            hashed, h = self._partial.get(key, (0, None))
+            if first != hashed:
+                return
+            h = h or hashlib.sha256()
+            if tensor.numel():
+                h.update(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+            total = shape[0] if shape else 1
+            if last >= total:
+                self._partial.pop(key, None)
+                self._done[key] = h.hexdigest()
+            else:
+                self._partial[key] = (last, h)
+
+    def hexdigest(self) -> str:
+        """``sha256:`` and the first 16 hex digits of the digest over all tensors (reading any not yet hashed)."""
+        for key in self.index.keys():
+            if key in self._done:
+                continue
+            info = self.index.info(key)
+            with self._lock:
+                self._partial.pop(key, None)  # a tensor left half-hashed starts again from its first row
+            for rows in iter_row_chunks(info.shape, itemsize(info.dtype), 64 << 20):
+                self.feed(key, rows, self.index.read(key, rows))  # a Checkpoint's read() feeds too: the repeat is ignored
+        h = hashlib.sha256()
+        for key in sorted(self._done):
+            info = self.index.info(key)
+            h.update(f"{key}\0{info.dtype}\0{list(info.shape)}\0{self._done[key]}\n".encode())
+        return FINGERPRINT_SCHEME + h.hexdigest()[:16]
+
+
+def is_content_digest(fingerprint: str) -> bool:
+    """Whether a recorded fingerprint is a :class:`ContentDigest` (not a commit hash or a legacy one)."""
+    return fingerprint.startswith(FINGERPRINT_SCHEME)
+
+
+def legacy_fingerprint(checkpoint: Checkpoint) -> str:
+    """What hf-contmerge 0.1 recorded for a local folder (without the ``sha256:`` scheme): every file's size
+    and header plus five 64 KiB samples. Only used to recognise the base of a step written by it on resume."""
     h = hashlib.sha256()
     paths = sorted({checkpoint.file_of(k) for k in checkpoint.keys()})
     for path in paths:

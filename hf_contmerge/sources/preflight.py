@@ -152,7 +152,7 @@ def _size_of(kp: KeyPlan) -> int:
 
 
 def _rev(src: ResolvedSource) -> str:
-    return f"revision {src.revision[:12]}" if src.revision else f"local, fingerprint {src.fingerprint}"
+    return f"revision {src.revision[:12]}" if src.revision else "local folder"  # its fingerprint needs every byte: not here
 
 
 def _size(n: int) -> str:

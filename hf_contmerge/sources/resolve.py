@@ -2,8 +2,8 @@
 
 Kinds: a local folder or a Hub repo (``io/remote.py``), holding a full checkpoint (``io/checkpoint.py``,
 safetensors single or sharded, pickles only when allowed) or a PEFT LoRA adapter (``lora.py``: the
-base plus ``s·B@A``). What identifies the source exactly (resolved commit hash, or a content
-fingerprint for local folders) is recorded, so a card and a resume can say what went in.
+base plus ``s·B@A``). What identifies the source exactly (the resolved commit hash, or for a local
+folder the sha256 of every tensor) is recorded, so a card and a resume can say what went in.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..errors import ContMergeError
 from ..io import schemas
-from ..io.checkpoint import ADAPTER_CONFIG, SAFE_INDEX, SAFE_SINGLE, Checkpoint, TensorIndex, fingerprint
+from ..io.checkpoint import ADAPTER_CONFIG, SAFE_INDEX, SAFE_SINGLE, Checkpoint, TensorIndex
 from ..io.remote import RemoteCheckpoint, SourceSpec, fetch, hub_errors, remote_metadata
 from ..io.safetensors import TensorInfo
 
@@ -26,7 +26,7 @@ class ResolvedSource:
     folder: Path
     kind: str  # "full" or "lora"
     revision: str | None  # commit hash for Hub sources
-    fingerprint: str
+    known_fingerprint: str | None  # None: the content digest of a local checkpoint, complete once it was read
     config: dict = field(default_factory=dict)
     checkpoint: TensorIndex | None = None
     download_bytes: int = 0  # weights still to be fetched (lazy Hub sources)
@@ -37,6 +37,17 @@ class ResolvedSource:
             self.checkpoint.fetch()
             self.folder = self.checkpoint.folder
         return self.folder
+
+    @property
+    def fingerprint(self) -> str:
+        """What identifies the content: the commit hash (Hub), the adapter files' hash (LoRA), or for a local
+        checkpoint the sha256 of every tensor (``ContentDigest``, fed by the merge's own reads; asking
+        before a step has read the tensors reads them now)."""
+        if self.known_fingerprint is not None:
+            return self.known_fingerprint
+        if not isinstance(self.checkpoint, Checkpoint):
+            raise TypeError(f"internal: {self.spec.text} has neither a known fingerprint nor a local checkpoint")
+        return self.checkpoint.digest.hexdigest()
 
     def identity(self) -> dict[str, str | None]:
         """What the state file and the card record about this source (never a token)."""
@@ -122,5 +133,4 @@ def resolve(
         return ResolvedSource(spec, folder, "lora", revision, adapter_fingerprint(folder), dict(base.config), checkpoint)
     config = refuse_remote_code(read_config(folder, label), label)
     checkpoint = Checkpoint.open(folder, allow_pickle=allow_pickle, label=label)
-    return ResolvedSource(spec, folder, "full", revision, revision[:16] if revision else fingerprint(checkpoint),
-                          config, checkpoint)
+    return ResolvedSource(spec, folder, "full", revision, revision[:16] if revision else None, config, checkpoint)

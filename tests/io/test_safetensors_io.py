@@ -120,3 +120,31 @@ def test_sharded_input_is_read(tmp_path, streams, cli):
     assert weights(out / "step-1").keys() == weights(items[0]).keys()
     for k, v in weights(items[0]).items():
         assert torch.equal(weights(out / "step-1")[k], v)
+
+
+def test_content_digest_equals_a_direct_hash_however_the_tensors_are_read(tmp_path):
+    import hashlib
+
+    from hf_contmerge.io.checkpoint import Checkpoint
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"b": torch.randn(7, 5, generator=g).to(torch.bfloat16), "a": torch.randn(3, generator=g),
+               "s": torch.tensor(2.5), "i": torch.arange(6, dtype=torch.int64).reshape(2, 3), "e": torch.zeros(0, 4)}
+    save_file(tensors, tmp_path / "model.safetensors")
+    names = {torch.bfloat16: "BF16", torch.float32: "F32", torch.int64: "I64"}
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key]
+        digest = hashlib.sha256(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+        h.update(f"{key}\0{names[t.dtype]}\0{list(t.shape)}\0{digest}\n".encode())
+    expected = "sha256:" + h.hexdigest()[:16]
+    assert Checkpoint.open(tmp_path).digest.hexdigest() == expected  # nothing read before: hexdigest reads all
+    ck = Checkpoint.open(tmp_path)
+    for rows in [(0, 3), (3, 7), (0, 7), (2, 4)]:  # in order, then re-reads and an out-of-order range
+        ck.read("b", rows)
+    ck.read("a", (1, 3))  # starts past the first row: not hashed, read again at the end
+    ck.read("s")
+    assert ck.digest.hexdigest() == expected
+    tensors["b"][6, 4] += 1
+    save_file(tensors, tmp_path / "model.safetensors")
+    assert Checkpoint.open(tmp_path).digest.hexdigest() != expected

@@ -4,7 +4,10 @@
 step folder of every case below, plus the library versions they were made with); the test
 ``tests/engine/test_golden_steps.py`` rebuilds the same cases and asserts the same bytes. The hashes were first
 recorded with the code before the architecture change (86278f0), so a refactor that changes a single
-byte of a weight shard, a carried-state file, the state JSON or the card fails here.
+byte of a weight shard, a carried-state file, the state JSON or the card fails here. They were recorded
+again once, when local fingerprints became a digest of every tensor (``io/checkpoint.ContentDigest``):
+every weight and carried-state file kept its bytes, and the state JSON and the card differed from the
+earlier ones in the fingerprint strings only (checked by diffing both versions' outputs field by field).
 
 Fixtures are built deterministically in a scratch folder and every source is given by a relative
 path (the state and card record sources as given), so the bytes do not depend on where it runs.
