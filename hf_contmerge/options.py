@@ -83,7 +83,8 @@ class MergeOptions(BaseModel):
     dry_run: bool = Field(False, description="run the pre-flight and print the plan; write nothing")
     seed: int = Field(0, description="random seed (recorded; used by data-dependent methods)", json_schema_extra=_recorded("same"))
     allow_pickle: bool = Field(False, description="accept pickle (.bin) checkpoints; unpickling can run code")
-    allow_nonfinite: bool = Field(False, description="accept NaN/Inf values in stream items instead of refusing")
+    allow_nonfinite: bool = Field(False, description="write NaN/Inf values (in the base, an item, or a merged tensor) "
+                                  "instead of refusing the step")
     quiet: bool = Field(False, description="no progress bars")
     push_to: str | None = Field(None, description="Hub repo ORG/NAME to push every step to as it completes "
                                 "(with --push-layout per-step: a name template containing {step})")

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# the fingerprint cache of these tests, not the user's (``io/fingerprints.py``)
+os.environ.setdefault("HF_CONTMERGE_FINGERPRINT_CACHE", os.path.join(tempfile.mkdtemp(prefix="contmerge-fp-"), "fingerprints.json"))
 
 import pytest
 

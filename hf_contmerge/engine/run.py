@@ -130,8 +130,8 @@ class Engine:
         with ExitStack() as stack:
             base = resolve(opts.base, token=token, allow_pickle=opts.allow_pickle, role="base", lazy=True)
             stack.callback(base.close)
-            if previous is not None and (base.known_fingerprint is not None or not is_content_digest(previous.base["fingerprint"])):
-                self._check_base(previous, base)  # now; a content digest is complete once step last+1 has read the base
+            if previous is not None and (base.fingerprint_ready or not is_content_digest(previous.base["fingerprint"])):
+                self._check_base(previous, base)  # now; a digest still to compute is complete once step last+1 read the base
             items = []
             for text in opts.stream[last:]:
                 items.append(resolve(text, token=token, allow_pickle=opts.allow_pickle, role="stream item", base=base, lazy=True))

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from ..errors import ContMergeError
-from . import schemas
+from . import fingerprints, schemas
 from .safetensors import DTYPE_NAMES, SafetensorsFile, TensorInfo, itemsize, iter_row_chunks
 
 # What a model folder holds, by transformers' and PEFT's conventions (``artifacts/layout.py`` lists
@@ -120,6 +120,8 @@ class Checkpoint(TensorIndex):
             for key, t in self._load_pickle(p).items():
                 self._where[key] = p
                 self._info[key] = TensorInfo(DTYPE_NAMES[t.dtype], tuple(t.shape), 0, t.numel() * t.element_size())
+        self._identity = fingerprints.identity(self.files())  # the files as opened, for the fingerprint cache
+        self.digest.known = fingerprints.lookup(self._identity)
 
     @classmethod
     def open(cls, folder: Path, *, allow_pickle: bool = False, label: str = "", prefix: str = "model") -> Checkpoint:
@@ -153,6 +155,19 @@ class Checkpoint(TensorIndex):
     def file_of(self, key: str) -> Path:
         where = self._where[key]
         return where.path if isinstance(where, SafetensorsFile) else where
+
+    def files(self) -> list[Path]:
+        """The weight files, in name order."""
+        return sorted({f.path for f in self._files} | set(self._pickles))
+
+    def fingerprint(self) -> str:
+        """The content fingerprint (:class:`ContentDigest`), from the per-machine cache when these files
+        were hashed before unchanged (``fingerprints.py``), else from the reads, stored for next time."""
+        if self.digest.known is None:
+            value = self.digest.hexdigest()
+            fingerprints.remember(self._identity, self.files(), value)
+            return value
+        return self.digest.known
 
     def read(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         where = self._where[key]
@@ -224,12 +239,15 @@ class ContentDigest:
 
     def __init__(self, index: TensorIndex):
         self.index = index
+        self.known: str | None = None  # set when the fingerprint is known already: nothing is hashed then
         self._partial: dict[str, tuple[int, Any]] = {}  # key -> (rows hashed so far, hasher)
         self._done: dict[str, str] = {}
         self._lock = threading.Lock()
 
     def feed(self, key: str, rows: tuple[int, int] | None, tensor: torch.Tensor) -> None:
         """Hash ``tensor`` (tensor ``key``, or its rows ``[a, b)``) if it continues where ``key`` stands."""
+        if self.known is not None:
+            return
         with self._lock:
             if key in self._done:
                 return
@@ -250,6 +268,8 @@ class ContentDigest:
 
     def hexdigest(self) -> str:
         """``sha256:`` and the first 16 hex digits of the digest over all tensors (reading any not yet hashed)."""
+        if self.known is not None:
+            return self.known
         for key in self.index.keys():
             if key in self._done:
                 continue
@@ -262,7 +282,8 @@ class ContentDigest:
         for key in sorted(self._done):
             info = self.index.info(key)
             h.update(f"{key}\0{info.dtype}\0{list(info.shape)}\0{self._done[key]}\n".encode())
-        return FINGERPRINT_SCHEME + h.hexdigest()[:16]
+        self.known = FINGERPRINT_SCHEME + h.hexdigest()[:16]
+        return self.known
 
 
 def is_content_digest(fingerprint: str) -> bool:

@@ -47,7 +47,12 @@ class ResolvedSource:
             return self.known_fingerprint
         if not isinstance(self.checkpoint, Checkpoint):
             raise TypeError(f"internal: {self.spec.text} has neither a known fingerprint nor a local checkpoint")
-        return self.checkpoint.digest.hexdigest()
+        return self.checkpoint.fingerprint()
+
+    @property
+    def fingerprint_ready(self) -> bool:
+        """Whether :attr:`fingerprint` is known without reading the tensors (a commit, or a cached digest)."""
+        return self.known_fingerprint is not None or (isinstance(self.checkpoint, Checkpoint) and self.checkpoint.digest.known is not None)
 
     def identity(self) -> dict[str, str | None]:
         """What the state file and the card record about this source (never a token)."""
