@@ -45,7 +45,8 @@ def _compact(value: object) -> object:
 
 
 def _notes(entry: dict) -> str:
-    notes = [f"{k}={v}" for k, v in (entry.get("method") or {}).items()]
+    # sorted: a step's own entry is in the method's order, earlier ones come back from JSON sorted
+    notes = [f"{k}={v}" for k, v in sorted((entry.get("method") or {}).items())]
     if entry.get("alignment") not in (None, "same names"):
         notes.append(f"names {entry['alignment']}")
     if entry.get("heads"):

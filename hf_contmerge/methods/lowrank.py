@@ -25,6 +25,7 @@ from torch import Tensor
 
 F32 = torch.float32
 EPS32 = torch.finfo(F32).eps
+EPS64 = torch.finfo(torch.float64).eps
 
 
 @dataclass(frozen=True)

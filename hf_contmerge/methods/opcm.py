@@ -64,7 +64,7 @@ from torch import Tensor
 
 from ..errors import ContMergeError
 from .base import KeyInfo, LowRankInputs, Method, MethodParams, StepContext, StepStats, TensorInputs, TensorOutput
-from .lowrank import LowRank
+from .lowrank import EPS32, LowRank
 from .opcm_kernels import gram_preferred, opcm_project, opcm_project_gram, project_factors_with_svd, sum_sq
 
 
@@ -99,18 +99,22 @@ class OPCM(Method):
             return TensorOutput({"merged": x.item}, {"tau_sq": sum_sq(x.item, x.base)})  # θ1: the item's buffer is ours
         # τ̄ and τt in the buffers of prev and item (fresh, ours to overwrite); ‖τt‖² first
         tau_sq = sum_sq(x.item, x.base)
+        projected = x.linear and x.item.dim() == 2
+        # θ(t−1) was rounded to float32 when stored: τ̄ is known to eps32·‖θ(t−1)‖ (its numerical null space)
+        noise = EPS32 * math.sqrt(sum_sq(x.prev["merged"])) if projected else 0.0
         tau_bar, tau = x.prev["merged"].sub_(x.base), x.item.sub_(x.base)
-        projected = x.linear and tau.dim() == 2
+        diagonal: dict[str, float] = {}
         if projected:
             p = self.params
             if p.kernel == "gram" or (p.kernel == "auto" and gram_preferred(tuple(tau.shape))):
-                tau = opcm_project_gram(tau_bar, tau, p.alpha, p.zero_diagonal, inplace=True)
+                tau = opcm_project_gram(tau_bar, tau, p.alpha, p.zero_diagonal, inplace=True, stats=diagonal, noise=noise)
             else:
-                tau = opcm_project(tau_bar, tau, p.alpha, p.zero_diagonal, diagonal_in_null_space=False)
+                tau = opcm_project(tau_bar, tau, p.alpha, p.zero_diagonal, diagonal="resolved", stats=diagonal, noise=noise)
         # pass 1: the unscaled task vector, built in τ̄'s buffer (whole 7B matrices: one temporary fewer)
         unscaled = tau_bar.mul_(float(ctx.scalars["lambda"])).add_(tau)
         del tau  # the SVD route's projection is a buffer of its own: gone before the norm is taken
-        return TensorOutput({"merged": unscaled}, {"tau_sq": tau_sq, "unscaled_sq": sum_sq(unscaled)},
+        return TensorOutput({"merged": unscaled},
+                            {"tau_sq": tau_sq, "unscaled_sq": sum_sq(unscaled), **_projected(projected, tau_sq, diagonal)},
                             {"projected": True} if projected else {})
 
     def lowrank_key(self, info: KeyInfo) -> bool:
@@ -122,13 +126,17 @@ class OPCM(Method):
         if x.prev is None:
             return TensorOutput({"merged": x.tau}, {"tau_sq": x.tau.norm_sq()})
         tau_bar, tau = x.prev["merged"], x.tau
+        diagonal: dict[str, float] = {}
         if x.linear:
             u, s, vh = tau_bar.svd_of_svd_form()
-            tau = LowRank(*project_factors_with_svd((tau.left, tau.right), u, s, vh, self.params.alpha, self.params.zero_diagonal))
+            tau = LowRank(*project_factors_with_svd((tau.left, tau.right), u, s, vh, self.params.alpha, self.params.zero_diagonal,
+                                                    stats=diagonal))
         lam = float(ctx.scalars["lambda"])
         unscaled = LowRank(torch.cat([lam * tau_bar.left, tau.left], 1), torch.cat([tau_bar.right, tau.right], 0)).compressed()[0]
         # pass 1: the unscaled task vector, SVD form, numerical rank
-        return TensorOutput({"merged": unscaled}, {"tau_sq": x.tau.norm_sq(), "unscaled_sq": unscaled.norm_sq_of_svd_form()},
+        tau_sq = x.tau.norm_sq()
+        return TensorOutput({"merged": unscaled}, {"tau_sq": tau_sq, "unscaled_sq": unscaled.norm_sq_of_svd_form(),
+                                                   **_projected(x.linear, tau_sq, diagonal)},
                             {"projected": True} if x.linear else {})
 
     def end_pass(self, ctx: StepContext, stats: StepStats) -> dict[str, Any]:
@@ -143,7 +151,11 @@ class OPCM(Method):
             if lam == 0.0:
                 raise ContMergeError(f"opcm: the merged task vector vanished at step {ctx.step}; nothing to rescale.")
         projected = sorted(key for key, notes in stats.notes.items() if notes.get("projected"))
-        return {"lambda": lam, "norm_sum": norm_sum, "count": count, "projected": projected}
+        sums = stats.sums
+        kept_share = sums.get("diagonal_kept_sq", 0.0) / sums["projected_tau_sq"] if sums.get("projected_tau_sq") else 0.0
+        return {"lambda": lam, "norm_sum": norm_sum, "count": count, "projected": projected,
+                "diagonal_kept": int(sums.get("diagonal_kept", 0)), "diagonal_kept_share": kept_share,
+                "diagonal_null": int(sums.get("diagonal_null", 0))}
 
     def finish(self, ctx: StepContext, base: Tensor, slots: dict[str, Tensor]) -> dict[str, Tensor]:
         if ctx.step == 1:
@@ -157,4 +169,12 @@ class OPCM(Method):
         return {"merged": slots["merged"].scaled(1.0 / ctx.scalars["lambda"])}  # a scaling keeps SVD form
 
     def step_summary(self, scalars: Mapping[str, Any]) -> dict[str, Any]:
-        return {"lambda": round(scalars["lambda"], 6), "projected": len(scalars["projected"])}
+        return {"lambda": round(scalars["lambda"], 6), "projected": len(scalars["projected"]),
+                "diagonal_kept": scalars.get("diagonal_kept", 0),
+                "diagonal_kept_share": float(f"{scalars.get('diagonal_kept_share', 0.0):.3g}"),
+                "diagonal_null": scalars.get("diagonal_null", 0)}
+
+
+def _projected(projected: bool, tau_sq: float, diagonal: dict[str, float]) -> dict[str, float]:
+    """Statistics of a projected weight: ‖τt‖² and the diagonal entries the kernel left in place."""
+    return {"projected_tau_sq": tau_sq, **diagonal} if projected else {}

@@ -74,12 +74,12 @@ Choices
 from __future__ import annotations
 
 import math
-from typing import overload
+from typing import Literal, overload
 
 import torch
 from torch import Tensor
 
-from .lowrank import EPS32, F32, as_f32, check_factors, check_matrix, count_above, thin_svd_from_factors
+from .lowrank import EPS32, EPS64, F32, as_f32, check_factors, check_matrix, count_above, thin_svd_from_factors
 
 __all__ = [
     "rank_cutoff",
@@ -173,15 +173,18 @@ def opcm_project_literal(
 
 
 def _removed_rows(
-    left: Tensor, right: Tensor, vh_a: Tensor, r: int, zero_diagonal: bool
+    left: Tensor, right: Tensor, vh_a: Tensor, r: int, zero_diagonal: bool,
+    keep: Tensor | None = None, stats: dict[str, float] | None = None,
 ) -> Tensor:
     r"""``C @ Vh_a`` (a x n), where ``C`` (a x a) holds the coefficients OPCM removes.
 
     ``left`` (a x p) and ``right`` (p x a) are such that ``P = left @ right = U_a^T tau_t V_a``
     (``left = U_a^T tau_t`` and ``right = V_a`` for a dense ``tau_t``; ``left = U_a^T B`` and
     ``right = A V_a`` for ``tau_t = B A``). ``C`` keeps ``P[:r, :r]`` and, if ``zero_diagonal``,
-    ``P[i, i]`` for ``r <= i < a``; nothing else. Only those entries of ``P`` are formed, and the
-    product uses the block-plus-diagonal structure: O(r^2 (n + p) + a (n + p)), not O(a^2 n).
+    ``P[i, i]`` for ``r <= i < a`` where ``keep[i]`` (every i when ``keep`` is None); nothing else.
+    Only those entries of ``P`` are formed, and the product uses the block-plus-diagonal
+    structure: O(r^2 (n + p) + a (n + p)), not O(a^2 n). ``stats`` gets the diagonal entries left
+    in place (:func:`_report`).
     """
     active = vh_a.shape[0]
     rows = vh_a.new_zeros(active, vh_a.shape[1])
@@ -189,20 +192,68 @@ def _removed_rows(
         rows[:r] = (left[:r] @ right[:, :r]) @ vh_a[:r]
     if zero_diagonal and active > r:
         diag = torch.einsum("ij,ji->i", left[r:], right[:, r:])
+        if keep is not None:
+            _report(stats, diag[~keep[r:active]])
+            diag = diag * keep[r:active]
         rows[r:] = diag[:, None] * vh_a[r:]
     return rows
 
 
+def _report(stats: dict[str, float] | None, values: Tensor, null: int = 0, unvalued: int = 0) -> None:
+    """Add diagonal entries left in place to ``stats``: ``diagonal_kept`` counts those outside the null
+    space (``values`` are the ones computed, summed as squares in ``diagonal_kept_sq``; ``unvalued``
+    were not computed), ``diagonal_null`` those in it (at or below the noise floor: no entry there is
+    defined, whatever the basis)."""
+    if stats is not None:
+        stats["diagonal_kept"] = stats.get("diagonal_kept", 0) + values.numel() + unvalued
+        stats["diagonal_null"] = stats.get("diagonal_null", 0) + null
+        stats["diagonal_kept_sq"] = stats.get("diagonal_kept_sq", 0.0) + float(values.double().square().sum())
+
+
+def resolved_directions(s: Tensor, tol: float, null_space: bool, floor: float = 0.0) -> Tensor:
+    r"""Which singular directions are determined at absolute precision ``tol`` (a bool per entry of ``s``).
+
+    A singular pair is unique up to a joint sign flip when its value is apart from every other
+    singular value, and a backward-stable decomposition with error ``delta`` determines it to
+    ``delta / gap`` (Wedin's bound); ``gap_i`` is the distance from ``s_i`` to the nearest other
+    value of ``s`` and, when the matrix has a null space on either side (``null_space``: it is not
+    square, or ``s`` is truncated), to 0: its vector can turn into that space. A square matrix's
+    smallest pair is determined by its gap to the others alone. Direction i is resolved iff
+    ``gap_i > tol`` and ``s_i > floor`` (:func:`noise_floor`); nothing is when ``s[0] = 0``.
+    """
+    s64 = s.detach().to(device="cpu", dtype=torch.float64)
+    k = s64.numel()
+    if k == 0 or float(s64[0]) <= 0.0:
+        return torch.zeros(k, dtype=torch.bool, device=s.device)
+    gap = torch.full((k,), math.inf, dtype=torch.float64)
+    if k > 1:
+        step = s64[:-1] - s64[1:]
+        gap[:-1] = torch.minimum(gap[:-1], step)
+        gap[1:] = torch.minimum(gap[1:], step)
+    if null_space:
+        gap = torch.minimum(gap, s64)
+    return ((gap > tol) & (s64 > floor)).to(s.device)
+
+
+def noise_floor(s0: float, k: int) -> float:
+    r"""Singular values at or below ``sqrt(k) * eps32 * s0`` may be nothing but the float32 rounding of
+    ``tau_bar`` itself (rounding error E with ``||E||_2 <= ||E||_F <= eps32 / 2 * ||tau_bar||_F <=
+    eps32 / 2 * sqrt(k) * s0``, k = min(m, n)): a numerical null space, whichever kernel decomposes it."""
+    return math.sqrt(k) * EPS32 * s0
+
+
 def project_with_svd(
-    tau_t: Tensor, u: Tensor, s: Tensor, vh: Tensor, alpha: float, zero_diagonal: bool
+    tau_t: Tensor, u: Tensor, s: Tensor, vh: Tensor, alpha: float, zero_diagonal: bool,
+    *, keep: Tensor | None = None, stats: dict[str, float] | None = None, null_start: int | None = None,
 ) -> Tensor:
     r"""OPCM projection of a dense ``tau_t`` given a (thin, possibly truncated) SVD of ``tau_bar``.
 
     ``u`` (m x k'), ``s`` (k'), ``vh`` (k' x n), columns/rows in the order of descending ``s``.
     Computes ``tau' = tau_t - U_a C V_a^T`` with ``C`` as in :func:`_removed_rows`, where
-    ``a = k'`` if ``zero_diagonal`` else ``r``. With the full thin SVD (k' = min(m, n)) this is
-    :func:`opcm_project`; with the SVD truncated to the non-zero directions the diagonal removal
-    is restricted to them (the factored-path convention). Output float32 on ``u``'s device.
+    ``a = k'`` if ``zero_diagonal`` else ``r``. With the full thin SVD (k' = min(m, n)) and no
+    ``keep`` this is the literal definition; ``keep`` (bool per direction) restricts the diagonal
+    removal to the directions it marks (:func:`resolved_directions`), and ``stats`` gets what was
+    left in place (directions from ``null_start`` on: null space). Output float32 on ``u``'s device.
     """
     check_matrix("tau_t", tau_t)
     device = u.device
@@ -210,10 +261,25 @@ def project_with_svd(
     tt = as_f32(tau_t, device)
     r = rank_cutoff(s, alpha)
     active = s.numel() if zero_diagonal else r
+    active, keep = _trim(r, active, keep if zero_diagonal else None, stats, s.numel() if null_start is None else null_start)
     if active == 0:
         return tt.clone()
     u_a, vh_a = u32[:, :active], vh32[:active]
-    return tt - u_a @ _removed_rows(u_a.mT @ tt, vh_a.mT, vh_a, r, zero_diagonal)
+    return tt - u_a @ _removed_rows(u_a.mT @ tt, vh_a.mT, vh_a, r, zero_diagonal, keep, stats)
+
+
+def _trim(r: int, active: int, keep: Tensor | None, stats: dict[str, float] | None, null_start: int) -> tuple[int, Tensor | None]:
+    """The directions to form, and the mask still needed. The diagonal directions left out at the end
+    (a null space, the usual case) are cut off instead of masked, and their entries are not computed
+    (``stats`` counts them; those from ``null_start`` on are null space); a mask stays only for
+    directions left out between resolved ones (a cluster of close singular values)."""
+    if keep is None or active <= r:
+        return active, keep
+    resolved = keep[r:active].nonzero()
+    end = r + (int(resolved[-1]) + 1 if resolved.numel() else 0)
+    null = active - max(null_start, end)
+    _report(stats, keep.new_zeros(0, dtype=torch.float32), null=null, unvalued=active - end - null)
+    return end, (None if bool(keep[r:end].all()) else keep)
 
 
 def thin_svd(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -238,7 +304,9 @@ def opcm_project(
     alpha: float,
     zero_diagonal: bool,
     *,
-    diagonal_in_null_space: bool = True,
+    diagonal: Literal["literal", "resolved"] = "literal",
+    stats: dict[str, float] | None = None,
+    noise: float = 0.0,
 ) -> Tensor:
     r"""OPCM projection of ``tau_t`` against ``tau_bar`` through the thin SVD (float32).
 
@@ -248,22 +316,30 @@ def opcm_project(
     ``zero_diagonal`` is false and ``alpha >= 1`` or ``alpha <= 0`` the cut-off is 0 for every
     ``tau_bar``, so the SVD is skipped and a float32 copy of ``tau_t`` is returned.
 
-    ``diagonal_in_null_space=False`` restricts the diagonal removal to the numerically non-zero
-    directions of ``tau_bar`` (``s_i > max(m, n) * eps32 * s[0]``), the convention of
-    :func:`opcm_project_lowrank`. The default (True) is the literal definition, under which a
-    rank-deficient ``tau_bar`` also has diagonal entries removed along the null-space basis the
-    SVD returned: for ``tau_bar = 0`` LAPACK returns identity bases, so ``tau_t[i, i]`` itself is
-    zeroed, an artefact of the definition rather than a projection.
+    ``diagonal="resolved"`` removes a diagonal entry only along a direction the float32 SVD
+    determines (:func:`resolved_directions` with gaps above ``max(m, n) * eps32 * s[0]``, a null
+    space when m != n, and values above :func:`noise_floor`): where the literal definition is
+    itself well defined it is followed, and where it
+    is not (an exact or numerical null space, repeated singular values: the basis the SVD returned
+    is arbitrary there; for ``tau_bar = 0`` LAPACK's identity would zero ``tau_t[i, i]`` itself) the
+    entry stays. ``noise``: a bound on the error with which ``tau_bar`` itself is known (OPCM passes
+    ``eps32 * ||theta(t-1)||_F``: the merged weights were rounded to float32 when stored, an error
+    relative to the weights, not to their task vector); singular values at or below it count as
+    null space too. ``stats`` gets the entries left in place (``diagonal_kept``,
+    ``diagonal_kept_sq``). ``"literal"`` (the default) removes every diagonal entry, whatever its basis.
     """
     _check_pair(tau_bar, tau_t)
     tb = as_f32(tau_bar)
     if not zero_diagonal and (alpha >= 1.0 or alpha <= 0.0):
         return as_f32(tau_t, tb.device).clone()
     u, s, vh = thin_svd(tb)
-    if not diagonal_in_null_space:
-        rho = count_above(s, max(tb.shape) * EPS32 * float(s[0]) if s.numel() else 0.0)
-        u, s, vh = u[:, :rho], s[:rho], vh[:rho]
-    return project_with_svd(tau_t, u, s, vh, alpha, zero_diagonal)
+    keep, null_start = None, None
+    if diagonal == "resolved" and s.numel():
+        s0 = float(s[0])
+        floor = max(noise, noise_floor(s0, s.numel()))
+        keep = resolved_directions(s, max(tb.shape) * EPS32 * s0, tb.shape[0] != tb.shape[1], floor)
+        null_start = count_above(s, floor)
+    return project_with_svd(tau_t, u, s, vh, alpha, zero_diagonal, keep=keep, stats=stats, null_start=null_start)
 
 
 _GRAM_BLOCK_BYTES = 32 << 20  # float64 row block of the Gram accumulation: 32 MiB, whatever the matrix
@@ -284,7 +360,8 @@ def gram_preferred(shape: tuple[int, ...]) -> bool:
 
 
 def opcm_project_gram(
-    tau_bar: Tensor, tau_t: Tensor, alpha: float, zero_diagonal: bool, *, inplace: bool = False
+    tau_bar: Tensor, tau_t: Tensor, alpha: float, zero_diagonal: bool, *, inplace: bool = False,
+    stats: dict[str, float] | None = None, noise: float = 0.0,
 ) -> Tensor:
     r"""OPCM projection through the eigendecomposition of the small Gram matrix (float64).
 
@@ -296,17 +373,21 @@ def opcm_project_gram(
         P = U_a^T tau_t V_a = S_a^-1 V_a^T K V_a,   C = P masked as in :func:`_removed_rows`,
         tau' = tau_t - U_a C V_a^T = tau_t - tau_bar M,   M = V_a S_a^-1 C V_a^T   (n x n)
 
-    with the diagonal removal restricted to the numerically non-zero directions
-    (``s_i > max(m, n) * eps32 * s[0]``), the convention of ``opcm_project(...,
-    diagonal_in_null_space=False)`` and of the factored path. Extra memory O(n^2) plus one row
-    block; time: the float64 half-Gram (about m n^2 flops), two float32 m x n x n products, a
-    float64 n x n ``eigh`` and two float32 n^3 products.
+    with the diagonal removal restricted to the directions this kernel resolves (the convention
+    of ``opcm_project(..., diagonal="resolved")``, at this kernel's precision): ``v_i`` apart from
+    the other eigenvectors, ``resolved_directions(s^2, max(m, n) * eps64 * s[0]^2)``, and ``s_i``
+    above :func:`noise_floor` and ``noise`` (as in :func:`opcm_project`). ``U = tau_bar V S^-1`` and ``K`` in float32 carry an error
+    of ``eps32 * s[0] / s_i`` along direction i, so directions with ``s_i <= max(m, n) * eps32 *
+    s[0]`` have ``u_i`` and ``u_i^T tau_t`` computed in float64 instead (O(m n) each; real task
+    vectors have few such directions). ``stats`` gets the diagonal entries left in place. Extra
+    memory O(n^2) plus one row block; time: the float64 half-Gram (about m n^2 flops), two float32
+    m x n x n products, a float64 n x n ``eigh`` and two float32 n^3 products.
 
     Accuracy: G in float64 resolves every direction above the rank tolerance (its eigenvalues
-    carry an absolute error of order ``n * eps64 * s[0]^2``, far below ``(max(m, n) * eps32 *
-    s[0])^2``), so V is accurate and orthonormal and ``U = tau_bar V S^-1`` is well defined; the
-    rest is float32 like the SVD route. Against a float64 SVD reference the result is within
-    float32 tolerance and as close as the float32 SVD route's (tested on spectra spanning five
+    carry an absolute error of order ``n * eps64 * s[0]^2``), so V is accurate and orthonormal
+    and ``U = tau_bar V S^-1`` is well defined; the rest is float32 like the SVD route. Against a
+    float64 SVD reference the result is within float32 tolerance and as close as the float32 SVD
+    route's (tested on spectra spanning five and eight
     decades). ``inplace=True`` writes ``tau'`` into ``tau_t`` (which must then be a float32
     tensor on ``tau_bar``'s device) and returns it. Output float32 on ``tau_bar``'s device.
     """
@@ -331,31 +412,61 @@ def opcm_project_gram(
                 g[a0:a1, b0:b1].addmm_(xb[:, a0:a1].mT, xb[:, b0:b1])
     w, v = torch.linalg.eigh(g, UPLO="L")  # ascending
     del g  # each stage's n x n temporaries go before the next stage's (n = 4096: 128 MiB each)
-    s = w.flip(0).clamp_min(0.0).sqrt()  # descending, as an SVD returns them
-    rho = count_above(s, max(m, n) * EPS32 * float(s[0]) if s.numel() else 0.0)
-    r = rank_cutoff(s[:rho], alpha)
-    active = rho if zero_diagonal else r
-    if active == 0:
+    w = w.flip(0).clamp_min(0.0)  # descending, as an SVD returns them (v's columns: ascending still)
+    s = w.sqrt()
+    s0 = float(s[0]) if s.numel() else 0.0
+    rho = count_above(s, max(m, n) * EPS32 * s0)  # u_i = tau_bar v_i / s_i is accurate in float32
+    # resolved: v_i apart from the other eigenvectors of G at G's float64 precision, and u_i computable in float64
+    floor = max(noise, noise_floor(s0, n))
+    keep = resolved_directions(w, max(m, n) * EPS64 * s0**2, null_space=False) & (s > floor)
+    r = min(rank_cutoff(s, alpha), count_above(s, max(m, n) * EPS64 * s0))
+    base_rows = rho if zero_diagonal else min(r, rho)
+    fine = [i for i in range(base_rows, s.numel()) if i < r or (zero_diagonal and bool(keep[i]))]  # float64 rows
+    if zero_diagonal:
+        lost = int((~keep[max(r, rho):]).sum())  # left out below the float32 rows: entries not computed
+        null = s.numel() - max(count_above(s, floor), r, rho)
+        _report(stats, s.new_zeros(0), null=null, unvalued=lost - null)
+    if base_rows + len(fine) == 0:
         return out
-    v_a, s_a = v[:, n - active :].flip(1), s[:active]  # the top singular directions, descending
+    chosen = torch.tensor([*range(base_rows), *fine], dtype=torch.long, device=v.device)
+    v_a = v[:, n - base_rows :].flip(1)  # the top directions, descending (LAPACK's column-major layout kept)
+    if fine:
+        v_a = torch.cat([v_a, v[:, [n - 1 - i for i in fine]]], dim=1)
+    s_a = s[chosen]
     del v, w
     k = torch.zeros(n, n, dtype=F32, device=x.device)  # K = tau_bar^T tau_t, accumulated by row blocks
     for i in range(0, m, step):
         k.addmm_(xt[i : i + step].mT, tt[i : i + step])
-    v_a, s_a = v_a.to(F32), s_a.to(F32)
-    left = (v_a.mT @ k).div_(s_a[:, None])  # U_a^T tau_t (a x n), without U
+    v32, s32 = v_a.to(F32), s_a.to(F32)
+    left = (v32[:, :base_rows].mT @ k).div_(s32[:base_rows, None])  # U_a^T tau_t (a x n), without U
     del k
-    rows_c = _removed_rows(left, v_a, v_a.mT, r, zero_diagonal).div_(s_a[:, None])  # S^-1 C V_a^T
+    u_fine = None
+    if fine:  # small singular values: u_i and u_i^T tau_t in float64 (float32 would lose eps32 * s0 / s_i)
+        f = len(fine)
+        u64 = torch.empty(m, f, dtype=f64, device=x.device)
+        left64 = torch.zeros(f, n, dtype=f64, device=x.device)
+        for i in range(0, m, step):
+            u64[i : i + step] = (xt[i : i + step].to(f64) @ v_a[:, base_rows:]).div_(s_a[base_rows:])
+            left64.addmm_(u64[i : i + step].mT, tt[i : i + step].to(f64))
+        left = torch.cat([left, left64.to(F32)])
+        u_fine = u64.to(F32)
+        del u64, left64
+    rows_c = _removed_rows(left, v32, v32.mT, min(r, len(chosen)), zero_diagonal, keep[chosen], stats)  # C V_a^T
     del left
-    m_mat = v_a @ rows_c  # M = V_a S^-1 C V_a^T
-    del rows_c, v_a
-    # tau' = tau_t - tau_bar M, by row blocks of the output (a wide tau_bar: tau' = tau_t - M^T tau_bar)
+    rows_fine = rows_c[base_rows:]
+    m_mat = v32[:, :base_rows] @ rows_c[:base_rows].div_(s32[:base_rows, None])  # M = V_a S^-1 C V_a^T
+    del rows_c, v32
+    # tau' = tau_t - tau_bar M - U_fine C_fine V_a^T, by row blocks of the output (a wide tau_bar: transposed)
     rows = max(1, _GRAM_BLOCK_BYTES // (4 * max(out.shape[1], 1)))
     for i in range(0, out.shape[0], rows):
         if wide:
             out[i : i + rows].sub_(m_mat[:, i : i + rows].mT @ x)
+            if u_fine is not None:
+                out[i : i + rows].sub_(rows_fine[:, i : i + rows].mT @ u_fine.mT)
         else:
             out[i : i + rows].sub_(x[i : i + rows] @ m_mat)
+            if u_fine is not None:
+                out[i : i + rows].sub_(u_fine[i : i + rows] @ rows_fine)
     return out
 
 
@@ -415,12 +526,16 @@ def opcm_project_lowrank(
 
 
 def project_factors_with_svd(
-    tau_t: tuple[Tensor, Tensor], u: Tensor, s: Tensor, vh: Tensor, alpha: float, zero_diagonal: bool
+    tau_t: tuple[Tensor, Tensor], u: Tensor, s: Tensor, vh: Tensor, alpha: float, zero_diagonal: bool,
+    *, stats: dict[str, float] | None = None,
 ) -> tuple[Tensor, Tensor]:
     r"""The factored OPCM projection of ``tau_t = B @ A`` given the (numerically non-zero) thin SVD
     ``U, s, Vh`` of ``tau_bar``: factors ``(L', R')`` as in :func:`opcm_project_lowrank`.
 
-    For callers that carry ``tau_bar`` in SVD form already (``U·s``, ``Vh``): no QR is needed.
+    For callers that carry ``tau_bar`` in SVD form already (``U·s``, ``Vh``): no QR is needed. The
+    diagonal removal covers the directions :func:`resolved_directions` resolves at
+    ``max(m, n) * eps32 * s[0]`` (the rest of the space is ``tau_bar``'s null space), as the dense
+    route's ``diagonal="resolved"``; ``stats`` gets the entries left in place.
     """
     b, a = tau_t
     check_factors("tau_t", b, a)
@@ -432,11 +547,15 @@ def project_factors_with_svd(
     bf, af = as_f32(b, u.device), as_f32(a, u.device)
     r = rank_cutoff(s, alpha)
     active = s.numel() if zero_diagonal else r
+    floor = noise_floor(float(s[0]), min(u.shape[0], vh.shape[1])) if s.numel() else 0.0
+    keep = resolved_directions(s, max(u.shape[0], vh.shape[1]) * EPS32 * float(s[0]), null_space=True, floor=floor) \
+        if s.numel() else None
+    active, keep = _trim(r, active, keep if zero_diagonal else None, stats, count_above(s, floor))
     if active == 0:
         return bf.clone(), af.clone()
     u_a, vh_a = u[:, :active], vh[:active]
     # P = (U_a^T B)(A V_a): both parts are small (active x r_t and r_t x active).
-    removed = _removed_rows(u_a.mT @ bf, af @ vh_a.mT, vh_a, r, zero_diagonal)
+    removed = _removed_rows(u_a.mT @ bf, af @ vh_a.mT, vh_a, r, zero_diagonal, keep, stats)
     return torch.cat([bf, u_a], dim=1), torch.cat([af, -removed], dim=0)
 
 

@@ -10,38 +10,8 @@ import torch
 from transformers import AutoConfig
 
 from hf_contmerge.sources.naming import linear_weight_file_keys
+from support.reference import opcm_reference
 from support.tiny_models import weights
-
-
-def opcm_reference(base, items, linear, alpha=0.5, zero_diagonal=True):
-    """METHODS.md's OPCM, literally: full SVD, P = UᵀτV, zero the block (and diagonal), global λ."""
-    b = {k: v.double() for k, v in base.items() if v.is_floating_point()}
-    fts = [{k: v.double() for k, v in x.items() if k in b} for x in items]
-    norm = lambda d: math.sqrt(sum(float(v.pow(2).sum()) for v in d.values()))  # noqa: E731
-    merged, lam = dict(fts[0]), 1.0
-    norms = [norm({k: fts[0][k] - b[k] for k in b})]
-    out = [merged]
-    for x in fts[1:]:
-        tau = {k: x[k] - b[k] for k in b}
-        norms.append(norm(tau))
-        mean = sum(norms) / len(norms)
-        unscaled = {}
-        for k in b:
-            tb, t = merged[k] - b[k], tau[k]
-            if k in linear:
-                u, s, vh = torch.linalg.svd(tb, full_matrices=True)
-                ratio = torch.cumsum(s, 0) / s.sum()
-                r = int(torch.nonzero(ratio > alpha)[0]) if bool((ratio > alpha).any()) else 0
-                p = u.T @ t @ vh.T
-                p[:r, :r] = 0
-                if zero_diagonal:
-                    p.diagonal().zero_()
-                t = u @ p @ vh
-            unscaled[k] = lam * tb + t
-        lam = norm(unscaled) / mean
-        merged = {k: b[k] + unscaled[k] / lam for k in b}
-        out.append(merged)
-    return out, norms
 
 
 def _run(cli, base, items, out, **params):
@@ -71,7 +41,8 @@ def test_opcm_streamed_equals_reference(tmp_path, streams, cli, family, zero_dia
             assert dist == pytest.approx(sum(norms[:t]) / t, rel=1e-5)
     state = json.loads((out / "step-4" / "contmerge_state.json").read_text())
     assert sorted(state["scalars"]["projected"]) == sorted(k for k in linear if k in b)
-    assert state["stream"][0]["method"] == {"lambda": 1.0, "projected": 0}
+    assert state["stream"][0]["method"] == {"lambda": 1.0, "projected": 0, "diagonal_kept": 0,
+                                           "diagonal_kept_share": 0.0, "diagonal_null": 0}
     assert all(s["method"]["lambda"] > 1.0 for s in state["stream"][1:])  # grows ~√t for near-orthogonal τ
     assert "lambda=" in (out / "step-4" / "README.md").read_text()
 

@@ -8,6 +8,10 @@ byte of a weight shard, a carried-state file, the state JSON or the card fails h
 again once, when local fingerprints became a digest of every tensor (``io/checkpoint.ContentDigest``):
 every weight and carried-state file kept its bytes, and the state JSON and the card differed from the
 earlier ones in the fingerprint strings only (checked by diffing both versions' outputs field by field).
+And once more when OPCM began to report the diagonal entries it leaves in place (issue 14): the OPCM
+cases' weights and carried state kept their bytes; their state JSON gained the scalars
+``diagonal_kept``, ``diagonal_kept_share`` and ``diagonal_null`` and their cards show them (checked
+the same way).
 
 Fixtures are built deterministically in a scratch folder and every source is given by a relative
 path (the state and card record sources as given), so the bytes do not depend on where it runs.

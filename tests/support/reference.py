@@ -6,6 +6,8 @@ share no code with ``hf_contmerge.methods``: agreement between the two is the te
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 StateDict = dict[str, torch.Tensor]
@@ -82,3 +84,34 @@ DATA_FREE = [
 
 def set_flags(params: dict) -> list[str]:
     return [a for k, v in params.items() for a in ("--set", f"{k}={v}")]
+
+
+def opcm_reference(base, items, linear, alpha=0.5, zero_diagonal=True):
+    """METHODS.md's OPCM, literally: full SVD, P = UᵀτV, zero the block (and diagonal), global λ."""
+    b = {k: v.double() for k, v in base.items() if v.is_floating_point()}
+    fts = [{k: v.double() for k, v in x.items() if k in b} for x in items]
+    norm = lambda d: math.sqrt(sum(float(v.pow(2).sum()) for v in d.values()))  # noqa: E731
+    merged, lam = dict(fts[0]), 1.0
+    norms = [norm({k: fts[0][k] - b[k] for k in b})]
+    out = [merged]
+    for x in fts[1:]:
+        tau = {k: x[k] - b[k] for k in b}
+        norms.append(norm(tau))
+        mean = sum(norms) / len(norms)
+        unscaled = {}
+        for k in b:
+            tb, t = merged[k] - b[k], tau[k]
+            if k in linear:
+                u, s, vh = torch.linalg.svd(tb, full_matrices=True)
+                ratio = torch.cumsum(s, 0) / s.sum()
+                r = int(torch.nonzero(ratio > alpha)[0]) if bool((ratio > alpha).any()) else 0
+                p = u.T @ t @ vh.T
+                p[:r, :r] = 0
+                if zero_diagonal:
+                    p.diagonal().zero_()
+                t = u @ p @ vh
+            unscaled[k] = lam * tb + t
+        lam = norm(unscaled) / mean
+        merged = {k: b[k] + unscaled[k] / lam for k in b}
+        out.append(merged)
+    return out, norms
