@@ -112,7 +112,7 @@ class Checkpoint(TensorIndex):
         self._pickle_cache: tuple[Path, dict[str, torch.Tensor]] | None = None
         self._where: dict[str, SafetensorsFile | Path] = {}
         self._info: dict[str, TensorInfo] = {}
-        self.digest = ContentDigest(self)  # the content fingerprint, fed by read()
+        self.digest: ContentDigest | None = None  # a source's content fingerprint (fingerprinted()), fed by read()
         for f in self._files:
             for key, info in sorted(f.tensors.items(), key=lambda kv: kv[1].start):
                 self._where[key], self._info[key] = f, info
@@ -120,8 +120,7 @@ class Checkpoint(TensorIndex):
             for key, t in self._load_pickle(p).items():
                 self._where[key] = p
                 self._info[key] = TensorInfo(DTYPE_NAMES[t.dtype], tuple(t.shape), 0, t.numel() * t.element_size())
-        self._identity = fingerprints.identity(self.files())  # the files as opened, for the fingerprint cache
-        self.digest.known = fingerprints.lookup(self._identity)
+        self._identity: str | None = None
 
     @classmethod
     def open(cls, folder: Path, *, allow_pickle: bool = False, label: str = "", prefix: str = "model") -> Checkpoint:
@@ -160,9 +159,19 @@ class Checkpoint(TensorIndex):
         """The weight files, in name order."""
         return sorted({f.path for f in self._files} | set(self._pickles))
 
+    def fingerprinted(self) -> Checkpoint:
+        """Track this checkpoint's content fingerprint (a source's; carried state and statistics need none):
+        known at once from the per-machine cache when these files were hashed before unchanged
+        (``fingerprints.py``), else fed by the reads the merge makes. Returns the checkpoint."""
+        self._identity = fingerprints.identity(self.files())  # the files as opened
+        self.digest = ContentDigest(self)
+        self.digest.known = fingerprints.lookup(self._identity)
+        return self
+
     def fingerprint(self) -> str:
-        """The content fingerprint (:class:`ContentDigest`), from the per-machine cache when these files
-        were hashed before unchanged (``fingerprints.py``), else from the reads, stored for next time."""
+        """The content fingerprint (:class:`ContentDigest`; see :meth:`fingerprinted`), stored in the cache."""
+        if self.digest is None:
+            raise RuntimeError("internal: fingerprint() of a checkpoint opened without fingerprinted()")
         if self.digest.known is None:
             value = self.digest.hexdigest()
             fingerprints.remember(self._identity, self.files(), value)
@@ -178,7 +187,8 @@ class Checkpoint(TensorIndex):
                 self._pickle_cache = (where, self._load_pickle(where))
             t = self._pickle_cache[1][key]
             t = (t if rows is None or t.dim() == 0 else t[rows[0] : rows[1]]).clone()
-        self.digest.feed(key, rows, t)
+        if self.digest is not None:
+            self.digest.feed(key, rows, t)
         return t
 
     def close(self) -> None:

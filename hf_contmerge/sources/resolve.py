@@ -52,7 +52,8 @@ class ResolvedSource:
     @property
     def fingerprint_ready(self) -> bool:
         """Whether :attr:`fingerprint` is known without reading the tensors (a commit, or a cached digest)."""
-        return self.known_fingerprint is not None or (isinstance(self.checkpoint, Checkpoint) and self.checkpoint.digest.known is not None)
+        digest = self.checkpoint.digest if isinstance(self.checkpoint, Checkpoint) else None
+        return self.known_fingerprint is not None or (digest is not None and digest.known is not None)
 
     def identity(self) -> dict[str, str | None]:
         """What the state file and the card record about this source (never a token)."""
@@ -138,4 +139,6 @@ def resolve(
         return ResolvedSource(spec, folder, "lora", revision, adapter_fingerprint(folder), dict(base.config), checkpoint)
     config = refuse_remote_code(read_config(folder, label), label)
     checkpoint = Checkpoint.open(folder, allow_pickle=allow_pickle, label=label)
+    if not revision:
+        checkpoint.fingerprinted()  # a local folder: identified by its content
     return ResolvedSource(spec, folder, "full", revision, revision[:16] if revision else None, config, checkpoint)
