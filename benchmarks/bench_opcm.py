@@ -13,7 +13,9 @@ This script times, in one run on the same machine and thread count:
    once per dense kernel: ``kernel=svd`` (thin SVD for every matrix: the previous version's
    behaviour) and ``kernel=auto`` (the default: the Gram kernel for long matrices), side by side.
 
-Target (issue): step time within 20 % of the SVD sum, peak RSS under 3 GiB.
+Target (issue): step time within 20 % of the SVD sum, peak RSS under 3 GiB. The table also shows
+what step 2 reports about the diagonal entries OPCM left in place (``diagonal_kept``, their share
+of ‖τt‖², ``diagonal_null``).
 
 ``--git-ref REF`` (repeatable) measures those commits instead of the working tree, each from a
 snapshot of the package (``bench_stream.snapshot_package``), kernel by kernel in turn, so two
@@ -60,6 +62,16 @@ def svd_seconds(depth: int) -> float:
     return total
 
 
+def diagonal(step: Path) -> str:
+    """What OPCM reported about the diagonal entries it left in place (versions that report it)."""
+    import json
+
+    scalars = json.loads((step / "contmerge_state.json").read_text())["scalars"]
+    if "diagonal_kept" not in scalars:
+        return "not reported"
+    return f"{scalars['diagonal_kept']} ({scalars['diagonal_kept_share']:.2g}) / {scalars['diagonal_null']}"
+
+
 def commit() -> str:
     import subprocess
 
@@ -104,18 +116,18 @@ def main() -> None:
                    "--set", f"kernel={kernel}", "--out", str(out), "--quiet"]
             step1 = run_measured([*cli, "--stream", str(items[0])], env, cwd)
             step2 = run_measured([*cli, "--stream", *map(str, items), "--resume"], env, cwd)
-            runs[name, kernel] = (step1, step2)
+            runs[name, kernel] = (step1, step2, diagonal(out / "step-2"))
             print(f"{name} {kernel}: step 1 {step1[0]:.1f} s, step 2 {step2[0]:.1f} s, {step2[1] / 2**20:.2f} GiB", flush=True)
     svd = svd_seconds(args.depth)
     rows = [
         "| code | depth | kernel | SVDs alone (s) | OPCM step 2 wall (s) | overhead | step 2 peak RSS | step 1 wall (s) "
-        "| step 1 peak RSS |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| step 1 peak RSS | diagonal entries kept (share) / null |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for (name, kernel), (step1, step2) in runs.items():
+    for (name, kernel), (step1, step2, diag) in runs.items():
         rows.append(
             f"| {name} | {args.depth} | {kernel} | {svd:.1f} | {step2[0]:.1f} | {100 * (step2[0] / svd - 1):+.0f} % | "
-            f"{step2[1] / 2**20:.2f} GiB | {step1[0]:.1f} | {step1[1] / 2**20:.2f} GiB |"
+            f"{step2[1] / 2**20:.2f} GiB | {step1[0]:.1f} | {step1[1] / 2**20:.2f} GiB | {diag} |"
         )
     rows.append("")
     for name in codes if len(kernels) == 2 else ():

@@ -33,12 +33,18 @@ Choices:
   defect not copied).
 - ``zero_diagonal`` (default true) is the maintained reference; ``false`` reproduces the code the
   paper's numbers were produced with (its diagonal fill was a no-op).
-- [choice] The diagonal removal is restricted to the numerically non-zero singular directions of
-  τ̄ (``s_i > max(m, n)·eps·s0``). Where τ̄ is rank-deficient (a weight the stream has barely
-  touched, any LoRA stream) the literal definition removes diagonal entries along whatever
-  null-space basis the SVD routine returned (for τ̄ = 0, LAPACK's identity: τt[i, i] itself),
-  which is arbitrary. For full-rank τ̄ the two are identical. The same convention serves LoRA
-  streams, so a LoRA stream and its merged checkpoints give the same result.
+- [choice] The diagonal removal follows the literal definition along every singular direction of τ̄
+  that the kernel determines, however small its singular value, and leaves the entry in place only
+  where the definition itself depends on an arbitrary basis: directions whose singular value is
+  within ``max(m, n)·eps·s0`` of another one (or of 0 when m ≠ n) at the kernel's precision (eps32
+  for the float32 SVD; eps64 on s² for the Gram kernel, whose small directions are then computed in
+  float64), and τ̄'s numerical null space, the singular values at or below
+  ``max(eps32·‖θ(t−1)‖_F, √k·eps32·s0)`` (θ(t−1) was rounded to float32 when stored, so τ̄ is not
+  known more finely; for τ̄ = 0 LAPACK's identity basis would otherwise zero τt[i, i] itself). The
+  factored path (LoRA streams) uses the same rule on its SVD from factors, so a LoRA stream and its
+  merged checkpoints give the same result. Each step records how many entries stayed
+  (``diagonal_kept``, with their share of ‖τt‖² over the projected weights, and ``diagonal_null``
+  for the null space) in its state and card.
 - Low-rank form (LoRA streams): while every task vector of a matrix is low-rank, τ̄ is carried
   as factors (linear weights and embeddings alike; the plain rule is linear in the factors), kept
   in SVD form (U·s, Vh), so a linear weight's SVD is read off them and the projection runs on

@@ -42,13 +42,15 @@ block term only needs the span of the first r pairs. So the forms are identical 
 When ``tau_bar`` is rank-deficient (or has repeated singular values) and ``zero_diagonal`` is set,
 the *literal definition itself* depends on which basis the SVD routine returned for the null
 space (the directions of singular value 0): the diagonal entries removed there lie along
-arbitrary vectors. The dense path keeps that behaviour (it follows the literal definition with
-whatever basis ``torch.linalg.svd`` returns); the difference between any two such results lies
-entirely in the null-space x null-space block. For ``tau_bar = 0`` LAPACK returns identity
-bases, so the literal definition zeroes the entries ``tau_t[i, i]``; ``opcm_project(...,
-diagonal_in_null_space=False)`` avoids that. The factored path
-(:func:`opcm_project_lowrank`) instead restricts the diagonal removal to the numerically non-zero
-singular directions, which is basis-independent.
+arbitrary vectors; the same holds inside a cluster of equal singular values. ``opcm_project``
+keeps that behaviour by default (``diagonal="literal"``); with ``diagonal="resolved"`` (what OPCM
+uses) it removes a diagonal entry only along a direction the decomposition determines
+(:func:`resolved_directions`: a gap to every other singular value above the kernel's precision,
+a value above :func:`noise_floor`), which is basis-independent and equals the literal definition
+wherever that is well defined. For ``tau_bar = 0`` LAPACK returns identity bases, so the literal
+definition zeroes the entries ``tau_t[i, i]``; the resolved rule leaves ``tau_t`` as it is. The
+Gram kernel and the factored path (:func:`opcm_project_lowrank`) follow the resolved rule at
+their own precision.
 
 Choices
 -------
