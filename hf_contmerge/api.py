@@ -20,6 +20,7 @@ from typing import Any
 from .artifacts import layout
 from .artifacts.folder import load_step
 from .artifacts.state import read_state
+from .calibration.calibrator import make_calibrator
 from .engine.hooks import step_hooks
 from .engine.run import Engine
 from .engine.step import StepResult
@@ -61,8 +62,9 @@ class ContinualMerger:
     def last_step_folder(self) -> Path | None:
         return layout.step_dir(self.options.out, self.steps) if self.history else None
 
-    def step(self, source: str | os.PathLike[str]) -> StepResult:
-        """Merge one more fine-tune (folder or Hub id) and write the next step folder."""
+    def step(self, source: str | os.PathLike[str], data: str | os.PathLike[str] | None = None) -> StepResult:
+        """Merge one more fine-tune (folder or Hub id) and write the next step folder. ``data``: its
+        calibration data (a spec as for ``--data``), for a data-dependent method."""
         source = os.fspath(source)
         done = layout.complete_steps(self.options.out)
         if done != list(range(1, self.steps + 1)):
@@ -71,8 +73,11 @@ class ContinualMerger:
                 f"{self.options.out} changed under this merger: it should hold steps 1..{self.steps}, and it holds {found}. "
                 "Nothing was written. Make a new ContinualMerger (resume=True continues whatever the folder holds)."
             )
-        opts = self.options.model_copy(update={"stream": [*self.history, source], "resume": bool(self.history) or self.options.resume})
-        (result,) = Engine(opts, hooks=step_hooks(opts, self.evaluate)).run()
+        update: dict[str, Any] = {"stream": [*self.history, source], "resume": bool(self.history) or self.options.resume}
+        if data is not None:  # earlier items are merged already: their data is not read again
+            update["data"] = [*([""] * len(self.history)), os.fspath(data)]
+        opts = self.options.model_copy(update=update)
+        (result,) = Engine(opts, hooks=step_hooks(opts, self.evaluate), calibrator=make_calibrator(opts)).run()
         self.history.append(source)
         return result
 

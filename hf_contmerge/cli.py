@@ -46,7 +46,7 @@ def _add_option_flags(parser: argparse.ArgumentParser) -> None:
             kwargs["action"] = "store_true"
         elif origin is list:
             kwargs["nargs"] = "+"
-            kwargs["metavar"] = "SRC"
+            kwargs["metavar"] = "SPEC" if name == "data" else "SRC"
         elif origin is typing.Literal:
             kwargs["choices"] = typing.get_args(ann)
         elif ann in (int, float):
@@ -88,6 +88,7 @@ def options_from_args(ns: argparse.Namespace) -> MergeOptions:
 
 
 def cmd_merge(ns: argparse.Namespace) -> int:
+    from .calibration.calibrator import make_calibrator
     from .engine.hooks import step_hooks
     from .engine.run import Engine
 
@@ -97,7 +98,7 @@ def cmd_merge(ns: argparse.Namespace) -> int:
 
         disable_progress_bars()
         logging.getLogger("hf_contmerge").setLevel(logging.WARNING)
-    Engine(options, hooks=step_hooks(options)).run()
+    Engine(options, hooks=step_hooks(options), calibrator=make_calibrator(options)).run()
     return 0
 
 

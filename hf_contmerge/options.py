@@ -82,6 +82,14 @@ class MergeOptions(BaseModel):
                                     "(e.g. @step-3); the --stream must start with the items that step holds")
     dry_run: bool = Field(False, description="run the pre-flight and print the plan; write nothing")
     seed: int = Field(0, description="random seed (recorded; used by data-dependent methods)", json_schema_extra=_recorded("same"))
+    data: list[str] = Field(default_factory=list, description="calibration data of data-dependent methods, one SPEC per "
+                            "--stream item, in order: a dataset folder (save_to_disk)[@split], data files (.csv, .json, "
+                            ".jsonl, .parquet; globs)[@split], or a Hub dataset org/name[:config][@split]")
+    data_column: str | None = Field(None, description="input column of --data (default: the first of text, sentence, "
+                                    "content, image, img, pixel_values, input_ids)")
+    calib_samples: int = Field(256, ge=1, description="calibration samples per item (a sample seeded by --seed)")
+    calib_batch_size: int = Field(8, ge=1, description="calibration batch size")
+    max_length: int = Field(128, ge=1, description="most tokens of one text calibration sample")
     allow_pickle: bool = Field(False, description="accept pickle (.bin) checkpoints; unpickling can run code")
     allow_nonfinite: bool = Field(False, description="write NaN/Inf values (in the base, an item, or a merged tensor) "
                                   "instead of refusing the step")
@@ -98,10 +106,10 @@ class MergeOptions(BaseModel):
     token: SecretStr | None = Field(None, description="Hub token (default: HF_TOKEN or the saved login); never written anywhere",
                                     exclude=True)
 
-    @field_validator("base", "stream", "resume_from", mode="before")
+    @field_validator("base", "stream", "resume_from", "data", mode="before")
     @classmethod
     def _sources(cls, v: Any) -> Any:
-        """Sources given as ``os.PathLike`` (the API) are recorded as the text of their path."""
+        """Sources and data specs given as ``os.PathLike`` (the API) are recorded as the text of their path."""
         if isinstance(v, (list, tuple)):
             return [os.fspath(x) if isinstance(x, os.PathLike) else x for x in v]
         return os.fspath(v) if isinstance(v, os.PathLike) else v
@@ -144,6 +152,13 @@ class MergeOptions(BaseModel):
             raise ValueError("--max-rank applies to --output-format adapter only")
         if self.output_format == "adapter" and self.lowrank == "off":
             raise ValueError("--output-format adapter needs the low-rank path: drop --lowrank off")
+        return self
+
+    @model_validator(mode="after")
+    def _data(self) -> MergeOptions:
+        if self.data and len(self.data) != len(self.stream):
+            raise ValueError(f"give exactly one --data SPEC per --stream item, in stream order ({len(self.data)} given "
+                             f"for {len(self.stream)} items)")
         return self
 
     @model_validator(mode="after")

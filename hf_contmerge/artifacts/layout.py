@@ -44,6 +44,7 @@ LOWRANK_PREFIX = "lowrank-"
 LEFT, RIGHT = "::left", "::right"  # suffixes of the two factors of a key in the low-rank state files
 HEADS_DIR = "task_heads"  # task_heads/task-{i}/
 PASS1_DIR = "_pass1"  # scratch of a two-pass method's first pass, inside the partial step folder
+CALIBRATION_DIR = "_calibration"  # inside a partial step: the step's calibration statistics, removed before publish
 # Files of the base folder that are not copied into a step (weights indexes, our own files, its card).
 SKIP_SIDE = {SAFE_INDEX, PICKLE_INDEX, ADAPTER_CONFIG, CARD, STATE_FILE}
 MODEL_CONFIGS = {CONFIG, GENERATION_CONFIG}  # side files an adapter step must not carry

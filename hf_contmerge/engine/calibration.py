@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from ..io.checkpoint import TensorIndex
 from ..methods.base import CalibrationRequest
@@ -27,11 +27,18 @@ class Calibrated:
 
     tensors: Mapping[str, TensorIndex] = field(default_factory=dict)
     scalars: Mapping[str, float] = field(default_factory=dict)
+    record: Mapping[str, Any] = field(default_factory=dict)  # what the state and card say went in (data, samples)
 
 
 class Calibrator(Protocol):
+    def prepare(self, steps: Mapping[int, ResolvedSource], base: ResolvedSource) -> None:
+        """Check (and may load) what the steps to come need, before any is written; raise to refuse."""
+        ...
+
     def calibrate(self, step: int, requests: tuple[CalibrationRequest, ...], *, base: ResolvedSource,
-                  item: ResolvedSource, previous_step: Path | None) -> Calibrated:
+                  item: ResolvedSource, previous_step: Path | None, key_map: Mapping[str, str], scratch: Path) -> Calibrated:
         """The statistics ``requests`` ask for at ``step``; ``item`` is the new fine-tune, ``previous_step``
-        the folder of the merged model so far (None at step 1)."""
+        the folder of the merged model so far (None at step 1). ``key_map``: the item's file name of every
+        merged output tensor -> that output name (what the statistics are keyed by). ``scratch``: a new
+        folder inside the partial step for files the statistics need (removed before it is published)."""
         ...

@@ -153,6 +153,8 @@ class Engine:
                 logger.info(f"{opts.out}: all {last} steps are already complete; nothing to do.")
                 return []
             base.ensure_local()  # every step reads it, and its config and tokenizer go into each step
+            if self.method.calibration:  # every step's calibration data checked before the first step is written
+                self.calibrator.prepare({last + 1 + j: item for j, item in enumerate(items)}, base)
             layout.claim(opts.out)
             results = []
             for j in range(len(items)):
@@ -264,9 +266,9 @@ class Engine:
         opts, method = self.options, self.method
         prev_folder = layout.step_dir(opts.out, previous.step) if previous else None
         item, item_plan = stream.items[plan.item_index], stream.item_plans[plan.item_index]
-        calibrated = self._calibrate(plan, stream, item, prev_folder)
         partial = layout.new_partial(opts.out, plan.step)
         try:
+            calibrated = self._calibrate(plan, stream, item, prev_folder, partial / layout.CALIBRATION_DIR)
             writer = StepWriter(plan, stream, method, device=self.device, chunk_bytes=int(opts.chunk_mb * 2**20),
                                 shard_bytes=opts.shard_bytes, allow_nonfinite=opts.allow_nonfinite, quiet=opts.quiet,
                                 calibration=calibrated.tensors, calibration_scalars=calibrated.scalars)
@@ -281,7 +283,11 @@ class Engine:
                 "heads": item_plan.heads,
                 "kept_modules": item_plan.kept_modules,
                 "method": method.step_summary(written.scalars),
+                **({"calibration": dict(calibrated.record)} if calibrated.record else {}),
             }
+            for index in calibrated.tensors.values():
+                index.close()
+            shutil.rmtree(partial / layout.CALIBRATION_DIR, ignore_errors=True)  # statistics are not part of a step
             state = StepState(
                 step=plan.step,
                 method=method.name,
@@ -310,8 +316,10 @@ class Engine:
             raise
         return StepResult(plan.step, final, state)
 
-    def _calibrate(self, plan: StepPlan, stream: StreamPlan, item: ResolvedSource, prev_folder: Path | None) -> Calibrated:
+    def _calibrate(self, plan: StepPlan, stream: StreamPlan, item: ResolvedSource, prev_folder: Path | None,
+                   scratch: Path) -> Calibrated:
         if not self.method.calibration:
             return Calibrated()
+        key_map = {kp.item_keys[plan.item_index]: kp.key for kp in plan.keys if kp.merged and kp.item_keys[plan.item_index]}
         return self.calibrator.calibrate(plan.step, self.method.calibration, base=stream.base, item=item,
-                                         previous_step=prev_folder)
+                                         previous_step=prev_folder, key_map=key_map, scratch=scratch)

@@ -80,6 +80,7 @@ class CalibrationRequest:
 
     statistic: str
     model: Literal["item", "previous"]
+    fisher: Literal["per_sample", "batch"] = "per_sample"  # for a diagonal Fisher: which estimator
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ REGISTRY: dict[str, str | type[Method]] = {
     "ties": "hf_contmerge.methods.ties:Ties",
     "magmax": "hf_contmerge.methods.magmax:MagMax",
     "opcm": "hf_contmerge.methods.opcm:OPCM",
+    "fisher": "hf_contmerge.methods.fisher:FisherMerge",
 }
 
 

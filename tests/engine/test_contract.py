@@ -43,8 +43,11 @@ def _options(base, items, out, method, **values) -> MergeOptions:
 @pytest.mark.parametrize("method", list(REGISTRY))
 def test_method_recreated_between_tensors_gives_the_same_bytes(tmp_path, streams, method):
     base, items = streams("llama")
-    Engine(_options(base, items, tmp_path / "normal", method)).run()
-    engine = Engine(_options(base, items, tmp_path / "fresh", method))
+    # a data-dependent method gets fixed statistics: what is tested here is that it keeps nothing between calls
+    stats = {r.statistic: {k: v.abs() + 0.5 for k, v in weights(base).items() if v.is_floating_point()}
+             for r in build_method(method, {}).calibration}
+    Engine(_options(base, items, tmp_path / "normal", method), calibrator=Calibrator(stats) if stats else None).run()
+    engine = Engine(_options(base, items, tmp_path / "fresh", method), calibrator=Calibrator(stats) if stats else None)
     assert set(vars(engine.method)) == {"params"}  # a method object holds its parameters, nothing else
     engine.method = FreshEachTime(method, engine.options.params)
     engine.run()
@@ -76,12 +79,21 @@ class Weighted(Method):
 
 
 class Calibrator:
-    def __init__(self, importance: dict[str, torch.Tensor]):
-        self.importance, self.calls = importance, []
+    """test-only: statistic ``name`` of step t is ``t · stats[name]`` (``importance`` by default), scalar c = 0.5."""
 
-    def calibrate(self, step, requests, *, base, item, previous_step):
+    def __init__(self, stats: dict[str, dict[str, torch.Tensor]] | dict[str, torch.Tensor]):
+        first = next(iter(stats.values()))
+        self.stats = stats if isinstance(first, dict) else {"importance": stats}
+        self.calls, self.prepared = [], []
+
+    def prepare(self, steps, base):
+        self.prepared.append(sorted(steps))
+
+    def calibrate(self, step, requests, *, base, item, previous_step, key_map, scratch):
         self.calls.append((step, requests, item.spec.text, previous_step))
-        return Calibrated({"importance": TensorDict({k: v * step for k, v in self.importance.items()})}, {"c": 0.5})
+        assert set(key_map.values()) <= set(weights(base.folder))  # the merged tensors' output names
+        tensors = {name: TensorDict({k: v * step for k, v in stat.items()}) for name, stat in self.stats.items()}
+        return Calibrated(tensors, {"c": 0.5})
 
 
 def test_calibration_statistics_reach_every_slice(tmp_path, streams, monkeypatch):
@@ -94,6 +106,7 @@ def test_calibration_statistics_reach_every_slice(tmp_path, streams, monkeypatch
     out = tmp_path / "out"
     Engine(_options(base, items[:2], out, "weighted"), calibrator=calibrator).run()  # tiny slices: rows of each statistic
     assert [(c[0], c[2], c[3]) for c in calibrator.calls] == [(1, str(items[0]), None), (2, str(items[1]), out / "step-1")]
+    assert calibrator.prepared == [[1, 2]]  # every step's data checked before the first one is written
     expected = {k: v.double() for k, v in b.items()}
     for t, item in enumerate(items[:2], start=1):
         ft = weights(item)

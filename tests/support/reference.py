@@ -115,3 +115,22 @@ def opcm_reference(base, items, linear, alpha=0.5, zero_diagonal=True):
         merged = {k: b[k] + unscaled[k] / lam for k in b}
         out.append(merged)
     return out, norms
+
+
+def fisher_per_sample(model, samples) -> dict[str, torch.Tensor]:
+    """METHODS.md's per-sample diagonal Fisher, written out: for each unpadded sample ``input_ids`` (1, L),
+    the squared gradient of log p(ŷ | x) (argmax class, or argmax next token summed over positions), averaged."""
+    model.eval()
+    total = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in model.named_parameters()}
+    count = 0
+    for ids in samples:
+        model.zero_grad()
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0].double()
+        logp = torch.log_softmax(logits, dim=-1)
+        logp.gather(-1, logp.argmax(dim=-1, keepdim=True)).sum().backward()
+        for n, p in model.named_parameters():
+            if p.grad is not None:
+                total[n] += p.grad.double() ** 2
+        count += 1
+    model.zero_grad()
+    return {n: t / count for n, t in total.items()}

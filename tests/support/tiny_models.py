@@ -137,3 +137,33 @@ def save_lora(base: torch.nn.Module, config, seed: int, folder: Path, scale: flo
     peft_model.save_pretrained(folder)
     return folder
 
+
+
+WORDS = [f"w{i}" for i in range(90)]
+
+
+def save_tokenizer(folder: Path, kind: str = "bert") -> Path:
+    """A tiny word-level tokenizer (the 90 words ``w0`` … ``w89`` plus special tokens, ids < 96) saved
+    into ``folder``, so text calibration data can be encoded for the tiny models."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] if kind == "bert" else ["<pad>", "<unk>", "<s>", "</s>"]
+    vocab = {t: i for i, t in enumerate([*specials, *WORDS])}
+    core = Tokenizer(models.WordLevel(vocab, unk_token=specials[1]))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    names = ("pad_token", "unk_token", "cls_token", "sep_token", "mask_token") if kind == "bert" else \
+        ("pad_token", "unk_token", "bos_token", "eos_token")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, **dict(zip(names, specials)))
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def sentences(n: int, seed: int, length: tuple[int, int] = (3, 12)) -> list[str]:
+    """``n`` random sentences of the tiny tokenizer's words, of varied lengths (so batches are padded)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        k = int(torch.randint(length[0], length[1] + 1, (1,), generator=g))
+        out.append(" ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (k,), generator=g)))
+    return out

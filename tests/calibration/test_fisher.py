@@ -1,0 +1,111 @@
+"""The diagonal Fisher against independent per-sample autograd references (METHODS.md, exactly)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_contmerge.calibration.fisher import diagonal_fisher
+from support.tiny_models import bert_classifier, llama
+
+
+def _batches(seed: int, n: int = 6, batch: int = 3, vocab: int = 90) -> list[dict[str, torch.Tensor]]:
+    """Right-padded batches of random token ids, of varied lengths."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(3, 10, (n,), generator=g).tolist()
+    out = []
+    for start in range(0, n, batch):
+        chunk = lengths[start : start + batch]
+        ids = torch.zeros(len(chunk), max(chunk), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, k in enumerate(chunk):
+            ids[i, :k] = torch.randint(5, vocab, (k,), generator=g)
+            mask[i, :k] = 1
+        out.append({"input_ids": ids, "attention_mask": mask})
+    return out
+
+
+def _samples(batches):
+    for b in batches:
+        for i in range(b["input_ids"].shape[0]):
+            k = int(b["attention_mask"][i].sum())
+            yield b["input_ids"][i : i + 1, :k]
+
+
+def _loglik(model, ids: torch.Tensor) -> torch.Tensor:
+    """log p(ŷ | x) of one unpadded sample, written out: argmax class, or argmax next token at every position."""
+    logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0].double()
+    logp = torch.log_softmax(logits, dim=-1)
+    predicted = logp.argmax(dim=-1, keepdim=True)
+    return logp.gather(-1, predicted).sum()
+
+
+def _reference_per_sample(model, batches) -> dict[str, torch.Tensor]:
+    model.eval()
+    total = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in model.named_parameters()}
+    count = 0
+    for ids in _samples(batches):
+        model.zero_grad()
+        _loglik(model, ids).backward()
+        for n, p in model.named_parameters():
+            if p.grad is not None:
+                total[n] += p.grad.double() ** 2
+        count += 1
+    return {n: t / count for n, t in total.items()}
+
+
+def _reference_batch(model, batches) -> dict[str, torch.Tensor]:
+    model.eval()
+    total = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in model.named_parameters()}
+    count = 0
+    for b in batches:
+        model.zero_grad()
+        size = b["input_ids"].shape[0]
+        torch.stack([_loglik(model, ids) for ids in _samples([b])]).mean().backward()
+        for n, p in model.named_parameters():
+            if p.grad is not None:
+                total[n] += size * p.grad.double() ** 2
+        count += size
+    return {n: t / count for n, t in total.items()}
+
+
+@pytest.fixture(params=["classifier", "causal-lm"])
+def model(request):
+    torch.manual_seed(3)
+    return bert_classifier(3) if request.param == "classifier" else llama()
+
+
+def _assert_equal(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert got.keys() == expected.keys()
+    for name, value in expected.items():
+        assert got[name].dtype == torch.float32
+        torch.testing.assert_close(got[name].double(), value, rtol=1e-4, atol=1e-12 + 1e-6 * float(value.abs().max()),
+                                   msg=lambda m: f"{name}: {m}")
+
+
+def test_per_sample_fisher_equals_the_autograd_reference(model):
+    batches = _batches(0)
+    expected = _reference_per_sample(model, batches)
+    assert any(float(v.abs().max()) > 0 for v in expected.values())
+    _assert_equal(diagonal_fisher(model, batches, "per_sample"), expected)
+
+
+def test_batch_fisher_equals_its_definition(model):
+    batches = _batches(1)
+    _assert_equal(diagonal_fisher(model, batches, "batch"), _reference_batch(model, batches))
+
+
+def test_padding_and_batch_mates_do_not_change_the_per_sample_fisher(model):
+    batches = _batches(2, n=6, batch=3)
+    alone = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)} for ids in _samples(batches)]
+    _assert_equal(diagonal_fisher(model, batches, "per_sample"),
+                  {k: v.double() for k, v in diagonal_fisher(model, alone, "per_sample").items()})
+
+
+def test_the_model_is_left_as_it_was(model):
+    model.train()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    diagonal_fisher(model, _batches(4), "per_sample")
+    assert model.training
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert all(p.grad is None for p in model.parameters())

@@ -1,0 +1,82 @@
+"""Streamed Fisher merging equals the in-memory Fisher-weighted average (METHODS.md, "Fisher merging")."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from hf_contmerge.calibration.data import DataSpec, load_calibration
+from support.reference import fisher_per_sample
+from support.refusal import merge, refused
+from support.tiny_models import bert, bert_classifier, perturb, save, save_tokenizer, sentences, weights
+
+FLOOR = 1e-6
+
+
+def _stream(tmp_path):
+    torch.manual_seed(0)
+    backbone = bert()
+    base = save_tokenizer(save(backbone, tmp_path / "base"))
+    items, data = [], []
+    for i, labels in enumerate((2, 3)):
+        torch.manual_seed(10 + i)
+        model = bert_classifier(labels)
+        model.bert.load_state_dict(backbone.state_dict(), strict=False)
+        items.append(save(perturb(model, seed=20 + i), tmp_path / f"task{i}"))
+        path = tmp_path / f"task{i}.jsonl"
+        path.write_text("".join(json.dumps({"text": t}) + "\n" for t in sentences(9, seed=30 + i)))
+        data.append(path)
+    return base, items, data
+
+
+def _samples(spec, base):
+    data = load_calibration(DataSpec.parse(str(spec)), base, column=None, samples=6, seed=0, batch_size=4, max_length=16,
+                            model_kind="text")
+    for b in data.batches:
+        for i in range(b["input_ids"].shape[0]):
+            yield b["input_ids"][i : i + 1, : int(b["attention_mask"][i].sum())]
+
+
+def test_streamed_fisher_equals_the_fisher_weighted_average(tmp_path, cli):
+    from transformers import BertForSequenceClassification
+
+    base, items, data = _stream(tmp_path)
+    out = tmp_path / "out"
+    code, _, err = merge(cli, base, items, out, "--data", *data, "--calib-samples", "6", "--calib-batch-size", "4",
+                         "--max-length", "16", method="fisher")
+    assert code == 0, err
+    base_w = weights(base)
+    num, den = {}, {}
+    for t, (item, spec) in enumerate(zip(items, data), start=1):
+        model = BertForSequenceClassification.from_pretrained(item)
+        fisher = {k.removeprefix("bert."): v for k, v in fisher_per_sample(model, _samples(spec, base)).items()}
+        theta = {k.removeprefix("bert."): v.double() for k, v in weights(item).items()}
+        for k in base_w:
+            if base_w[k].is_floating_point():
+                f = fisher[k].clamp_min(FLOOR) if k in fisher else torch.full(base_w[k].shape, FLOOR, dtype=torch.float64)
+                num[k] = num.get(k, 0) + f * theta[k]
+                den[k] = den.get(k, 0) + f
+        got = weights(out / f"step-{t}")
+        for k in num:
+            torch.testing.assert_close(got[k].double(), num[k] / den[k], rtol=1e-5, atol=1e-7, msg=lambda m: f"{item.name} {k}: {m}")
+    step1 = weights(out / "step-1")
+    item1 = {k.removeprefix("bert."): v for k, v in weights(items[0]).items()}
+    assert all(float((step1[k] - item1[k]).abs().max()) <= 1e-6 * float(item1[k].abs().max()) for k in num)  # θ(1) = θ1
+    state = json.loads((out / "step-2" / "contmerge_state.json").read_text())
+    assert state["stream"][1]["calibration"]["data"] == str(data[1]) and state["stream"][1]["calibration"]["samples"] == 6
+    assert 0.9 < state["scalars"]["fisher_covered"] <= 1.0
+    assert not (out / "step-2" / "_calibration").exists()
+    assert "task_heads" in {p.name for p in (out / "step-2").iterdir()}  # heads kept apart, as for every method
+
+
+def test_calibration_inputs_are_refused_before_anything_is_written(tmp_path, cli):
+    base, items, data = _stream(tmp_path)
+    out = tmp_path / "out"
+    refused(merge(cli, base, items, out, method="fisher"), "needs calibration data", "--data")
+    refused(merge(cli, base, items, out, "--data", data[0], method="fisher"), "exactly one --data", "1 given for 2 items")
+    refused(merge(cli, base, items, out, "--data", data[0], tmp_path / "none.jsonl", method="fisher"), "none.jsonl",
+            "no such file")
+    refused(merge(cli, base, items, out, "--data", *data, "--data-column", "prompt", method="fisher"), "no column 'prompt'")
+    refused(merge(cli, base, items, out, "--data", *data, "--calib-samples", "0", method="fisher"), "--calib-samples")
+    assert not out.exists()
