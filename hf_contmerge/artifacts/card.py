@@ -47,6 +47,9 @@ def _compact(value: object) -> object:
 def _notes(entry: dict) -> str:
     # sorted: a step's own entry is in the method's order, earlier ones come back from JSON sorted
     notes = [f"{k}={v}" for k, v in sorted((entry.get("method") or {}).items())]
+    if entry.get("calibration"):
+        c = entry["calibration"]
+        notes.append(f"calibrated on {c.get('data')} ({c.get('samples')} samples, {c.get('fisher')} Fisher)")
     if entry.get("alignment") not in (None, "same names"):
         notes.append(f"names {entry['alignment']}")
     if entry.get("heads"):

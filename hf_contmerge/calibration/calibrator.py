@@ -66,14 +66,17 @@ class DataCalibrator:
         opts = self.options
         if step not in self.sets:
             self.prepare({step: item}, base)
-        data, spec = self.sets.pop(step), self.specs[step - 1]
+        data, spec = self.sets[step], self.specs[step - 1]
         tensors, record = {}, {}
         for request in requests:
-            if request.model != "item":
+            if request.model == "item":
+                model, what = load_item_model(item, base), repr(item.spec.text)
+            elif request.model == "merged" and previous_step is not None:
+                model, what = load_merged_model(previous_step, step), f"the merged model of step {step}"
+            else:
                 raise ContMergeError(f"internal: calibration on the {request.model!r} model is not provided by this calibrator.")
-            model = load_item_model(item, base)
             model.to(self.device)
-            logger.info(f"step {step}: Fisher ({request.fisher}) of {item.spec.text!r} on {data.rows} samples of {spec.text!r}")
+            logger.info(f"step {step}: Fisher ({request.fisher}) of {what} on {data.rows} samples of {spec.text!r}")
             fisher = diagonal_fisher(model, data.batches, request.fisher, self.device)
             by_output = output_names(model, fisher, key_map)
             del model, fisher
@@ -94,6 +97,17 @@ def make_calibrator(options: MergeOptions) -> DataCalibrator | None:
     if not build_method(options.method, options.params).calibration:
         return None
     return DataCalibrator(options, resolve_device(options.device))
+
+
+def load_merged_model(folder: Path, step: int):
+    """The merged model of a (partial) step folder as the model of task ``step``: its backbone with that
+    task's head when the head is kept apart, else the step's own model class; float32."""
+    from ..artifacts.folder import load_step, load_task_model
+    from ..artifacts.heads import head_dir
+
+    if head_dir(folder, step).is_dir():
+        return load_task_model(folder, step, dtype=torch.float32)
+    return load_step(folder, dtype=torch.float32)
 
 
 def load_item_model(item: ResolvedSource, base: ResolvedSource):

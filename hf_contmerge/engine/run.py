@@ -276,6 +276,13 @@ class Engine:
             step_folder.copy_side_files(stream.base.folder, partial, opts.dtype, adapter=plan.adapter is not None)
             heads = step_folder.carry_heads(partial, prev_folder, previous.heads if previous else [], plan.step, item,
                                             item_plan.heads)
+            after = Calibrated()
+            if method.after_slots:  # statistics of θ(t), the model just written (its task's head included), then a pass
+                after = self._calibrate(plan, stream, item, partial, partial / layout.CALIBRATION_DIR, when="after")
+                writer.write_after(partial, prev_folder, after.tensors, written.scalars)
+                for index in after.tensors.values():
+                    index.close()
+            record = {**calibrated.record, **after.record}
             entry = {
                 **item.identity(),
                 "step": plan.step,
@@ -283,7 +290,7 @@ class Engine:
                 "heads": item_plan.heads,
                 "kept_modules": item_plan.kept_modules,
                 "method": method.step_summary(written.scalars),
-                **({"calibration": dict(calibrated.record)} if calibrated.record else {}),
+                **({"calibration": record} if record else {}),
             }
             for index in calibrated.tensors.values():
                 index.close()
@@ -316,10 +323,13 @@ class Engine:
             raise
         return StepResult(plan.step, final, state)
 
-    def _calibrate(self, plan: StepPlan, stream: StreamPlan, item: ResolvedSource, prev_folder: Path | None,
-                   scratch: Path) -> Calibrated:
-        if not self.method.calibration:
+    def _calibrate(self, plan: StepPlan, stream: StreamPlan, item: ResolvedSource, model_folder: Path | None,
+                   scratch: Path, when: str = "before") -> Calibrated:
+        """The statistics the method asks for at this step: ``before`` its tensor pass (of θt, or of
+        θ(t−1) in ``model_folder``), or ``after`` it (of θ(t), the partial step in ``model_folder``)."""
+        requests = tuple(r for r in self.method.calibration if r.from_step <= plan.step and (r.model == "merged") == (when == "after"))
+        if not requests:
             return Calibrated()
         key_map = {kp.item_keys[plan.item_index]: kp.key for kp in plan.keys if kp.merged and kp.item_keys[plan.item_index]}
-        return self.calibrator.calibrate(plan.step, self.method.calibration, base=stream.base, item=item,
-                                         previous_step=prev_folder, key_map=key_map, scratch=scratch)
+        return self.calibrator.calibrate(plan.step, requests, base=stream.base, item=item,
+                                         previous_step=model_folder, key_map=key_map, scratch=scratch)

@@ -28,7 +28,7 @@ from ..artifacts.layout import ADAPTER_WEIGHTS_PREFIX, LEFT, LOWRANK_PREFIX, PAS
 from ..artifacts.state import StepState
 from ..errors import ContMergeError
 from ..io.checkpoint import Checkpoint, TensorIndex
-from ..io.safetensors import SAFE_DTYPES
+from ..io.safetensors import SAFE_DTYPES, iter_row_chunks
 from ..io.writer import StreamingWriter
 from ..methods.base import LowRankInputs, Method, StepContext, StepStats, TensorInputs, TensorOutput
 from ..methods.lowrank import LowRank
@@ -103,7 +103,7 @@ class StepWriter:
             with bar:
                 stats = StepStats()
                 if plan.two_pass:
-                    scratch = self._slot_writers(partial / PASS1_DIR)
+                    scratch = self._slot_writers(partial / PASS1_DIR, scratch=True)
                     self._run(plan.passes[0], lambda u, raw: self._first_pass(ctx, stats, scratch, u, raw), bar, pass_index=0)
                     for w in scratch.values():
                         w.close()
@@ -123,6 +123,27 @@ class StepWriter:
                 w.close()
         self.written.scalars = dict(ctx.scalars)
         return self.written
+
+    def write_after(self, partial: Path, prev_folder: Path | None, extras: Mapping[str, TensorIndex],
+                    scalars: dict[str, Any]) -> None:
+        """The ``after_slots`` of every merged tensor, once the merged model's statistics (``extras``) are
+        known: dim-0 slices of at most ``chunk_bytes`` (float32), in the planned order of the state."""
+        plan, method = self.plan, self.method
+        ctx = StepContext(plan.step, scalars, self.device, self.calibration_scalars)
+        with ExitStack() as stack:
+            prev = {s: stack.enter_context(closing(open_slot(prev_folder, s))) for s in method.after_slots} if prev_folder else {}
+            writers = {s: StreamingWriter.planned(partial / STATE_DIR, plan.state_specs, plan.state_shards[s], s)
+                       for s in method.after_slots}
+            for spec in plan.state_specs:
+                for rows in iter_row_chunks(spec.shape, 4, self.chunk_bytes):
+                    extra = {n: idx.read(spec.key, rows).to(self.device, torch.float32) for n, idx in extras.items() if spec.key in idx}
+                    old = {s: p.read(spec.key, rows).to(self.device, torch.float32) for s, p in prev.items()} if prev else None
+                    shape = spec.shape if rows is None else (rows[1] - rows[0], *spec.shape[1:])
+                    new = method.after(ctx, spec.key, shape, old, extra)
+                    for s, w in writers.items():
+                        w.write(spec.key, self._checked(spec.key, new[s], torch.float32, slot=s).cpu())
+            for w in writers.values():
+                w.close()
 
     def _check_previous(self, prev_folder: Path) -> None:
         """Every merged tensor's carried slots must be in the previous step, float32, in this plan's shapes
@@ -167,12 +188,14 @@ class StepWriter:
                   if kp.merged and kp.key in plan.adapter.dense_keys}
         return StreamingWriter.appended(partial, plan.adapter.names(), 2**62, ADAPTER_WEIGHTS_PREFIX, shapes=shapes)
 
-    def _slot_writers(self, folder: Path) -> dict[str, StreamingWriter]:
+    def _slot_writers(self, folder: Path, scratch: bool = False) -> dict[str, StreamingWriter]:
         """Writers of the carried slots: a planned writer per slot for the dense tensors, and an append
-        writer per slot for the factored ones (ranks are known only once computed)."""
+        writer per slot for the factored ones (ranks are known only once computed). The ``after_slots``
+        are written by :meth:`write_after`; a first pass's ``scratch`` has them all."""
         folder.mkdir()
         plan = self.plan
-        writers = {s: StreamingWriter.planned(folder, plan.state_specs, plan.state_shards[s], s) for s in plan.slots}
+        slots = [s for s in plan.slots if scratch or s not in self.method.after_slots]
+        writers = {s: StreamingWriter.planned(folder, plan.state_specs, plan.state_shards[s], s) for s in slots}
         if plan.factored:
             for s in plan.slots:
                 writers[LOWRANK_PREFIX + s] = StreamingWriter.appended(folder, plan.factor_names, self.shard_bytes, LOWRANK_PREFIX + s)
@@ -257,7 +280,7 @@ class StepWriter:
             slots = method.finish(ctx, base, {s: t.to(self.device, torch.float32) for s, t in raw["first"].items()})
         else:
             base, slots = self._merge_dense(ctx, stats, u, raw)  # converts the base once, itself
-        out = [(state[s], key, self._checked(key, slots[s], torch.float32, slot=s)) for s in plan.slots]
+        out = [(state[s], key, self._checked(key, slots[s], torch.float32, slot=s)) for s in plan.slots if s in state]
         weight = self._checked(key, method.weight(ctx, base, slots), out_dtype)
         if name is None:  # an adapter leaves this tensor at the base: it must be the base, bit for bit
             if not torch.equal(weight, base.to(out_dtype)):

@@ -35,6 +35,10 @@ Kernels (all tensors float32, on ``ctx.device``):
   slots, calls ``end_pass``, then ``finish`` on every tensor with the new scalars in ``ctx``; the
   first-pass slots it gets are fresh buffers it may overwrite.
 - ``weight(ctx, base, slots) -> Tensor``: the merged weight to publish, from the final slots.
+- ``after(ctx, key, shape, prev, extra) -> slots`` (methods with ``after_slots``): once the step's
+  weights are written, the engine calibrates the merged model θ(t) (``CalibrationRequest(model=
+  "merged")``) and streams every merged tensor once more: the ``after_slots`` from their previous
+  values and those statistics (BECAME's accumulated Fisher of the merged models).
 - Low-rank form: for tensors where ``lowrank_key`` holds and every task vector so far is low-rank
   (LoRA streams), the engine passes task vectors and slots as :class:`~hf_contmerge.methods.lowrank.LowRank`
   factors, slot values being deltas from the base tensor (dense slot = ``base + L @ R``), to
@@ -70,17 +74,19 @@ class MethodParams(BaseModel):
 
 @dataclass(frozen=True)
 class CalibrationRequest:
-    """A statistic a method needs at each step, computed before the step's tensor pass.
+    """A statistic a method needs at each step (from step ``from_step`` on).
 
     ``statistic``: the name it arrives under (``TensorInputs.extra[statistic]`` per tensor, float32,
     by the tensor's file name; scalars in ``StepContext.calibration``). ``model``: whose forward and
-    backward passes give it: ``item`` (θt, the new fine-tune, on its task's data) or ``previous``
-    (θ(t−1), the merged model so far).
+    backward passes give it, on the new item's task data: ``item`` (θt, the new fine-tune) or
+    ``previous`` (θ(t−1), the merged model so far), computed before the step's tensor pass; or
+    ``merged`` (θ(t), the step just written), computed after it, for the ``after_slots``.
     """
 
     statistic: str
-    model: Literal["item", "previous"]
+    model: Literal["item", "previous", "merged"]
     fisher: Literal["per_sample", "batch"] = "per_sample"  # for a diagonal Fisher: which estimator
+    from_step: int = 1
 
 
 @dataclass(frozen=True)
@@ -167,6 +173,10 @@ class Method:
     lowrank: ClassVar[bool] = False  # implements merge_lowrank (and finish_lowrank if two_pass)
     needs_module_types: ClassVar[bool] = False
     calibration: ClassVar[tuple[CalibrationRequest, ...]] = ()
+    # Slots computed after the step's weights are written, from statistics of the merged model θ(t)
+    # (requests with ``model="merged"``): ``after`` gives each tensor's new value. The tensor passes
+    # do not write them (a two-pass method may use their names for its first-pass scratch).
+    after_slots: ClassVar[tuple[str, ...]] = ()
     # Set when the implementation is an interpretation of the paper; shown in --help and the card.
     interpretation: ClassVar[str | None] = None
     experimental: ClassVar[bool] = False
@@ -196,6 +206,12 @@ class Method:
     def finish(self, ctx: StepContext, base: Tensor, slots: dict[str, Tensor]) -> dict[str, Tensor]:
         """Second pass of a ``two_pass`` method: final slots from the first-pass slots."""
         return slots
+
+    def after(self, ctx: StepContext, key: str, shape: tuple[int, ...], prev: Mapping[str, Tensor] | None,
+              extra: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The ``after_slots`` of one tensor (or dim-0 slice): from their previous values (None at step 1)
+        and the merged model's statistics; ``ctx.scalars`` are the step's final scalars."""
+        raise NotImplementedError(f"{self.name} declares after_slots but no after()")
 
     def weight(self, ctx: StepContext, base: Tensor, slots: dict[str, Tensor]) -> Tensor:
         """The published merged weight; by default the ``merged`` slot."""

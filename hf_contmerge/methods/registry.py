@@ -24,6 +24,7 @@ REGISTRY: dict[str, str | type[Method]] = {
     "magmax": "hf_contmerge.methods.magmax:MagMax",
     "opcm": "hf_contmerge.methods.opcm:OPCM",
     "fisher": "hf_contmerge.methods.fisher:FisherMerge",
+    "became": "hf_contmerge.methods.became:Became",
 }
 
 

