@@ -36,9 +36,10 @@ Choices:
 - [choice] The diagonal removal follows the literal definition along every singular direction of τ̄
   that the kernel determines, however small its singular value, and leaves the entry in place only
   where the definition itself depends on an arbitrary basis: directions whose singular value is
-  within ``max(m, n)·eps·s0`` of another one (or of 0 when m ≠ n) at the kernel's precision (eps32
-  for the float32 SVD; eps64 on s² for the Gram kernel, whose small directions are then computed in
-  float64), and τ̄'s numerical null space, the singular values at or below
+  within ``max(m, n)·eps·s0`` of another one (or of 0 when m ≠ n), which the decomposition does not
+  determine to float32 tolerance (eps32 for the float32 SVD; eps64 on s² for the Gram kernel, whose
+  small directions are then computed in float64; ``opcm_kernels.gap_tolerance``), and τ̄'s numerical
+  null space, the singular values at or below
   ``max(eps32·‖θ(t−1)‖_F, √k·eps32·s0)`` (θ(t−1) was rounded to float32 when stored, so τ̄ is not
   known more finely; for τ̄ = 0 LAPACK's identity basis would otherwise zero τt[i, i] itself). The
   factored path (LoRA streams) uses the same rule on its SVD from factors, so a LoRA stream and its

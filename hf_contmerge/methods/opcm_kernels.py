@@ -237,6 +237,19 @@ def resolved_directions(s: Tensor, tol: float, null_space: bool, floor: float = 
     return ((gap > tol) & (s64 > floor)).to(s.device)
 
 
+def gap_tolerance(shape: tuple[int, int], unit: float) -> float:
+    r"""The gap a singular pair needs to count as determined: ``max(m, n) * unit``, with ``unit`` the
+    decomposition's own rounding (``eps32 * s[0]`` for a float32 SVD, ``eps64 * s[0]^2`` for the Gram
+    matrix's eigenvalues). LAPACK bounds the backward error by about ``max(m, n) * unit``, so by
+    Wedin's bound a pair above it is known to ``1 / max(m, n)`` or better, which keeps the result
+    within float32 tolerance of the literal definition (tested to 1e-4 of ``||tau_t||``). Below it a
+    pair may still be roughly known: in a dense spectrum (a random 4096 x 4096 task vector has gaps
+    of about ``s[0] / 4096``) most directions fall below, and their diagonal entries stay; each step
+    reports how many and their share of ``||tau_t||^2`` (7e-6 on the synthetic 7B-shaped stream of
+    ``benchmarks/bench_opcm.py``)."""
+    return max(shape) * unit
+
+
 def noise_floor(s0: float, k: int) -> float:
     r"""Singular values at or below ``sqrt(k) * eps32 * s0`` may be nothing but the float32 rounding of
     ``tau_bar`` itself (rounding error E with ``||E||_2 <= ||E||_F <= eps32 / 2 * ||tau_bar||_F <=
@@ -319,7 +332,7 @@ def opcm_project(
     ``tau_bar``, so the SVD is skipped and a float32 copy of ``tau_t`` is returned.
 
     ``diagonal="resolved"`` removes a diagonal entry only along a direction the float32 SVD
-    determines (:func:`resolved_directions` with gaps above ``max(m, n) * eps32 * s[0]``, a null
+    determines (:func:`resolved_directions` with gaps above :func:`gap_tolerance`, a null
     space when m != n, and values above :func:`noise_floor`): where the literal definition is
     itself well defined it is followed, and where it
     is not (an exact or numerical null space, repeated singular values: the basis the SVD returned
@@ -339,7 +352,7 @@ def opcm_project(
     if diagonal == "resolved" and s.numel():
         s0 = float(s[0])
         floor = max(noise, noise_floor(s0, s.numel()))
-        keep = resolved_directions(s, max(tb.shape) * EPS32 * s0, tb.shape[0] != tb.shape[1], floor)
+        keep = resolved_directions(s, gap_tolerance(tb.shape, EPS32 * s0), tb.shape[0] != tb.shape[1], floor)
         null_start = count_above(s, floor)
     return project_with_svd(tau_t, u, s, vh, alpha, zero_diagonal, keep=keep, stats=stats, null_start=null_start)
 
@@ -377,7 +390,7 @@ def opcm_project_gram(
 
     with the diagonal removal restricted to the directions this kernel resolves (the convention
     of ``opcm_project(..., diagonal="resolved")``, at this kernel's precision): ``v_i`` apart from
-    the other eigenvectors, ``resolved_directions(s^2, max(m, n) * eps64 * s[0]^2)``, and ``s_i``
+    the other eigenvectors, ``resolved_directions(s^2, gap_tolerance(shape, eps64 * s[0]^2))``, and ``s_i``
     above :func:`noise_floor` and ``noise`` (as in :func:`opcm_project`). ``U = tau_bar V S^-1`` and ``K`` in float32 carry an error
     of ``eps32 * s[0] / s_i`` along direction i, so directions with ``s_i <= max(m, n) * eps32 *
     s[0]`` have ``u_i`` and ``u_i^T tau_t`` computed in float64 instead (O(m n) each; real task
@@ -420,7 +433,7 @@ def opcm_project_gram(
     rho = count_above(s, max(m, n) * EPS32 * s0)  # u_i = tau_bar v_i / s_i is accurate in float32
     # resolved: v_i apart from the other eigenvectors of G at G's float64 precision, and u_i computable in float64
     floor = max(noise, noise_floor(s0, n))
-    keep = resolved_directions(w, max(m, n) * EPS64 * s0**2, null_space=False) & (s > floor)
+    keep = resolved_directions(w, gap_tolerance((m, n), EPS64 * s0**2), null_space=False) & (s > floor)
     r = min(rank_cutoff(s, alpha), count_above(s, max(m, n) * EPS64 * s0))
     base_rows = rho if zero_diagonal else min(r, rho)
     fine = [i for i in range(base_rows, s.numel()) if i < r or (zero_diagonal and bool(keep[i]))]  # float64 rows
@@ -550,7 +563,7 @@ def project_factors_with_svd(
     r = rank_cutoff(s, alpha)
     active = s.numel() if zero_diagonal else r
     floor = noise_floor(float(s[0]), min(u.shape[0], vh.shape[1])) if s.numel() else 0.0
-    keep = resolved_directions(s, max(u.shape[0], vh.shape[1]) * EPS32 * float(s[0]), null_space=True, floor=floor) \
+    keep = resolved_directions(s, gap_tolerance((u.shape[0], vh.shape[1]), EPS32 * float(s[0])), null_space=True, floor=floor) \
         if s.numel() else None
     active, keep = _trim(r, active, keep if zero_diagonal else None, stats, count_above(s, floor))
     if active == 0:

@@ -68,7 +68,8 @@ def test_eight_decades_agree_with_the_literal_definition_where_it_is_defined(ker
         got = opcm_project_gram(tau_bar, tau_t, 0.5, True, stats=stats)
     literal = _literal64(tau_bar, tau_t, 0.5)
     u, s64, vh = torch.linalg.svd(tau_bar.double())
-    resolved = resolved_directions(s64, n * EPS32 * float(s64[0]), null_space=False)
+    # the stated tolerance: gaps above max(m, n)·eps32·s0, values above the noise floor sqrt(k)·eps32·s0
+    resolved = resolved_directions(s64, n * EPS32 * float(s64[0]), null_space=False, floor=n**0.5 * EPS32 * float(s64[0]))
     assert 50 < int(resolved.sum()) < 200  # the spectrum has both kinds
     # the difference, in τ̄'s own (float64) basis, outside the block of two unresolved directions
     diff = u.mT @ (got.double() - literal) @ vh.mT

@@ -356,8 +356,9 @@ def test_gram_at_least_as_accurate_as_svd_on_decaying_spectrum(shape: tuple[int,
     _assert_rel_close(gram, expected, tau_t.norm())
     stats: dict[str, float] = {}
     svd = opcm_project(tau_bar, tau_t, 0.5, True, diagonal="resolved", stats=stats)
-    tol = max(m, n) * torch.finfo(torch.float32).eps * float(s[0])
-    resolved = (s > tol) & (torch.cat([s[:-1] - s[1:], s.new_tensor([float("inf")])]) > tol)
+    eps = torch.finfo(torch.float32).eps * float(s[0])
+    tol = max(m, n) * eps  # gaps (to 0 as well: m != n) above max(m, n)·eps32·s0; values above sqrt(k)·eps32·s0
+    resolved = (s > max(tol, k**0.5 * eps)) & (torch.cat([s[:-1] - s[1:], s.new_tensor([float("inf")])]) > tol)
     resolved &= torch.cat([s.new_tensor([float("inf")]), s[:-1] - s[1:]]) > tol
     assert 0 < int(resolved.sum()) < k and stats["diagonal_kept"] + stats["diagonal_null"] == k - int(resolved.sum())
     diff = u.mT @ (svd.double() - expected) @ vh.mT
