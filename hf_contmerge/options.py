@@ -19,6 +19,7 @@ resume compares them (:meth:`MergeOptions.resume_conflicts`). Each says whether 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -90,6 +91,11 @@ class MergeOptions(BaseModel):
     calib_samples: int = Field(256, ge=1, description="calibration samples per item (a sample seeded by --seed)")
     calib_batch_size: int = Field(8, ge=1, description="calibration batch size")
     max_length: int = Field(128, ge=1, description="most tokens of one text calibration sample")
+    device_map: str | None = Field(None, description="Accelerate device map of the models calibration runs: auto, "
+                                   "balanced, sequential, cpu, or a JSON map of module names to devices (default: the "
+                                   "whole model on --device)")
+    max_memory: str | None = Field(None, description="with --device-map: memory per device, e.g. 0=20GiB,1=20GiB,cpu=64GiB")
+    offload_folder: Path | None = Field(None, description="with --device-map: where weights that fit nowhere are offloaded")
     allow_pickle: bool = Field(False, description="accept pickle (.bin) checkpoints; unpickling can run code")
     allow_nonfinite: bool = Field(False, description="write NaN/Inf values (in the base, an item, or a merged tensor) "
                                   "instead of refusing the step")
@@ -153,6 +159,43 @@ class MergeOptions(BaseModel):
         if self.output_format == "adapter" and self.lowrank == "off":
             raise ValueError("--output-format adapter needs the low-rank path: drop --lowrank off")
         return self
+
+    @model_validator(mode="after")
+    def _device_map(self) -> MergeOptions:
+        if (self.max_memory or self.offload_folder) and not self.device_map:
+            raise ValueError("--max-memory and --offload-folder apply with --device-map only")
+        self.device_map_value()
+        self.max_memory_value()
+        return self
+
+    def device_map_value(self) -> str | dict[str, Any] | None:
+        """``--device-map`` as Accelerate takes it: a strategy name, or the parsed JSON map."""
+        text = self.device_map
+        if text is None or not text.lstrip().startswith("{"):
+            if text is not None and text not in ("auto", "balanced", "balanced_low_0", "sequential", "cpu"):
+                raise ValueError(f"--device-map {text!r} is not auto, balanced, balanced_low_0, sequential, cpu or a JSON map")
+            return text
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--device-map is not valid JSON ({e})") from None
+        if not isinstance(value, dict) or not all(isinstance(v, (int, str)) for v in value.values()):
+            raise ValueError("--device-map JSON must map module names to devices (0, 1, \"cpu\", \"disk\")")
+        return value
+
+    def max_memory_value(self) -> dict[int | str, str] | None:
+        """``--max-memory 0=20GiB,cpu=64GiB`` as Accelerate takes it."""
+        if not self.max_memory:
+            return None
+        out: dict[int | str, str] = {}
+        for part in self.max_memory.split(","):
+            device, sep, size = part.strip().partition("=")
+            if not sep or not size or not (device.isdigit() or device in ("cpu", "disk", "mps")):
+                raise ValueError(f"--max-memory {self.max_memory!r}: each entry is DEVICE=SIZE with DEVICE a GPU index or cpu "
+                                 "(e.g. 0=20GiB,cpu=64GiB)")
+            parse_size(size)
+            out[int(device) if device.isdigit() else device] = size
+        return out
 
     @model_validator(mode="after")
     def _data(self) -> MergeOptions:

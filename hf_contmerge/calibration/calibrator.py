@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -68,18 +69,24 @@ class DataCalibrator:
             self.prepare({step: item}, base)
         data, spec = self.sets[step], self.specs[step - 1]
         tensors, record = {}, {}
+        placement = self._placement()
         for request in requests:
+            folder = scratch / f"{request.statistic}-model"
             if request.model == "item":
-                model, what = load_item_model(item, base), repr(item.spec.text)
+                model, what = load_item_model(item, base, placement, folder, opts.shard_bytes), repr(item.spec.text)
             elif request.model == "merged" and previous_step is not None:
-                model, what = load_merged_model(previous_step, step), f"the merged model of step {step}"
+                model = load_merged_model(previous_step, step, placement, folder, key_map, opts.shard_bytes)
+                what = f"the merged model of step {step}"
             else:
                 raise ContMergeError(f"internal: calibration on the {request.model!r} model is not provided by this calibrator.")
-            model.to(self.device)
+            inputs = input_device(model, self.device)
+            if not placement:
+                model.to(self.device)
             logger.info(f"step {step}: Fisher ({request.fisher}) of {what} on {data.rows} samples of {spec.text!r}")
-            fisher = diagonal_fisher(model, data.batches, request.fisher, self.device)
+            fisher = diagonal_fisher(model, data.batches, request.fisher, inputs)
             by_output = output_names(model, fisher, key_map)
             del model, fisher
+            shutil.rmtree(folder, ignore_errors=True)  # a model written for the device map: not needed any more
             if not by_output:
                 raise ContMergeError(f"step {step}: the Fisher of {item.spec.text!r} covers none of the merged tensors; its "
                                      "parameters could not be matched to the base's file names.")
@@ -87,6 +94,28 @@ class DataCalibrator:
             record = {**data.describe(), "fisher": request.fisher, "batch_size": opts.calib_batch_size,
                       "max_length": opts.max_length, "seed": opts.seed}
         return Calibrated(tensors=tensors, record=record)
+
+
+    def _placement(self) -> dict[str, Any]:
+        """``from_pretrained``'s Accelerate arguments for ``--device-map`` (none without one)."""
+        opts = self.options
+        if not opts.device_map:
+            return {}
+        out: dict[str, Any] = {"device_map": opts.device_map_value()}
+        if opts.max_memory:
+            out["max_memory"] = opts.max_memory_value()
+        if opts.offload_folder:
+            out["offload_folder"] = str(opts.offload_folder)
+        return out
+
+
+def input_device(model, default: torch.device) -> torch.device:
+    """Where a model's inputs go: the device of the first module of its device map, else ``default``."""
+    device_map = getattr(model, "hf_device_map", None)
+    if not device_map:
+        return default
+    first = next(iter(device_map.values()))
+    return torch.device("cpu") if first in ("cpu", "disk") else torch.device(f"cuda:{first}" if isinstance(first, int) else first)
 
 
 def make_calibrator(options: MergeOptions) -> DataCalibrator | None:
@@ -99,24 +128,42 @@ def make_calibrator(options: MergeOptions) -> DataCalibrator | None:
     return DataCalibrator(options, resolve_device(options.device))
 
 
-def load_merged_model(folder: Path, step: int):
+def load_merged_model(folder: Path, step: int, placement: Mapping[str, Any], scratch: Path, key_map: Mapping[str, str],
+                      shard_bytes: int):
     """The merged model of a (partial) step folder as the model of task ``step``: its backbone with that
-    task's head when the head is kept apart, else the step's own model class; float32."""
+    task's head when the head is kept apart, else the step's own model class; float32, placed as
+    ``placement`` says. With a device map and a head, backbone and head are first written together
+    under the task model's file names into ``scratch`` (``from_pretrained`` places what it loads)."""
     from ..artifacts.folder import load_step, load_task_model
     from ..artifacts.heads import head_dir
 
-    if head_dir(folder, step).is_dir():
+    heads = head_dir(folder, step)
+    if not heads.is_dir():
+        return load_step(folder, dtype=torch.float32, **placement)
+    if not placement:
         return load_task_model(folder, step, dtype=torch.float32)
-    return load_step(folder, dtype=torch.float32)
+    to_item = {out: name for name, out in key_map.items()}
+    backbone, head = Checkpoint.open(folder), Checkpoint.open(heads)
+    sources = {to_item[k]: (backbone, k) for k in backbone.keys() if k in to_item}
+    sources.update({k: (head, k) for k in head.keys()})
+    return _from_written(sources, heads / "config.json", scratch, placement, shard_bytes)
 
 
-def load_item_model(item: ResolvedSource, base: ResolvedSource):
-    """The stream item as the model that scores its own task, float32, on the CPU (the caller moves it)."""
+def load_item_model(item: ResolvedSource, base: ResolvedSource, placement: Mapping[str, Any] | None = None,
+                    scratch: Path | None = None, shard_bytes: int = 5 * 10**9):
+    """The stream item as the model that scores its own task, float32 (placed as ``placement`` says; the
+    caller moves an unplaced one). A LoRA adapter is merged onto the base: with PEFT in memory, or,
+    under a device map, written as the merged tensors the engine reads (base + s·B@A) into ``scratch``."""
     from transformers import AutoConfig
 
     from ..sources.architecture import architecture_class
 
+    placement = dict(placement or {})
     if item.kind == "lora":
+        if placement:
+            ck = item.checkpoint
+            return _from_written({k: (ck, k) for k in ck.keys()}, base.ensure_local() / "config.json", scratch, placement,
+                                 shard_bytes)
         from peft import PeftModel
 
         model = load_item_model(base, base)
@@ -127,7 +174,33 @@ def load_item_model(item: ResolvedSource, base: ResolvedSource):
     if cls is None:
         raise ContMergeError(f"{item.spec.text!r}: calibration needs the model class its config names "
                              f"({(config.architectures or ['none'])[0]}), which transformers does not have.")
-    return cls.from_pretrained(folder, dtype=torch.float32, trust_remote_code=False)
+    return cls.from_pretrained(folder, dtype=torch.float32, trust_remote_code=False, **placement)
+
+
+def _from_written(sources: Mapping[str, tuple[Any, str]], config: Path, folder: Path, placement: Mapping[str, Any],
+                  shard_bytes: int):
+    """Write ``sources`` (file name -> (checkpoint, its key)) with ``config`` into ``folder``, float tensors
+    as float32, one tensor at a time; load that folder as its config's model class, placed."""
+    from transformers import AutoConfig
+
+    from ..sources.architecture import architecture_class
+
+    folder.mkdir(parents=True)
+    shutil.copyfile(config, folder / "config.json")
+    specs = []
+    for name, (ck, key) in sources.items():
+        info = ck.info(key)
+        specs.append(TensorSpec(name, info.shape, "F32" if info.is_float or info.dtype == "F32" else info.dtype))
+    writer = StreamingWriter.planned(folder, specs, plan_shards(specs, shard_bytes, "model"), "model")
+    for spec in specs:
+        ck, key = sources[spec.key]
+        t = ck.read(key)
+        writer.write(spec.key, t.to(torch.float32) if spec.dtype == "F32" else t)
+    writer.close()
+    cls = architecture_class(AutoConfig.from_pretrained(folder, trust_remote_code=False))
+    if cls is None:
+        raise ContMergeError(f"calibration needs the model class of {config}, which transformers does not have.")
+    return cls.from_pretrained(folder, dtype=torch.float32, trust_remote_code=False, **placement)
 
 
 def config_kind(config: Mapping[str, Any]) -> str:

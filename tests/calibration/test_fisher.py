@@ -109,3 +109,21 @@ def test_the_model_is_left_as_it_was(model):
     assert model.training
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("mode", ["per_sample", "batch"])
+def test_fisher_under_a_device_map_with_cpu_and_disk_offload_equals_the_unmapped_one(tmp_path, mode):
+    """Accelerate loads offloaded weights only for their module's forward: the recorded tensors keep
+    every gradient, so a model offloaded to CPU and disk gives the Fisher of the resident model."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(5)
+    llama().save_pretrained(tmp_path / "m")
+    resident = LlamaForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32)
+    mapped = LlamaForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32, device_map="auto",
+                                              max_memory={"cpu": "60KB"}, offload_folder=tmp_path / "offload")
+    assert "disk" in set(mapped.hf_device_map.values())  # the forced offload happened
+    batches = _batches(6)
+    expected = {k: v.double() for k, v in diagonal_fisher(resident, batches, mode).items()}
+    got = diagonal_fisher(mapped, batches, mode, torch.device("cpu"))
+    _assert_equal(got, expected)

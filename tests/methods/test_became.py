@@ -107,3 +107,21 @@ def test_resume_is_bit_identical(tmp_path, cli):
     assert merge(cli, base, items[:2], parts, "--data", *data[:2], *FLAGS, method="became")[0] == 0
     assert merge(cli, base, items, parts, "--data", *data, *FLAGS, "--resume", method="became")[0] == 0
     assert _hashes(whole) == _hashes(parts)
+
+
+def test_a_device_map_with_disk_offload_gives_the_same_merge(tmp_path, cli):
+    """The items and the merged models (their task heads included) run offloaded to CPU and disk:
+    the same statistics, so the same merged weights and λ*, as the unmapped run."""
+    base, items, data = _stream(tmp_path)
+    plain, mapped = tmp_path / "plain", tmp_path / "mapped"
+    assert merge(cli, base, items, plain, "--data", *data, *FLAGS, method="became")[0] == 0
+    code, _, err = merge(cli, base, items, mapped, "--data", *data, *FLAGS, "--device-map", "auto", "--max-memory", "cpu=40KB",
+                         "--offload-folder", tmp_path / "offload", method="became")
+    assert code == 0, err
+    for t in (1, 2, 3):
+        a, b = weights(plain / f"step-{t}"), weights(mapped / f"step-{t}")
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-7)
+        la = json.loads((plain / f"step-{t}" / "contmerge_state.json").read_text())["scalars"]["lambda"]
+        lb = json.loads((mapped / f"step-{t}" / "contmerge_state.json").read_text())["scalars"]["lambda"]
+        assert abs(la - lb) <= 1e-5 * abs(la)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from hf_contmerge.calibration.data import DataSpec, load_calibration
@@ -80,3 +81,41 @@ def test_calibration_inputs_are_refused_before_anything_is_written(tmp_path, cli
     refused(merge(cli, base, items, out, "--data", *data, "--data-column", "prompt", method="fisher"), "no column 'prompt'")
     refused(merge(cli, base, items, out, "--data", *data, "--calib-samples", "0", method="fisher"), "--calib-samples")
     assert not out.exists()
+
+
+def test_causal_lm_and_lora_items_under_a_device_map(tmp_path, cli, lora_llama):
+    """A causal LM stream with a full and a LoRA item: offloaded to CPU and disk, the same merge."""
+    base, items, data = lora_llama
+    plain, mapped = tmp_path / "plain", tmp_path / "mapped"
+    flags = ["--data", *data, "--calib-samples", "4", "--calib-batch-size", "2", "--max-length", "12"]
+    code, _, err = merge(cli, base, items, plain, *flags, method="fisher")
+    assert code == 0, err
+    code, _, err = merge(cli, base, items, mapped, *flags, "--device-map", "auto", "--max-memory", "cpu=40KB",
+                         "--offload-folder", tmp_path / "offload", method="fisher")
+    assert code == 0, err
+    a, b = weights(plain / "step-2"), weights(mapped / "step-2")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-7)
+    refused(merge(cli, base, items, tmp_path / "o3", *flags, "--max-memory", "cpu=1GB", method="fisher"), "--device-map only")
+    refused(merge(cli, base, items, tmp_path / "o3", *flags, "--device-map", "gpu", method="fisher"), "--device-map 'gpu'")
+
+
+@pytest.fixture
+def lora_llama(tmp_path):
+    from peft import LoraConfig
+
+    from support.tiny_models import llama, save_lora
+
+    torch.manual_seed(0)
+    model = llama()
+    base = save_tokenizer(save(model, tmp_path / "base"), kind="llama")
+    full = save(perturb(llama(), seed=3), tmp_path / "full")
+    full.joinpath("config.json").write_text((base / "config.json").read_text())
+    torch.manual_seed(0)
+    adapter = save_lora(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]), 7, tmp_path / "lora", 0.1)
+    data = []
+    for i in range(2):
+        path = tmp_path / f"d{i}.jsonl"
+        path.write_text("".join(json.dumps({"text": t}) + "\n" for t in sentences(6, seed=40 + i)))
+        data.append(path)
+    return base, [full, adapter], data
