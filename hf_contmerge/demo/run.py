@@ -5,20 +5,40 @@ machine and cached (``experts.py``). The stream is merged with the chosen method
 the merged backbone is evaluated on every task seen so far, each with its own head (the papers'
 protocol: task-specific heads are not merged). Printed: the accuracy matrix a[t][i], with the
 pretrained backbone and the individual experts as the lower and upper rows, then ACC and BWT.
-The results are written into each step's card.
+The results are written into each step's card. A data-dependent method (``fisher``, ``became``)
+is calibrated on each expert's own training texts (its task's train split, saved once per machine).
 """
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from ..api import ContinualMerger
 from ..artifacts.folder import load_task_model
+from ..methods.registry import build_method
 from .evaluate import evaluate
 from .experts import BASE_MODEL_DIR, build_experts, cache_root
 from .tasks import load_tasks
+
+
+def _task_data(task) -> Path:
+    """The task's training split as a ``save_to_disk`` folder (calibration data), written once per machine."""
+    import hashlib
+
+    digest = hashlib.sha256(json.dumps(task.train.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+    folder = cache_root() / "demo-data" / f"{task.name}-{digest}"
+    if not folder.is_dir():
+        from datasets.utils.logging import disable_progress_bar
+
+        disable_progress_bar()  # the demo prints its own table
+        tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
+        task.train.save_to_disk(str(tmp))
+        os.replace(tmp, folder)
+    return folder
 
 
 def _fresh_out(method: str) -> Path:
@@ -92,7 +112,11 @@ def run_demo(method: str = "opcm", out: Path | None = None, params: dict[str, An
         }
 
     merger = ContinualMerger(base=str(base), method=method, params=params or {}, out=out, quiet=True, evaluate=evaluate_step)
-    merger.run([str(e) for e in experts])
+    if build_method(method, params or {}).calibration:  # a data-dependent method: each expert's own training texts
+        for task, expert in zip(tasks, experts):
+            merger.step(str(expert), data=_task_data(task))
+    else:
+        merger.run([str(e) for e in experts])
     acc, bwt = summary["ACC"], summary["BWT"]
     print(f"ACC {100 * acc:.2f}   BWT {100 * bwt:+.2f}   (final model over all {len(tasks)} tasks; BWT = mean a[T][i] − a[i][i])")
     print(f"steps written to {out}; each step's README.md holds its card and these results", file=sys.stderr)
