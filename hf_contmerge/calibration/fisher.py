@@ -125,7 +125,8 @@ def diagonal_fisher(model: nn.Module, batches: Iterable[Mapping[str, Tensor]], m
                         acc = fisher.get(name)
                         if acc is None:
                             acc = fisher[name] = torch.zeros(t.shape, dtype=torch.float32, device=_home(model, name, t))
-                        acc.add_(g.detach().float().square().to(acc.device), alpha=weight)
+                        g = g.detach().to(acc.device, torch.float32)
+                        acc.addcmul_(g, g, value=weight)  # one fused op: no squared temporary
 
             for batch in batches:
                 batch = {k: v.to(device) if device is not None else v for k, v in batch.items()}
