@@ -55,33 +55,27 @@ class StepState:
         return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
     @classmethod
-    def from_json(cls, text: str, where: str) -> StepState:
-        """A state file's text, validated (``io/schemas.py``); a damaged one is refused, naming the field."""
-        fix = "The step is damaged: remove that step folder (the earlier steps stay usable) and resume."
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ContMergeError(f"{where} is not valid JSON ({e}). {fix}") from None
+    def from_data(cls, data: Any, where: str) -> StepState:
+        """A state file's parsed JSON, validated (``io/schemas.py``); a damaged one is refused, naming the field."""
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise ContMergeError(f"{where} is not an hf-contmerge state file.")
         version = data.get("format_version", 0)
         if isinstance(version, int) and version > FORMAT_VERSION:
             raise ContMergeError(f"{where} was written by a newer hf-contmerge (format {version}); upgrade.")
-        schemas.validate(schemas.StateFile, data, "state file", where, fix)
+        schemas.validate(schemas.StateFile, data, "state file", where, DAMAGED)
         data.pop("tensors", None)
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+DAMAGED = "The step is damaged: remove that step folder (the earlier steps stay usable) and resume."
 
 
 def read_state(step_folder: Path) -> StepState:
     path = Path(step_folder) / STATE_FILE
     if not path.is_file():
         raise ContMergeError(f"{step_folder} has no {STATE_FILE}; it is not an hf-contmerge step.")
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError:
-        raise ContMergeError(f"{path} is not UTF-8 text; the step is damaged. Remove that step folder and resume.") from None
-    return StepState.from_json(text, str(path))
+    return StepState.from_data(schemas.read_json(path, "state file", DAMAGED), str(path))
 
 
 def write_json_atomic(path: Path, text: str) -> None:

@@ -16,15 +16,15 @@ item lacks) gets none; the method decides what that means (``fisher`` floors it)
 from __future__ import annotations
 
 import logging
-import math
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..engine.calibration import Calibrated
+from ..engine.step import finite
 from ..errors import ContMergeError
 from ..io.checkpoint import Checkpoint
 from ..io.safetensors import TensorSpec
@@ -154,10 +154,6 @@ def load_item_model(item: ResolvedSource, base: ResolvedSource, placement: Mappi
     """The stream item as the model that scores its own task, float32 (placed as ``placement`` says; the
     caller moves an unplaced one). A LoRA adapter is merged onto the base: with PEFT in memory, or,
     under a device map, written as the merged tensors the engine reads (base + s·B@A) into ``scratch``."""
-    from transformers import AutoConfig
-
-    from ..sources.architecture import architecture_class
-
     placement = dict(placement or {})
     if item.kind == "lora":
         if placement:
@@ -168,11 +164,19 @@ def load_item_model(item: ResolvedSource, base: ResolvedSource, placement: Mappi
 
         model = load_item_model(base, base)
         return PeftModel.from_pretrained(model, item.folder, is_trainable=False).merge_and_unload()
-    folder = item.ensure_local()
+    return _load(item.ensure_local(), repr(item.spec.text), placement)
+
+
+def _load(folder: Path, what: str, placement: Mapping[str, Any]):
+    """The model class ``folder``'s config names, loaded float32 and placed (never remote code)."""
+    from transformers import AutoConfig
+
+    from ..sources.architecture import architecture_class
+
     config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
     cls = architecture_class(config)
     if cls is None:
-        raise ContMergeError(f"{item.spec.text!r}: calibration needs the model class its config names "
+        raise ContMergeError(f"{what}: calibration needs the model class its config names "
                              f"({(config.architectures or ['none'])[0]}), which transformers does not have.")
     return cls.from_pretrained(folder, dtype=torch.float32, trust_remote_code=False, **placement)
 
@@ -181,26 +185,20 @@ def _from_written(sources: Mapping[str, tuple[Any, str]], config: Path, folder: 
                   shard_bytes: int):
     """Write ``sources`` (file name -> (checkpoint, its key)) with ``config`` into ``folder``, float tensors
     as float32, one tensor at a time; load that folder as its config's model class, placed."""
-    from transformers import AutoConfig
-
-    from ..sources.architecture import architecture_class
-
     folder.mkdir(parents=True)
     shutil.copyfile(config, folder / "config.json")
     specs = []
     for name, (ck, key) in sources.items():
         info = ck.info(key)
         specs.append(TensorSpec(name, info.shape, "F32" if info.is_float or info.dtype == "F32" else info.dtype))
-    writer = StreamingWriter.planned(folder, specs, plan_shards(specs, shard_bytes, "model"), "model")
-    for spec in specs:
+
+    def tensor(spec: TensorSpec) -> torch.Tensor:
         ck, key = sources[spec.key]
         t = ck.read(key)
-        writer.write(spec.key, t.to(torch.float32) if spec.dtype == "F32" else t)
-    writer.close()
-    cls = architecture_class(AutoConfig.from_pretrained(folder, trust_remote_code=False))
-    if cls is None:
-        raise ContMergeError(f"calibration needs the model class of {config}, which transformers does not have.")
-    return cls.from_pretrained(folder, dtype=torch.float32, trust_remote_code=False, **placement)
+        return t.to(torch.float32) if spec.dtype == "F32" else t
+
+    _write_tensors(folder, specs, tensor, shard_bytes)
+    return _load(folder, str(config), placement)
 
 
 def config_kind(config: Mapping[str, Any]) -> str:
@@ -228,15 +226,21 @@ def output_names(model, fisher: Mapping[str, torch.Tensor], key_map: Mapping[str
 def _write(folder: Path, tensors: dict[str, torch.Tensor], shard_bytes: int) -> Checkpoint:
     """Float32 statistics as safetensors (the streaming writer), opened as a checkpoint."""
     folder.mkdir(parents=True)
-    specs = [TensorSpec(k, tuple(t.shape), "F32") for k, t in tensors.items()]
-    writer = StreamingWriter.planned(folder, specs, plan_shards(specs, shard_bytes, "model"), "model")
-    for spec in specs:
+
+    def tensor(spec: TensorSpec) -> torch.Tensor:
         t = tensors[spec.key]
-        if not math.isfinite(float(t.sum())):
+        if not finite(t):
             raise ContMergeError(f"the Fisher of tensor {spec.key!r} is not finite: the model's outputs overflow on the "
                                  "calibration data. Check the data and the model.")
-        writer.write(spec.key, t)
-    writer.close()
+        return t
+
+    _write_tensors(folder, [TensorSpec(k, tuple(t.shape), "F32") for k, t in tensors.items()], tensor, shard_bytes)
     return Checkpoint.open(folder)
 
 
+def _write_tensors(folder: Path, specs: list[TensorSpec], tensor: Callable[[TensorSpec], torch.Tensor], shard_bytes: int) -> None:
+    """``specs`` into ``folder`` as HF-named safetensors shards, one tensor (``tensor(spec)``) at a time."""
+    writer = StreamingWriter.planned(folder, specs, plan_shards(specs, shard_bytes, "model"), "model")
+    for spec in specs:
+        writer.write(spec.key, tensor(spec))
+    writer.close()

@@ -103,7 +103,7 @@ class Engine:
                                  "target folder, or give another --out. Nothing was written.")
         resolved = out.resolve()
         for role, text in (("--base", self.options.base), *(("--stream item", s) for s in self.options.stream)):
-            folder = Path(os.path.expanduser(text))
+            folder = Path(os.path.expanduser(text))  # not SourceSpec.parse: items already merged may be gone
             if folder.is_dir() and resolved.is_relative_to(folder.resolve()):
                 raise ContMergeError(
                     f"--out {out} is inside the {role} folder {text!r}: every step would copy and read what earlier "
@@ -312,7 +312,7 @@ class Engine:
             if written.adapter is not None:
                 base_id = stream.base.identity()
                 written.adapter.write_config(partial, stream.base.config, base_id["source"], base_id.get("revision"))
-            if previous is not None:
+            if previous is not None and is_content_digest(previous.base["fingerprint"]):
                 self._check_base(previous, stream.base)  # the base was read whole by this step: its digest is complete
             step_folder.write_state_and_card(partial, state)
             final = layout.step_dir(opts.out, plan.step)

@@ -100,7 +100,10 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise _corrupt(path, f"header is not valid JSON: {e}") from None
-    entries, metadata = safetensors_header(header, path)
+    try:
+        entries, metadata = safetensors_header(header)
+    except ValueError as e:
+        raise _corrupt(path, str(e)) from None
     data_start = 8 + n
     tensors: dict[str, TensorInfo] = {}
     spans: list[tuple[int, int, str]] = []

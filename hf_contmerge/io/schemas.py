@@ -96,25 +96,23 @@ _HEADER = TypeAdapter(dict[str, TensorEntry])
 _METADATA = TypeAdapter(dict[str, str])  # the format's rule: a flat mapping of strings to strings
 
 
-def safetensors_header(header: Any, path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
-    """A parsed safetensors header as its tensor entries and its ``__metadata__``."""
-    fix = ("Save it again, or, if it came from the Hub, delete it from the Hub cache (`hf cache delete`) so that "
-           "the next run downloads it afresh.")
+def safetensors_header(header: Any) -> tuple[dict[str, TensorEntry], dict[str, str]]:
+    """A parsed safetensors header as its tensor entries and its ``__metadata__``; ``ValueError`` saying
+    what is wrong otherwise (the reader, ``safetensors.read_header``, words the refusal)."""
     if not isinstance(header, dict):
-        raise ContMergeError(f"{path} is truncated or corrupt (its header is a JSON {_json_type(header)}, not an object). {fix}")
+        raise ValueError(f"its header is a JSON {_json_type(header)}, not an object")
     header = dict(header)
     metadata = header.pop("__metadata__", None)
     try:
         entries = _HEADER.validate_python(header, strict=True)
     except ValidationError as e:
         err = e.errors()[0]
-        raise ContMergeError(f"{path} is truncated or corrupt (header entry `{'.'.join(map(str, err['loc']))}`: "
-                             f"{err['msg'].lower()}, got {_short(err.get('input'))}). {fix}") from None
+        raise ValueError(f"header entry `{'.'.join(map(str, err['loc']))}`: {err['msg'].lower()}, "
+                         f"got {_short(err.get('input'))}") from None
     try:
         return entries, _METADATA.validate_python({} if metadata is None else metadata, strict=True)
     except ValidationError:
-        raise ContMergeError(f"{path} is truncated or corrupt (header `__metadata__` must map strings to strings, "
-                             f"got {_short(metadata)}). {fix}") from None
+        raise ValueError(f"header `__metadata__` must map strings to strings, got {_short(metadata)}") from None
 
 
 # ------------------------------------------------------------------ model folders

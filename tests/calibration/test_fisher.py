@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from hf_contmerge.calibration.fisher import diagonal_fisher
+from support.reference import fisher_batch, fisher_per_sample, unpadded
 from support.tiny_models import bert_classifier, llama
 
 
@@ -25,50 +26,6 @@ def _batches(seed: int, n: int = 6, batch: int = 3, vocab: int = 90) -> list[dic
     return out
 
 
-def _samples(batches):
-    for b in batches:
-        for i in range(b["input_ids"].shape[0]):
-            k = int(b["attention_mask"][i].sum())
-            yield b["input_ids"][i : i + 1, :k]
-
-
-def _loglik(model, ids: torch.Tensor) -> torch.Tensor:
-    """log p(ŷ | x) of one unpadded sample, written out: argmax class, or argmax next token at every position."""
-    logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0].double()
-    logp = torch.log_softmax(logits, dim=-1)
-    predicted = logp.argmax(dim=-1, keepdim=True)
-    return logp.gather(-1, predicted).sum()
-
-
-def _reference_per_sample(model, batches) -> dict[str, torch.Tensor]:
-    model.eval()
-    total = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in model.named_parameters()}
-    count = 0
-    for ids in _samples(batches):
-        model.zero_grad()
-        _loglik(model, ids).backward()
-        for n, p in model.named_parameters():
-            if p.grad is not None:
-                total[n] += p.grad.double() ** 2
-        count += 1
-    return {n: t / count for n, t in total.items()}
-
-
-def _reference_batch(model, batches) -> dict[str, torch.Tensor]:
-    model.eval()
-    total = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in model.named_parameters()}
-    count = 0
-    for b in batches:
-        model.zero_grad()
-        size = b["input_ids"].shape[0]
-        torch.stack([_loglik(model, ids) for ids in _samples([b])]).mean().backward()
-        for n, p in model.named_parameters():
-            if p.grad is not None:
-                total[n] += size * p.grad.double() ** 2
-        count += size
-    return {n: t / count for n, t in total.items()}
-
-
 @pytest.fixture(params=["classifier", "causal-lm"])
 def model(request):
     torch.manual_seed(3)
@@ -85,19 +42,19 @@ def _assert_equal(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor
 
 def test_per_sample_fisher_equals_the_autograd_reference(model):
     batches = _batches(0)
-    expected = _reference_per_sample(model, batches)
+    expected = fisher_per_sample(model, unpadded(batches))
     assert any(float(v.abs().max()) > 0 for v in expected.values())
     _assert_equal(diagonal_fisher(model, batches, "per_sample"), expected)
 
 
 def test_batch_fisher_equals_its_definition(model):
     batches = _batches(1)
-    _assert_equal(diagonal_fisher(model, batches, "batch"), _reference_batch(model, batches))
+    _assert_equal(diagonal_fisher(model, batches, "batch"), fisher_batch(model, batches))
 
 
 def test_padding_and_batch_mates_do_not_change_the_per_sample_fisher(model):
     batches = _batches(2, n=6, batch=3)
-    alone = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)} for ids in _samples(batches)]
+    alone = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)} for ids in unpadded(batches)]
     _assert_equal(diagonal_fisher(model, batches, "per_sample"),
                   {k: v.double() for k, v in diagonal_fisher(model, alone, "per_sample").items()})
 

@@ -54,7 +54,9 @@ def test_became_resumes_from_a_published_step_bit_identically(tmp_path, cli, hub
     """BECAME carries its accumulated Fisher as a slot: a step pushed to the Hub continues exactly."""
     from huggingface_hub import HfApi
 
-    base, items, data = _became_stream(tmp_path)
+    from support.tiny_models import classifier_stream
+
+    base, items, data = classifier_stream(tmp_path, labels=(2, 3, 2), texts=6, scale=0.05)
     flags = ["--method", "became", "--calib-samples", "4", "--calib-batch-size", "2", "--max-length", "12", "--quiet"]
     assert cli("merge", "--base", base, "--stream", *items, "--data", *data, "--out", tmp_path / "local", *flags)[0] == 0
     assert cli("merge", "--base", base, "--stream", *items[:2], "--data", *data[:2], "--out", tmp_path / "first", *flags)[0] == 0
@@ -69,22 +71,3 @@ def test_became_resumes_from_a_published_step_bit_identically(tmp_path, cli, hub
                  "contmerge_state/fisher_bar.safetensors"):
         assert (out / "step-3" / name).read_bytes() == (tmp_path / "local/step-3" / name).read_bytes(), name
 
-
-def _became_stream(tmp_path):
-    import torch
-
-    from support.tiny_models import bert, bert_classifier, perturb, save, save_tokenizer, sentences
-
-    torch.manual_seed(0)
-    backbone = bert()
-    base = save_tokenizer(save(backbone, tmp_path / "base"))
-    items, data = [], []
-    for i, labels in enumerate((2, 3, 2)):
-        torch.manual_seed(10 + i)
-        model = bert_classifier(labels)
-        model.bert.load_state_dict(backbone.state_dict(), strict=False)
-        items.append(save(perturb(model, seed=20 + i, scale=0.05), tmp_path / f"task{i}"))
-        path = tmp_path / f"task{i}.jsonl"
-        path.write_text("".join(json.dumps({"text": t}) + "\n" for t in sentences(6, seed=30 + i)))
-        data.append(path)
-    return base, items, data

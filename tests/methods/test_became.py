@@ -10,25 +10,13 @@ import torch
 from hf_contmerge.calibration.data import DataSpec, load_calibration
 from support.reference import fisher_batch
 from support.refusal import merge
-from support.tiny_models import bert, bert_classifier, perturb, save, save_tokenizer, sentences, weights
+from support.tiny_models import classifier_stream, weights
 
 FLAGS = ["--calib-samples", "6", "--calib-batch-size", "3", "--max-length", "16"]
 
 
-def _stream(tmp_path, labels=(2, 3, 2)):
-    torch.manual_seed(0)
-    backbone = bert()
-    base = save_tokenizer(save(backbone, tmp_path / "base"))
-    items, data = [], []
-    for i, n in enumerate(labels):
-        torch.manual_seed(10 + i)
-        model = bert_classifier(n)
-        model.bert.load_state_dict(backbone.state_dict(), strict=False)
-        items.append(save(perturb(model, seed=20 + i, scale=0.05), tmp_path / f"task{i}"))
-        path = tmp_path / f"task{i}.jsonl"
-        path.write_text("".join(json.dumps({"text": t}) + "\n" for t in sentences(9, seed=30 + i)))
-        data.append(path)
-    return base, items, data
+def _stream(tmp_path):
+    return classifier_stream(tmp_path, labels=(2, 3, 2), scale=0.05)
 
 
 def _task_model(item, backbone: dict[str, torch.Tensor]):

@@ -8,41 +8,23 @@ import pytest
 import torch
 
 from hf_contmerge.calibration.data import DataSpec, load_calibration
-from support.reference import fisher_per_sample
+from support.reference import fisher_per_sample, unpadded
 from support.refusal import merge, refused
-from support.tiny_models import bert, bert_classifier, perturb, save, save_tokenizer, sentences, weights
+from support.tiny_models import classifier_stream, perturb, save, save_tokenizer, sentences, weights
 
 FLOOR = 1e-6
-
-
-def _stream(tmp_path):
-    torch.manual_seed(0)
-    backbone = bert()
-    base = save_tokenizer(save(backbone, tmp_path / "base"))
-    items, data = [], []
-    for i, labels in enumerate((2, 3)):
-        torch.manual_seed(10 + i)
-        model = bert_classifier(labels)
-        model.bert.load_state_dict(backbone.state_dict(), strict=False)
-        items.append(save(perturb(model, seed=20 + i), tmp_path / f"task{i}"))
-        path = tmp_path / f"task{i}.jsonl"
-        path.write_text("".join(json.dumps({"text": t}) + "\n" for t in sentences(9, seed=30 + i)))
-        data.append(path)
-    return base, items, data
 
 
 def _samples(spec, base):
     data = load_calibration(DataSpec.parse(str(spec)), base, column=None, samples=6, seed=0, batch_size=4, max_length=16,
                             model_kind="text")
-    for b in data.batches:
-        for i in range(b["input_ids"].shape[0]):
-            yield b["input_ids"][i : i + 1, : int(b["attention_mask"][i].sum())]
+    return unpadded(data.batches)
 
 
 def test_streamed_fisher_equals_the_fisher_weighted_average(tmp_path, cli):
     from transformers import BertForSequenceClassification
 
-    base, items, data = _stream(tmp_path)
+    base, items, data = classifier_stream(tmp_path)
     out = tmp_path / "out"
     code, _, err = merge(cli, base, items, out, "--data", *data, "--calib-samples", "6", "--calib-batch-size", "4",
                          "--max-length", "16", method="fisher")
@@ -72,7 +54,7 @@ def test_streamed_fisher_equals_the_fisher_weighted_average(tmp_path, cli):
 
 
 def test_calibration_inputs_are_refused_before_anything_is_written(tmp_path, cli):
-    base, items, data = _stream(tmp_path)
+    base, items, data = classifier_stream(tmp_path)
     out = tmp_path / "out"
     refused(merge(cli, base, items, out, method="fisher"), "needs calibration data", "--data")
     refused(merge(cli, base, items, out, "--data", data[0], method="fisher"), "exactly one --data", "1 given for 2 items")

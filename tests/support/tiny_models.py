@@ -167,3 +167,25 @@ def sentences(n: int, seed: int, length: tuple[int, int] = (3, 12)) -> list[str]
         k = int(torch.randint(length[0], length[1] + 1, (1,), generator=g))
         out.append(" ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (k,), generator=g)))
     return out
+
+
+def classifier_stream(tmp: Path, labels: tuple[int, ...] = (2, 3), texts: int = 9, scale: float = 0.02
+                      ) -> tuple[Path, list[Path], list[Path]]:
+    """A bare BERT base with the tiny tokenizer, one sequence classifier per entry of ``labels`` over it
+    (its backbone a perturbed copy of the base's, its head its own), and a JSON-lines file of ``texts``
+    random sentences per classifier (its calibration data)."""
+    import json
+
+    torch.manual_seed(0)
+    backbone = bert()
+    base = save_tokenizer(save(backbone, tmp / "base"))
+    items, data = [], []
+    for i, n in enumerate(labels):
+        torch.manual_seed(10 + i)
+        model = bert_classifier(n)
+        model.bert.load_state_dict(backbone.state_dict(), strict=False)
+        items.append(save(perturb(model, seed=20 + i, scale=scale), tmp / f"task{i}"))
+        path = tmp / f"task{i}.jsonl"
+        path.write_text("".join(json.dumps({"text": t}) + "\n" for t in sentences(texts, seed=30 + i)))
+        data.append(path)
+    return base, items, data
