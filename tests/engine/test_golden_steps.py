@@ -1,4 +1,6 @@
-"""Every method's step folders are byte-identical to the ones recorded before the architecture change."""
+"""Every method's step folders are byte-identical to the ones recorded before the architecture change
+(on a processor whose LAPACK gives other last bits, the OPCM cases equal them up to rounding: see
+``support/golden_steps.py``)."""
 
 from __future__ import annotations
 
@@ -6,14 +8,14 @@ import json
 
 import pytest
 
-from support.golden_steps import CASES, GOLDEN, build_fixtures, run_cases, versions
+from support.golden_steps import CASES, GOLDEN, LINALG, build_fixtures, differences, expected, machine, run_cases, summaries, versions
 
 
 @pytest.fixture(scope="module")
 def produced(tmp_path_factory):
     root = tmp_path_factory.mktemp("golden")
     build_fixtures(root)
-    return run_cases(root)
+    return root, run_cases(root)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -22,7 +24,13 @@ def test_step_folders_match_recorded_bytes(produced, case):
     if golden["versions"] != versions():
         pytest.fail(f"golden hashes were recorded with {golden['versions']}, this environment has {versions()}: "
                     "review the change and re-record with `python tests/support/golden_steps.py record`")
-    want, got = golden["cases"][case], produced[case]
+    root, hashes = produced
+    want, got = expected(golden, case), hashes[case]
     assert sorted(got) == sorted(want), f"{case}: files differ"
     changed = [name for name in want if got[name] != want[name]]
+    if changed and case in LINALG and machine() not in golden.get("machines", {}):
+        found = summaries(root / f"out-{case}")
+        problems = [p for name in changed for p in differences(golden["summaries"][case][name], found[name], name)]
+        assert not problems, f"{case} on {machine()}: more than LAPACK rounding changed: {problems[:5]}"
+        return
     assert not changed, f"{case}: bytes changed in {changed}"
