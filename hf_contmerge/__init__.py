@@ -16,6 +16,7 @@ from ._version import __version__
 
 _PUBLIC = {
     "ContinualMerger": "hf_contmerge.api",
+    "ContinualMergeCallback": "hf_contmerge.training",
     "ContMergeError": "hf_contmerge.errors",
     "MergeOptions": "hf_contmerge.options",
     "load_step": "hf_contmerge.artifacts.folder",
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
     from .artifacts.folder import load_step, load_task_model
     from .errors import ContMergeError
     from .options import MergeOptions
+    from .training import ContinualMergeCallback
 
 
 def __getattr__(name: str) -> Any:
@@ -39,4 +41,4 @@ def __dir__() -> list[str]:
     return sorted([*globals(), *_PUBLIC])
 
 
-__all__ = ["ContMergeError", "ContinualMerger", "MergeOptions", "__version__", "load_step", "load_task_model"]
+__all__ = ["ContMergeError", "ContinualMergeCallback", "ContinualMerger", "MergeOptions", "__version__", "load_step", "load_task_model"]

@@ -15,17 +15,22 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .artifacts import layout
 from .artifacts.folder import load_step
 from .artifacts.state import read_state
 from .calibration.calibrator import make_calibrator
+from .calibration.data import DataSpec
 from .engine.hooks import step_hooks
 from .engine.run import Engine
 from .engine.step import StepResult
 from .errors import ContMergeError
+from .methods.registry import build_method
 from .options import MergeOptions
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 
 class ContinualMerger:
@@ -59,13 +64,23 @@ class ContinualMerger:
         return len(self.history)
 
     @property
+    def method_needs_data(self) -> bool:
+        """Whether every step needs calibration data (``data=`` of :meth:`step`)."""
+        return bool(build_method(self.options.method, self.options.params).calibration)
+
+    @property
     def last_step_folder(self) -> Path | None:
         return layout.step_dir(self.options.out, self.steps) if self.history else None
 
-    def step(self, source: str | os.PathLike[str], data: str | os.PathLike[str] | None = None) -> StepResult:
+    def step(self, source: str | os.PathLike[str], data: str | os.PathLike[str] | Dataset | None = None) -> StepResult:
         """Merge one more fine-tune (folder or Hub id) and write the next step folder. ``data``: its
-        calibration data (a spec as for ``--data``), for a data-dependent method."""
+        calibration data for a data-dependent method: a spec as for ``--data``, or a ``datasets.Dataset``
+        (recorded by its fingerprint)."""
         source = os.fspath(source)
+        memory = {}
+        if data is not None and not isinstance(data, (str, os.PathLike)):
+            spec = DataSpec.memory(data)
+            memory, data = {spec.text: spec}, spec.text
         done = layout.complete_steps(self.options.out)
         if done != list(range(1, self.steps + 1)):
             found = f"steps {done[0]}..{done[-1]}" if done else "no step"
@@ -77,7 +92,7 @@ class ContinualMerger:
         if data is not None:  # earlier items are merged already: their data is not read again
             update["data"] = [*([""] * len(self.history)), os.fspath(data)]
         opts = self.options.model_copy(update=update)
-        (result,) = Engine(opts, hooks=step_hooks(opts, self.evaluate), calibrator=make_calibrator(opts)).run()
+        (result,) = Engine(opts, hooks=step_hooks(opts, self.evaluate), calibrator=make_calibrator(opts, memory)).run()
         self.history.append(source)
         return result
 

@@ -278,4 +278,25 @@ def load_recipe(path: Path) -> dict[str, Any]:
         raise ContMergeError(f"Recipe {path} has unknown keys {unknown}; known: {sorted(MergeOptions.model_fields)}.")
     if "token" in data:
         raise ContMergeError(f"Recipe {path} contains a token. Tokens do not belong in files: use HF_TOKEN or `hf auth login`.")
+    if isinstance(data.get("stream"), list) and any(isinstance(item, dict) for item in data["stream"]):
+        data.update(_stream_entries(path, data))
     return data
+
+
+def _stream_entries(path: Path, recipe: dict[str, Any]) -> dict[str, list[str]]:
+    """A recipe stream whose items are mappings ``{source: SRC, data: SPEC}`` as the ``stream`` and
+    ``data`` lists of the options (a plain string item is a source without data)."""
+    if "data" in recipe:
+        raise ContMergeError(f"Recipe {path} gives `data` both per stream item and as a list; keep one of the two.")
+    sources, specs = [], []
+    for n, item in enumerate(recipe["stream"], 1):
+        entry = {"source": item} if isinstance(item, str) else item
+        if not isinstance(entry, dict) or not isinstance(entry.get("source"), str) or set(entry) - {"source", "data"}:
+            raise ContMergeError(f"Recipe {path}: stream item {n} must be a source string or a mapping with `source` and "
+                                 f"an optional `data` (a data spec string), not {item!r}.")
+        if not isinstance(entry.get("data", ""), str):
+            raise ContMergeError(f"Recipe {path}: stream item {n} has `data: {entry['data']!r}`; give a data spec string "
+                                 "(a dataset folder[@split], data files, or org/name[:config][@split]).")
+        sources.append(entry["source"])
+        specs.append(entry.get("data", ""))
+    return {"stream": sources, **({"data": specs} if any(specs) else {})}

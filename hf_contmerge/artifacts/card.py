@@ -44,12 +44,38 @@ def _compact(value: object) -> object:
     return f"[{len(value)} entries, see contmerge_state.json]" if isinstance(value, list) and len(value) > 6 else value
 
 
+def _group_key(group: str) -> tuple[int, int]:
+    """Embeddings, the blocks in order, then the rest."""
+    index = group.removeprefix("layer.")
+    if index.isdigit():
+        return (1, int(index))
+    return (0, 0) if group == "embeddings" else (2, 0)
+
+
+def _coefficients(values: object) -> dict | None:
+    """Learned coefficients ``NAME@GROUP`` (DivMerge, TRM) as a table: one row per group, a column per name."""
+    if not isinstance(values, dict):
+        return None
+    values = {k: v for k, v in values.items() if "@" in k}
+    if not values:
+        return None
+    names = list(dict.fromkeys(k.split("@", 1)[0] for k in values))
+    groups = list(dict.fromkeys(k.split("@", 1)[1] for k in values))
+    groups.sort(key=_group_key)
+    return {"names": names, "rows": [(g, [values.get(f"{n}@{g}") for n in names]) for g in groups]}
+
+
 def _notes(entry: dict) -> str:
     # sorted: a step's own entry is in the method's order, earlier ones come back from JSON sorted
     notes = [f"{k}={v}" for k, v in sorted((entry.get("method") or {}).items())]
     if entry.get("calibration"):
         c = entry["calibration"]
-        notes.append(f"calibrated on {c.get('data')} ({c.get('samples')} samples, {c.get('fisher')} Fisher)")
+        if c.get("learned"):
+            learned = c["learned"]
+            notes.append(f"coefficients learned on {c.get('data')} ({c.get('samples')} samples): objective "
+                         f"{learned['objective_start']:.4g} → {learned['objective_end']:.4g}")
+        else:
+            notes.append(f"calibrated on {c.get('data')} ({c.get('samples')} samples, {c.get('fisher')} Fisher)")
     if entry.get("alignment") not in (None, "same names"):
         notes.append(f"names {entry['alignment']}")
     if entry.get("heads"):
@@ -101,7 +127,8 @@ def render_card(state: StepState) -> str:
         experimental=cls.experimental,
         params=state.params,
         options=state.options,
-        scalars={k: _compact(v) for k, v in state.scalars.items()},
+        scalars={k: _compact(v) for k, v in state.scalars.items() if k != "coefficients"},
+        coefficients=_coefficients(state.scalars.get("coefficients")),
         base=state.base,
         stream=stream,
         heads=state.heads,

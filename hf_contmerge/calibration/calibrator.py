@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ import torch
 from ..engine.calibration import Calibrated
 from ..engine.step import finite
 from ..errors import ContMergeError
-from ..io.checkpoint import Checkpoint
+from ..io.checkpoint import Checkpoint, TensorIndex
 from ..io.safetensors import TensorSpec
 from ..io.writer import StreamingWriter, plan_shards
 from ..methods.base import CalibrationRequest
@@ -41,13 +42,15 @@ logger = logging.getLogger(__name__)
 class DataCalibrator:
     """Fisher statistics of each stream item on its own calibration data (``--data``)."""
 
-    def __init__(self, options: MergeOptions, device: torch.device):
+    def __init__(self, options: MergeOptions, device: torch.device, datasets: Mapping[str, DataSpec] | None = None):
         self.options, self.device = options, device
         if not options.data:
             raise ContMergeError(f"Method {options.method!r} needs calibration data: give one --data SPEC per --stream item "
                                  "(a dataset folder, data files, or a Hub dataset; see --help).")
-        # every spec checked before any work ("" stands for an item merged earlier, whose data is not read again)
-        self.specs = [DataSpec.parse(text) if text else None for text in options.data]
+        # every spec checked before any work ("" stands for an item merged earlier, whose data is not read again);
+        # ``datasets``: the API's in-memory Datasets, by the text that stands for them in options.data
+        known = dict(datasets or {})
+        self.specs = [(known.get(text) or DataSpec.parse(text)) if text else None for text in options.data]
         self.sets: dict[int, CalibrationSet] = {}  # step -> its encoded data (prepare)
 
     def prepare(self, steps: Mapping[int, ResolvedSource], base: ResolvedSource) -> None:
@@ -61,16 +64,25 @@ class DataCalibrator:
             self.sets[step] = load_calibration(spec, base.ensure_local(), column=opts.data_column, samples=opts.calib_samples,
                                                seed=opts.seed, batch_size=opts.calib_batch_size, max_length=opts.max_length,
                                                model_kind=config_kind(item.config))
+            self._check_cache(step, item, self.sets[step].rows)
 
     def calibrate(self, step: int, requests: tuple[CalibrationRequest, ...], *, base: ResolvedSource, item: ResolvedSource,
-                  previous_step: Path | None, key_map: Mapping[str, str], scratch: Path) -> Calibrated:
+                  previous_step: Path | None, key_map: Mapping[str, str], scratch: Path,
+                  later: Sequence[tuple[int, ResolvedSource, Mapping[str, str]]] = ()) -> Calibrated:
         opts = self.options
         if step not in self.sets:
             self.prepare({step: item}, base)
         data, spec = self.sets[step], self.specs[step - 1]
         tensors, record = {}, {}
+        scalars: dict[str, float] = {}
         placement = self._placement()
         for request in requests:
+            if request.learn is not None:
+                learned = self._learn(request.learn, step, base, [(step, item, key_map), *later], previous_step, placement,
+                                      scratch / request.statistic)
+                scalars.update(learned.coefficients)
+                record = {**record, **data.describe(), "learned": learned.record, "seed": opts.seed}
+                continue
             folder = scratch / f"{request.statistic}-model"
             if request.model == "item":
                 model, what = load_item_model(item, base, placement, folder, opts.shard_bytes), repr(item.spec.text)
@@ -83,7 +95,7 @@ class DataCalibrator:
             if not placement:
                 model.to(self.device)
             logger.info(f"step {step}: Fisher ({request.fisher}) of {what} on {data.rows} samples of {spec.text!r}")
-            fisher = diagonal_fisher(model, data.batches, request.fisher, inputs)
+            fisher = diagonal_fisher(model, data.batches, request.fisher, inputs, offload_dir=scratch / f"{request.statistic}-acc")
             by_output = output_names(model, fisher, key_map)
             del model, fisher
             shutil.rmtree(folder, ignore_errors=True)  # a model written for the device map: not needed any more
@@ -91,9 +103,73 @@ class DataCalibrator:
                 raise ContMergeError(f"step {step}: the Fisher of {item.spec.text!r} covers none of the merged tensors; its "
                                      "parameters could not be matched to the base's file names.")
             tensors[request.statistic] = _write(scratch / request.statistic, by_output, opts.shard_bytes)
+            del by_output
+            shutil.rmtree(scratch / f"{request.statistic}-acc", ignore_errors=True)  # disk-offloaded accumulators
             record = {**data.describe(), "fisher": request.fisher, "batch_size": opts.calib_batch_size,
                       "max_length": opts.max_length, "seed": opts.seed}
-        return Calibrated(tensors=tensors, record=record)
+        return Calibrated(tensors=tensors, scalars=scalars, record=record)
+
+    def _check_cache(self, step: int, item: ResolvedSource, rows: int) -> None:
+        """A learned merge's teacher outputs must fit their bound (``cache_bytes``): checked before any step."""
+        from ..methods.registry import build_method
+        from .learned import cache_bytes
+
+        for request in build_method(self.options.method, self.options.params).calibration:
+            if request.learn is None or not request.from_step <= step <= (request.to_step or step):
+                continue
+            need = cache_bytes(request.learn, item.config, rows)
+            total = need * (len(self.specs) if request.learn.all_items else 1)
+            if total > request.learn.cache_bytes:
+                raise ContMergeError(
+                    f"step {step}: the teachers' cached outputs would take {total / 1e9:.3g} GB (samples × continuation "
+                    f"tokens × outputs, float32), above cache_bytes={request.learn.cache_bytes}. Lower --calib-samples or "
+                    "gen_tokens, or raise --set cache_bytes=N. Nothing was written.")
+
+    def _learn(self, spec, step: int, base: ResolvedSource, items: Sequence[tuple[int, ResolvedSource, Mapping[str, str]]],
+               previous_step: Path | None, placement: Mapping[str, Any], scratch: Path):
+        """Learned coefficients (``calibration/learned.py``) over ``items`` (step, item, key map): the
+        first alone, or every one for ``spec.all_items``, each on its own calibration data."""
+        from .fisher import _slice
+        from .learned import Models, Task, learn_coefficients
+
+        opts = self.options
+        tasks = []
+        for s, item, key_map in items if spec.all_items else items[:1]:
+            if s not in self.sets:
+                self.prepare({s: item}, base)
+            samples = [_slice(b, i) for b in self.sets[s].batches for i in range(next(iter(b.values())).shape[0])]
+            tasks.append(Task(partial(self._task_model, item, base, key_map, placement), item.checkpoint, key_map, samples))
+        previous = Checkpoint.open(previous_step) if previous_step is not None else None
+        models = Models(base.checkpoint, previous, lambda model: input_device(model, self.device))
+        try:
+            return learn_coefficients(spec, tasks, models, step=step, seed=opts.seed, scratch=scratch)
+        finally:
+            if previous is not None:
+                previous.close()
+
+    def _task_model(self, item: ResolvedSource, base: ResolvedSource, key_map: Mapping[str, str], placement: Mapping[str, Any],
+                    backbone: TensorIndex | None, folder: Path):
+        """``item``'s task model (its own head), float32, with the merged tensors taken from ``backbone``
+        (by output name; None: the item's own), placed as ``placement`` says or on ``--device``."""
+        if backbone is None:
+            model = load_item_model(item, base, placement, folder, self.options.shard_bytes)
+        elif placement:
+            ck = item.checkpoint
+            sources = {k: (backbone, key_map[k]) if k in key_map else (ck, k) for k in ck.keys()}
+            config = (base.ensure_local() if item.kind == "lora" else item.ensure_local()) / "config.json"
+            model = _from_written(sources, config, folder, placement, self.options.shard_bytes)
+        else:
+            model = load_item_model(item, base)
+            from ..sources.naming import file_layout
+
+            to_file = file_layout(model).to_file
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if to_file.get(name) in key_map:
+                        p.copy_(backbone.read(key_map[to_file[name]]))
+        if not placement:
+            model.to(self.device)
+        return model
 
 
     def _placement(self) -> dict[str, Any]:
@@ -118,14 +194,15 @@ def input_device(model, default: torch.device) -> torch.device:
     return torch.device("cpu") if first in ("cpu", "disk") else torch.device(f"cuda:{first}" if isinstance(first, int) else first)
 
 
-def make_calibrator(options: MergeOptions) -> DataCalibrator | None:
-    """The calibrator a run of ``options`` needs: one when its method asks for calibration, else None."""
+def make_calibrator(options: MergeOptions, datasets: Mapping[str, DataSpec] | None = None) -> DataCalibrator | None:
+    """The calibrator a run of ``options`` needs: one when its method asks for calibration, else None.
+    ``datasets``: in-memory data (``DataSpec.memory``) by the text ``options.data`` gives for it."""
     from ..engine.run import resolve_device
     from ..methods.registry import build_method
 
     if not build_method(options.method, options.params).calibration:
         return None
-    return DataCalibrator(options, resolve_device(options.device))
+    return DataCalibrator(options, resolve_device(options.device), datasets)
 
 
 def load_merged_model(folder: Path, step: int, placement: Mapping[str, Any], scratch: Path, key_map: Mapping[str, str],
@@ -219,7 +296,7 @@ def output_names(model, fisher: Mapping[str, torch.Tensor], key_map: Mapping[str
     for name, value in fisher.items():
         file_key = to_file.get(name)
         if file_key in key_map and tuple(value.shape) != ():
-            out[key_map[file_key]] = value.detach().to("cpu", torch.float32).contiguous()
+            out[key_map[file_key]] = value.detach()  # where it accumulated: moved to the CPU one at a time by _write
     return out
 
 
@@ -228,7 +305,7 @@ def _write(folder: Path, tensors: dict[str, torch.Tensor], shard_bytes: int) -> 
     folder.mkdir(parents=True)
 
     def tensor(spec: TensorSpec) -> torch.Tensor:
-        t = tensors[spec.key]
+        t = tensors[spec.key].to("cpu", torch.float32).contiguous()
         if not finite(t):
             raise ContMergeError(f"the Fisher of tensor {spec.key!r} is not finite: the model's outputs overflow on the "
                                  "calibration data. Check the data and the model.")

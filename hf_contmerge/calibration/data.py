@@ -5,7 +5,9 @@ A data spec is, recognised in this order:
 - a folder written by ``Dataset.save_to_disk`` (a ``Dataset``, or a ``DatasetDict`` with ``@split``,
   default ``train``): ``path/to/folder[@split]``;
 - data files, ``.csv``, ``.json``, ``.jsonl`` or ``.parquet``, globs allowed: ``data/*.jsonl[@split]``;
-- a Hub dataset ``org/name[:config][@split]``, read through the Hub cache (offline, it must be there).
+- a Hub dataset ``org/name[:config][@split]``, read through the Hub cache (offline, it must be there);
+- in the Python API, a ``datasets.Dataset`` object (:meth:`DataSpec.memory`), recorded by its
+  fingerprint and row count.
 
 The column is the one given, else the first of :data:`COLUMNS` the dataset has. ``samples`` rows are
 drawn without replacement by a permutation seeded with ``seed`` (all rows, in order, when the dataset
@@ -20,7 +22,7 @@ from __future__ import annotations
 import glob
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,10 +40,26 @@ class DataSpec:
     """A calibration data source as the user wrote it."""
 
     text: str
-    kind: Literal["disk", "files", "hub"]
+    kind: Literal["disk", "files", "hub", "memory"]
     location: str
     split: str | None = None
     config: str | None = None
+    dataset: Any = field(default=None, compare=False, repr=False)  # kind "memory": the Dataset itself
+
+    @classmethod
+    def memory(cls, dataset: Any) -> DataSpec:
+        """An in-memory ``datasets.Dataset`` (the API); its text, which the state records, names its
+        fingerprint (``datasets``' hash of its content and history) and size."""
+        import datasets
+
+        if isinstance(dataset, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+            raise ContMergeError(f"data is a {type(dataset).__name__} with splits {sorted(dataset)}: pass one split, "
+                                 "e.g. data=dataset['train'].")
+        if not isinstance(dataset, datasets.Dataset):
+            raise ContMergeError(f"data is a {type(dataset).__name__}; give a datasets.Dataset (an IterableDataset has no "
+                                 "length to sample from: materialise it with Dataset.from_list), or a data spec string.")
+        fingerprint = getattr(dataset, "_fingerprint", None) or "unknown"
+        return cls(f"<in-memory Dataset {fingerprint}, {len(dataset)} rows>", "memory", fingerprint, dataset=dataset)
 
     @classmethod
     def parse(cls, text: str) -> DataSpec:
@@ -64,6 +82,8 @@ class DataSpec:
         """The ``datasets.Dataset`` this spec names."""
         import datasets
 
+        if self.kind == "memory":
+            return self.dataset
         try:
             if self.kind == "disk":
                 data = datasets.load_from_disk(self.location)

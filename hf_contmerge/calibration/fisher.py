@@ -12,20 +12,25 @@ Padding changes neither: positions outside the attention mask are not summed, ba
 on the right (a causal LM's real tokens never see later pads) and a per-sample pass takes each
 sample alone, unpadded. **[choice]** For a causal LM every real position counts, the last one
 included (its prediction is the next token after the text; it has a prefix like any other).
-Gradients are taken with ``torch.autograd.grad`` with respect to the parameter tensors each forward
-used (recorded as it runs, so Accelerate's CPU/disk offload loses none), accumulated in float32 on
-the parameter's own device (the CPU under a device map). Returned by in-memory parameter name (tied
-parameters once).
+Gradients are caught by a tap on each weight as its module's forward uses it (``compose.py``:
+inside Accelerate's hook, so CPU/disk offload loses none, and with offloaded weights reloaded for
+the backward pass instead of kept), squared and accumulated in float32 where the device map keeps
+the parameter: on its GPU, in CPU RAM for CPU-offloaded modules, and for
+disk-offloaded ones in a file-backed tensor (``torch.from_file``, shared) in ``offload_dir``, so the
+accumulators take no more RAM than the map gives the weights. Returned by in-memory parameter name
+(tied parameters once).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
+
+from .compose import home_tensors, substituted
 
 FisherMode = Literal["per_sample", "batch"]
 
@@ -52,82 +57,80 @@ def _slice(batch: Mapping[str, Tensor], i: int) -> dict[str, Tensor]:
     return one
 
 
-@contextmanager
-def _capture(model: nn.Module) -> Iterator[list[tuple[str, Tensor]]]:
-    """The parameter tensors each forward actually uses, by name, collected into the yielded list.
+class _Tap(torch.autograd.Function):
+    """Identity on a weight whose backward hands the weight's gradient to ``sink`` (and no further)."""
 
-    Resident parameters are the module's own; under an Accelerate device map with CPU/disk offload a
-    module's weights are loaded just before its forward (``_hf_hook.pre_forward``) and put back on the
-    meta device after it, so the tensors in the autograd graph exist only during that call. A wrapper
-    of the module's ``_old_forward`` (the forward Accelerate's hook calls between the two) records
-    them there; other modules are recorded by a forward pre-hook. Gradients are then taken with
-    respect to the recorded tensors, so offloading loses none."""
-    used: list[tuple[str, Tensor]] = []
-    canonical = {id(p): n for n, p in model.named_parameters()}  # tied parameters: one name
-    undo = []
-    for path, module in model.named_modules():
-        if not any(True for _ in module.parameters(recurse=False)):
-            continue
+    @staticmethod
+    def forward(ctx, weight: Tensor, anchor: Tensor, sink) -> Tensor:
+        ctx.sink = sink
+        return weight.view_as(weight)
 
-        def record(module=module, path=path) -> None:
-            for n, p in module.named_parameters(recurse=False):
-                if p.is_floating_point() and p.device.type != "meta":
-                    used.append((canonical.get(id(p), f"{path}.{n}" if path else n), p))
-
-        if hasattr(module, "_hf_hook") and hasattr(module, "_old_forward"):
-            inner = module._old_forward
-
-            def forward(*args, _inner=inner, _record=record, **kwargs):
-                _record()
-                return _inner(*args, **kwargs)
-
-            module._old_forward = forward
-            undo.append(lambda module=module, inner=inner: setattr(module, "_old_forward", inner))
-        else:
-            handle = module.register_forward_pre_hook(lambda _m, _a, _record=record: _record())
-            undo.append(handle.remove)
-    try:
-        yield used
-    finally:
-        for restore in undo:
-            restore()
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        ctx.sink(grad)
+        return None, None, None
 
 
 def diagonal_fisher(model: nn.Module, batches: Iterable[Mapping[str, Tensor]], mode: FisherMode = "per_sample",
-                    device: torch.device | None = None) -> dict[str, Tensor]:
+                    device: torch.device | None = None, offload_dir: Path | None = None) -> dict[str, Tensor]:
     """The diagonal Fisher of ``model`` over ``batches``, by in-memory parameter name (float32).
 
-    ``device``: where the inputs go (the first device of a device map). Accumulators live on their
-    parameter's device, or on the CPU for offloaded parameters."""
+    ``device``: where the inputs go (the first device of a device map). Accumulators live where the
+    map keeps their parameter (see the module docstring); ``offload_dir`` holds those of disk-offloaded
+    ones (without it they are in CPU RAM).
+
+    Each weight is tapped as its module's forward uses it (``compose.substituted``): the tap's backward
+    adds the square of the weight's gradient into its accumulator, so no parameter needs
+    ``requires_grad`` and no model-sized gradient exists at any time; a weight used more than once in
+    a pass (tied embeddings) has its partial gradients summed before the square."""
     was_training = model.training
     model.eval()
     named = [(n, p) for n, p in model.named_parameters() if p.is_floating_point()]
     flags = [p.requires_grad for _, p in named]
     for _, p in named:
-        p.requires_grad_(True)
+        p.requires_grad_(False)
     fisher: dict[str, Tensor] = {}
+    zeros = home_tensors(model, offload_dir)
+    anchor = torch.zeros((), requires_grad=True)  # what makes the taps part of the graph
+    uses: dict[str, int] = {}
+    partial: dict[str, Tensor] = {}
+    weight = 1.0
     count = 0
-    try:
-        with _capture(model) as used:
-            def step(inputs: Mapping[str, Tensor], reduce: str, weight: float) -> None:
-                used.clear()
-                ll = own_prediction_loglik(model, inputs)
-                ll = ll.mean() if reduce == "mean" else ll.sum()
-                seen: dict[int, tuple[str, Tensor]] = {}
-                for name, t in used:
-                    seen.setdefault(id(t), (name, t))
-                names, tensors = zip(*seen.values()) if seen else ((), ())
-                grads = torch.autograd.grad(ll, list(tensors), allow_unused=True)
-                with torch.no_grad():
-                    for name, t, g in zip(names, tensors, grads):
-                        if g is None:  # a parameter the output does not depend on (e.g. an unused head): Fisher 0
-                            continue
-                        acc = fisher.get(name)
-                        if acc is None:
-                            acc = fisher[name] = torch.zeros(t.shape, dtype=torch.float32, device=_home(model, name, t))
-                        g = g.detach().to(acc.device, torch.float32)
-                        acc.addcmul_(g, g, value=weight)  # one fused op: no squared temporary
 
+    def accumulate(name: str, grad: Tensor) -> None:
+        acc = fisher.get(name)
+        if acc is None:
+            acc = fisher[name] = zeros(name, grad.shape)
+        grad = grad.detach().to(acc.device, torch.float32)
+        acc.addcmul_(grad, grad, value=weight)  # one fused op: no squared temporary
+
+    def sink(name: str):
+        def receive(grad: Tensor) -> None:
+            if uses[name] == 1:
+                accumulate(name, grad)
+            elif name in partial:
+                partial[name] = partial[name] + grad
+            else:
+                partial[name] = grad.clone()
+        return receive
+
+    def tap(name: str, p: Tensor) -> Tensor:
+        uses[name] = uses.get(name, 0) + 1
+        return _Tap.apply(p, anchor, sink(name))
+
+    def step(inputs: Mapping[str, Tensor], reduce: str, w: float) -> None:
+        nonlocal weight
+        uses.clear()
+        weight = w
+        ll = own_prediction_loglik(model, inputs)
+        ll = ll.mean() if reduce == "mean" else ll.sum()
+        ll.backward()
+        for name, grad in partial.items():  # several uses in one pass: the square of their sum
+            accumulate(name, grad)
+        partial.clear()
+
+    try:
+        with substituted(model, tap):
             for batch in batches:
                 batch = {k: v.to(device) if device is not None else v for k, v in batch.items()}
                 size = next(iter(batch.values())).shape[0]
@@ -146,10 +149,5 @@ def diagonal_fisher(model: nn.Module, batches: Iterable[Mapping[str, Tensor]], m
     out = {}
     for name, p in named:  # every parameter, in the model's order; one no forward used has Fisher 0
         acc = fisher.get(name)
-        out[name] = acc.div_(count) if acc is not None else torch.zeros(p.shape, dtype=torch.float32, device=_home(model, name, p))
+        out[name] = acc.div_(count) if acc is not None else zeros(name, p.shape)
     return out
-
-
-def _home(model: nn.Module, name: str, t: Tensor) -> torch.device:
-    """Where a parameter's Fisher accumulates: its own device, the CPU when it is offloaded (meta)."""
-    return torch.device("cpu") if t.device.type == "meta" or getattr(model, "hf_device_map", None) else t.device

@@ -11,7 +11,7 @@ stays the one writer of weights.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -36,7 +36,8 @@ class Calibrator(Protocol):
         ...
 
     def calibrate(self, step: int, requests: tuple[CalibrationRequest, ...], *, base: ResolvedSource,
-                  item: ResolvedSource, previous_step: Path | None, key_map: Mapping[str, str], scratch: Path) -> Calibrated:
+                  item: ResolvedSource, previous_step: Path | None, key_map: Mapping[str, str], scratch: Path,
+                  later: Sequence[tuple[int, ResolvedSource, Mapping[str, str]]] = ()) -> Calibrated:
         """The statistics ``requests`` ask for at ``step``; ``item`` is the new fine-tune, ``previous_step``
         the folder of the merged model so far (None at step 1). ``key_map``: the item's file name of every
         merged output tensor -> that output name (what the statistics are keyed by). ``scratch``: a new

@@ -327,9 +327,16 @@ class Engine:
                    scratch: Path, when: str = "before") -> Calibrated:
         """The statistics the method asks for at this step: ``before`` its tensor pass (of θt, or of
         θ(t−1) in ``model_folder``), or ``after`` it (of θ(t), the partial step in ``model_folder``)."""
-        requests = tuple(r for r in self.method.calibration if r.from_step <= plan.step and (r.model == "merged") == (when == "after"))
+        requests = tuple(r for r in self.method.calibration if r.from_step <= plan.step <= (r.to_step or plan.step)
+                         and (r.model == "merged") == (when == "after"))
         if not requests:
             return Calibrated()
-        key_map = {kp.item_keys[plan.item_index]: kp.key for kp in plan.keys if kp.merged and kp.item_keys[plan.item_index]}
-        return self.calibrator.calibrate(plan.step, requests, base=stream.base, item=item,
-                                         previous_step=model_folder, key_map=key_map, scratch=scratch)
+        def key_map(j: int) -> dict[str, str]:
+            return {kp.item_keys[j]: kp.key for kp in plan.keys if kp.merged and kp.item_keys[j]}
+
+        more = {}
+        if any(r.learn is not None and r.learn.all_items for r in requests):  # learned over every item still to merge
+            more["later"] = tuple((plan.step + j - plan.item_index, stream.items[j], key_map(j))
+                                  for j in range(plan.item_index + 1, len(stream.items)))
+        return self.calibrator.calibrate(plan.step, requests, base=stream.base, item=item, previous_step=model_folder,
+                                         key_map=key_map(plan.item_index), scratch=scratch, **more)

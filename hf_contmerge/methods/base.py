@@ -81,12 +81,18 @@ class CalibrationRequest:
     backward passes give it, on the new item's task data: ``item`` (θt, the new fine-tune) or
     ``previous`` (θ(t−1), the merged model so far), computed before the step's tensor pass; or
     ``merged`` (θ(t), the step just written), computed after it, for the ``after_slots``.
+
+    With ``learn`` (a :class:`~hf_contmerge.calibration.learned.LearnSpec`) the request is not a
+    Fisher but learned merge coefficients (DivMerge, TRM): they arrive as scalars
+    (``StepContext.calibration["NAME@GROUP"]``); ``model`` is then ``item``.
     """
 
     statistic: str
     model: Literal["item", "previous", "merged"]
     fisher: Literal["per_sample", "batch"] = "per_sample"  # for a diagonal Fisher: which estimator
     from_step: int = 1
+    to_step: int | None = None  # the last step it is needed at (None: every step from from_step)
+    learn: Any = None  # a LearnSpec: learned coefficients instead of a Fisher
 
 
 @dataclass(frozen=True)

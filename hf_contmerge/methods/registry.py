@@ -25,6 +25,8 @@ REGISTRY: dict[str, str | type[Method]] = {
     "opcm": "hf_contmerge.methods.opcm:OPCM",
     "fisher": "hf_contmerge.methods.fisher:FisherMerge",
     "became": "hf_contmerge.methods.became:Became",
+    "divmerge": "hf_contmerge.methods.divmerge:DivMerge",
+    "trm": "hf_contmerge.methods.trm:TRM",
 }
 
 

@@ -26,10 +26,12 @@ def _batches(seed: int, n: int = 6, batch: int = 3, vocab: int = 90) -> list[dic
     return out
 
 
-@pytest.fixture(params=["classifier", "causal-lm"])
+@pytest.fixture(params=["classifier", "causal-lm", "causal-lm-tied"])
 def model(request):
+    """A classifier, a causal LM, and one whose LM head is its embedding (one weight used twice per
+    pass: the square of the summed gradient, not the sum of squares)."""
     torch.manual_seed(3)
-    return bert_classifier(3) if request.param == "classifier" else llama()
+    return {"classifier": lambda: bert_classifier(3), "causal-lm": llama, "causal-lm-tied": lambda: llama(tied=True)}[request.param]()
 
 
 def _assert_equal(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
@@ -69,7 +71,7 @@ def test_the_model_is_left_as_it_was(model):
 
 
 @pytest.mark.parametrize("mode", ["per_sample", "batch"])
-def test_fisher_under_a_device_map_with_cpu_and_disk_offload_equals_the_unmapped_one(tmp_path, mode):
+def test_fisher_under_a_device_map_with_cpu_and_disk_offload_equals_the_unmapped_one(tmp_path, mode, monkeypatch):
     """Accelerate loads offloaded weights only for their module's forward: the recorded tensors keep
     every gradient, so a model offloaded to CPU and disk gives the Fisher of the resident model."""
     from transformers import LlamaForCausalLM
@@ -82,5 +84,18 @@ def test_fisher_under_a_device_map_with_cpu_and_disk_offload_equals_the_unmapped
     assert "disk" in set(mapped.hf_device_map.values())  # the forced offload happened
     batches = _batches(6)
     expected = {k: v.double() for k, v in diagonal_fisher(resident, batches, mode).items()}
-    got = diagonal_fisher(mapped, batches, mode, torch.device("cpu"))
+    from hf_contmerge.calibration import compose
+
+    reloads = []
+    real = compose._reload
+    monkeypatch.setattr(compose, "_reload", lambda *a: reloads.append(a[1]) or real(*a))
+    got = diagonal_fisher(mapped, batches, mode, torch.device("cpu"), offload_dir=tmp_path / "acc")
     _assert_equal(got, expected)
+    # the backward pass reloaded offloaded weights from the offload instead of keeping the forward's copies
+    assert reloads and {n.rsplit(".", 1)[-1] for n in reloads} >= {"weight"}
+    # the accumulators of disk-offloaded modules are files there (not RAM), one per parameter, float32
+    on_disk = [n for n, p in mapped.named_parameters()
+               if mapped.hf_device_map.get(max((m for m in mapped.hf_device_map if n.startswith(m + ".") or m == ""), key=len)) == "disk"]
+    files = sorted((tmp_path / "acc").iterdir())
+    assert on_disk and len(files) == len(on_disk)
+    assert sum(f.stat().st_size for f in files) == 4 * sum(dict(mapped.named_parameters())[n].numel() for n in on_disk)

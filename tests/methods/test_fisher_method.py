@@ -65,6 +65,47 @@ def test_calibration_inputs_are_refused_before_anything_is_written(tmp_path, cli
     assert not out.exists()
 
 
+def test_recipe_per_item_data_and_api_datasets_equal_the_flags(tmp_path, cli):
+    """``stream: [{source, data}]`` in a recipe, and a ``datasets.Dataset`` given to the API, calibrate
+    as ``--data`` does: the same weights, bit for bit."""
+    import yaml
+    from datasets import load_dataset
+
+    from hf_contmerge import ContinualMerger
+
+    base, items, data = classifier_stream(tmp_path)
+    flags = ["--calib-samples", "6", "--calib-batch-size", "4", "--max-length", "16"]
+    assert merge(cli, base, items, tmp_path / "flags", "--data", *data, *flags, method="fisher")[0] == 0
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"base": str(base), "method": "fisher", "out": str(tmp_path / "recipe"), "quiet": True,
+                                      "stream": [{"source": str(i), "data": str(d)} for i, d in zip(items, data)]}))
+    assert cli("merge", "--recipe", recipe, *flags)[0] == 0
+    merger = ContinualMerger(base=base, method="fisher", out=tmp_path / "api", calib_samples=6, calib_batch_size=4, max_length=16)
+    for item, spec in zip(items, data):
+        merger.step(item, data=load_dataset("json", data_files=str(spec), split="train"))
+    for out in ("recipe", "api"):
+        for t in (1, 2):
+            assert (tmp_path / out / f"step-{t}/model.safetensors").read_bytes() == \
+                (tmp_path / "flags" / f"step-{t}/model.safetensors").read_bytes(), f"{out} step {t}"
+    state = json.loads((tmp_path / "api/step-2/contmerge_state.json").read_text())
+    assert state["stream"][1]["calibration"]["data"].startswith("<in-memory Dataset ")
+
+    # refused: data both per item and as a list, an item with an unknown key, a data spec that is not a string
+    for stream, extra, needle in (
+        ([{"source": str(items[0]), "data": str(data[0])}], {"data": [str(data[0])]}, "both per stream item and as a list"),
+        ([{"source": str(items[0]), "labels": "x"}], {}, "stream item 1 must be a source string or a mapping"),
+        ([{"source": str(items[0]), "data": {"path": str(data[0])}}], {}, "give a data spec string"),
+    ):
+        recipe.write_text(yaml.safe_dump({"base": str(base), "method": "fisher", "out": str(tmp_path / "bad"), "stream": stream,
+                                          **extra}))
+        refused(cli("merge", "--recipe", recipe), needle)
+    assert not (tmp_path / "bad").exists()
+    from datasets import DatasetDict
+
+    with pytest.raises(Exception, match="pass one split"):
+        ContinualMerger(base=base, method="fisher", out=tmp_path / "bad").step(items[0], data=DatasetDict())
+
+
 def test_causal_lm_and_lora_items_under_a_device_map(tmp_path, cli, lora_llama):
     """A causal LM stream with a full and a LoRA item: offloaded to CPU and disk, the same merge."""
     base, items, data = lora_llama

@@ -1,0 +1,360 @@
+r"""Learned merge coefficients (DivMerge, TRM): a differentiable merged model, an objective, Adam.
+
+The merged model is composed on the fly,
+
+    θ = θ_anchor + Σ_k Γ[k, g(n)] · d_k          for every merged tensor n,
+
+with directions d_k (``item-base`` = θt − θ0, ``previous-base`` = θ(t−1) − θ0, ``item-previous`` =
+θt − θ(t−1)) and one coefficient per direction and group g (``granularity="task"``: one group;
+``"layer"``: :func:`layer_group`). Only the coefficients are trained. The student is the item's own
+task model (its head kept apart by the pre-flight stays its own) loaded with the anchor as its
+backbone, placed like any calibration model (``--device-map``, ``--max-memory``, offload); each
+merged weight ``p`` is replaced, while its module runs, by ``p + Σ_k Γ_k·d_k`` (``compose.py``), the
+directions held in the base's dtype where the map keeps that module (GPU, CPU, or a file for disk),
+the composed weight rebuilt for the backward pass rather than kept. So a merge fits where a forward
+pass with (1 + number of directions) copies of the weights fits.
+
+Teachers (the fine-tune θt, the merge so far θ(t−1), each with task t's head) are run once per
+step, and their output distributions cached on disk in the step's scratch folder (bounded by
+``cache_bytes``; removed with the step's other calibration files): for a classifier the class
+distribution of every sample; for a causal LM the teacher's greedy continuation of ``gen_tokens``
+tokens and its next-token distributions along it, the student being scored on the same tokens.
+
+Objective, per batch: Σ_terms weight · mean over the batch of the divergence (``divergence.py``;
+for an LM averaged over the continuation's positions), plus, for TRM's responsiveness, ``weight ·
+relu(mean_n max_c q(c|x_n) − threshold)`` on the student's predictions of the first term. Adam
+(``lr``), ``epochs`` passes; a batch has ``batch_per_task`` samples of every term, drawn in a
+seeded order (``--seed`` and the step), so a rerun is bit-identical. The objective over all
+samples is measured before and after (recorded with the coefficients).
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from ..errors import ContMergeError
+from ..io.checkpoint import TensorIndex
+from ..methods.learning import Direction, LearnSpec, layer_group
+from .compose import Substitution, home_tensors, substituted
+from .divergence import divergence
+
+
+@dataclass
+class Task:
+    """One task of a learned merge: its item (a loader of its task model with a given backbone, its
+    tensors by file name, its merged names) and its calibration samples (unpadded)."""
+
+    load: Callable[[TensorIndex | None, Path], nn.Module]  # backbone from an index by output name (None: its own)
+    weights: TensorIndex
+    key_map: Mapping[str, str]  # item file name -> output name, for every merged tensor
+    samples: list[dict[str, Tensor]]
+
+
+@dataclass
+class Models:
+    """What every task shares: the base and the merge so far (by output name), where inputs go."""
+
+    base: TensorIndex
+    previous: TensorIndex | None
+    input_device: Callable[[nn.Module], torch.device]
+
+
+@dataclass
+class Learned:
+    coefficients: dict[str, float]
+    record: dict[str, Any] = field(default_factory=dict)
+
+
+class _Compose(torch.autograd.Function):
+    """``p + Σ_k c_k·d_k`` whose backward gives the coefficients' gradients ⟨grad, d_k⟩ and holds only
+    references to the directions where they live (no copies on the execution device)."""
+
+    @staticmethod
+    def forward(ctx, p: Tensor, c: Tensor, *directions: Tensor) -> Tensor:
+        ctx.directions = directions
+        return _composed(p, c, directions)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        g = torch.stack([(grad * d.to(grad.device, grad.dtype)).sum() for d in ctx.directions])
+        return (None, g, *([None] * len(ctx.directions)))
+
+
+def _composed(p: Tensor, c: Tensor, directions: Sequence[Tensor]) -> Tensor:
+    out = p.detach().clone()
+    for k, d in enumerate(directions):
+        out.add_(d.to(out.device, out.dtype), alpha=float(c[k]))
+    return out
+
+
+def _names(model: nn.Module, key_map: Mapping[str, str]) -> dict[str, str]:
+    """In-memory parameter name -> output name, for the model's merged parameters."""
+    from ..sources.naming import file_layout
+
+    to_file = file_layout(model).to_file
+    return {n: key_map[to_file[n]] for n, _ in model.named_parameters() if to_file.get(n) in key_map}
+
+
+def _direction(kind: Direction, out: str, task: Task, models: Models) -> Tensor:
+    base = models.base.read(out).to(torch.float32)
+    to_item = {o: ik for ik, o in task.key_map.items()}
+    item = task.weights.read(to_item[out]).to(torch.float32) if kind.startswith("item") else None
+    prev = models.previous.read(out).to(torch.float32) if "previous" in kind else None
+    if kind == "item-base":
+        return item - base
+    if kind == "previous-base":
+        return prev - base
+    return item - prev
+
+
+def _batch(samples: list[dict[str, Tensor]], device: torch.device) -> dict[str, Tensor]:
+    """Unpadded samples as one right-padded batch (padding masked; a causal LM's real tokens never see it)."""
+    longest = max(s["input_ids"].shape[1] for s in samples) if "input_ids" in samples[0] else None
+    out: dict[str, Tensor] = {}
+    for key in samples[0]:
+        parts = []
+        for s in samples:
+            v = s[key]
+            if longest is not None and v.dim() == 2 and v.shape[1] != longest:
+                v = torch.nn.functional.pad(v, (0, longest - v.shape[1]))
+            parts.append(v)
+        out[key] = torch.cat(parts).to(device)
+    return out
+
+
+class _Targets:
+    """One teacher's outputs, cached on disk: per sample its inputs and teacher log-probabilities (a
+    causal LM: along the teacher's greedy continuation, from position ``start``)."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.count = 0
+        folder.mkdir(parents=True)
+
+    def add(self, inputs: dict[str, Tensor], logp: Tensor, start: int) -> None:
+        save_file({**{f"in.{k}": v.contiguous().cpu() for k, v in inputs.items()}, "logp": logp.float().contiguous().cpu(),
+                   "start": torch.tensor([start])}, self.folder / f"{self.count}.safetensors")
+        self.count += 1
+
+    def get(self, i: int) -> tuple[dict[str, Tensor], Tensor, int]:
+        data = load_file(self.folder / f"{i}.safetensors")
+        return {k[3:]: v for k, v in data.items() if k.startswith("in.")}, data["logp"], int(data["start"][0])
+
+
+def _causal(model: nn.Module) -> bool:
+    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in (getattr(model.config, "architectures", None) or []))
+
+
+@torch.no_grad()
+def _teacher_targets(model: nn.Module, samples: list[dict[str, Tensor]], spec: LearnSpec, folder: Path,
+                     device: torch.device) -> _Targets:
+    targets = _Targets(folder)
+    model.eval()
+    for s in samples:
+        s = {k: v.to(device) for k, v in s.items()}
+        if _causal(model):
+            length = s["input_ids"].shape[1]
+            pad = model.generation_config.pad_token_id
+            pad = pad if pad is not None else (model.generation_config.eos_token_id or 0)
+            pad = pad[0] if isinstance(pad, list) else pad
+            seq = model.generate(**s, max_new_tokens=spec.gen_tokens, min_new_tokens=spec.gen_tokens, do_sample=False,
+                                 pad_token_id=pad)
+            inputs = {"input_ids": seq, "attention_mask": torch.ones_like(seq)}
+            logits = model(**inputs).logits[0, length - 1 : seq.shape[1] - 1]
+            targets.add(inputs, torch.log_softmax(logits.float(), -1), length - 1)
+        else:
+            targets.add(s, torch.log_softmax(model(**s).logits.float(), -1)[0], 0)
+    return targets
+
+
+def cache_bytes(spec: LearnSpec, config: Mapping[str, Any], samples: int) -> int:
+    """Bytes the teachers' cached outputs of one task take (float32 log-probabilities), from the item's
+    ``config.json``: samples × continuation tokens × vocabulary for a causal LM, × labels otherwise."""
+    teachers = len({t.teacher for t in spec.terms})
+    arch = (config.get("architectures") or [""])[0]
+    if arch.endswith(("ForCausalLM", "LMHeadModel")):
+        vocab = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size") or 0
+        return teachers * samples * spec.gen_tokens * vocab * 4
+    return teachers * samples * max(len(config.get("id2label") or {}), 2) * 4
+
+
+def learn_coefficients(spec: LearnSpec, tasks: Sequence[Task], models: Models, *, step: int, seed: int,
+                       scratch: Path) -> Learned:
+    """Learn ``spec``'s coefficients on the tasks' samples (see the module docstring)."""
+    scratch.mkdir(parents=True, exist_ok=True)
+    try:
+        return _learn(spec, tasks, models, step=step, seed=seed, scratch=scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)  # teacher caches, placed models, offloaded directions
+
+
+def _learn(spec: LearnSpec, tasks: Sequence[Task], models: Models, *, step: int, seed: int, scratch: Path) -> Learned:
+    if spec.all_items:  # one direction θi − θ0 per task, coefficients task1, task2, … (steps of the run from this one)
+        spec = replace(spec, directions=tuple((f"task{step + j}", "item-base", j) for j in range(len(tasks))),
+                       init=(spec.init[0],) * len(tasks))
+    # 1. teachers, once: their outputs cached on disk (bounded), and for TRM their Fishers
+    targets: dict[tuple[int, str], _Targets] = {}
+    fishers: dict[str, dict[str, Tensor]] = {}
+    for j, task in enumerate(tasks):
+        scored = {t.teacher for t in spec.terms}
+        for teacher in [t for t in ("item", "previous") if t in scored or (spec.init_became and j == 0)]:
+            model = task.load(models.previous if teacher == "previous" else None, scratch / "teacher-model")
+            if spec.init_became and j == 0:
+                fishers[teacher] = _fisher(model, task.samples, models)
+            if teacher in scored:  # (else loaded for its Fisher only)
+                targets[j, teacher] = _teacher_targets(model, task.samples, spec, scratch / f"teacher-{j}-{teacher}",
+                                                       models.input_device(model))
+            del model
+            shutil.rmtree(scratch / "teacher-model", ignore_errors=True)
+
+    # 2. students: each task's model over the anchor; the directions, shared, where the first keeps them
+    anchor = models.previous if spec.anchor == "previous" else models.base
+    students = [task.load(anchor, scratch / f"student-{j}") for j, task in enumerate(tasks)]
+    names = [_names(s, task.key_map) for s, task in zip(students, tasks)]
+    if not any(names):
+        raise ContMergeError(f"step {step}: none of the model's parameters is a merged tensor; nothing to learn.")
+    outs = sorted({out for n in names for out in n.values()})
+    groups = sorted({layer_group(out, spec.granularity) for out in outs}, key=_group_order)
+    column = {g: i for i, g in enumerate(groups)}
+    home = home_tensors(students[0], scratch / "directions")
+    first = {out: name for name, out in names[0].items()}
+    directions: dict[str, list[Tensor]] = {}
+    for out in outs:
+        held = []
+        for _, kind, j in spec.directions:
+            d = _direction(kind, out, tasks[j], models)
+            t = home(first.get(out, out), d.shape, _torch_dtype(models.base.info(out).dtype))
+            held.append(t.copy_(d))
+        directions[out] = held
+
+    init = torch.tensor(spec.init, dtype=torch.float32)
+    if spec.init_became:
+        fnew = {names[0][n]: f for n, f in fishers["item"].items() if n in names[0]}
+        fold = {names[0][n]: f for n, f in fishers["previous"].items() if n in names[0]}
+        init[0] = _became_lambda(fnew, fold, directions)
+    coef = nn.Parameter(init[:, None].repeat(1, len(groups)).contiguous())
+
+    # 3. the objective, with every student's merged weights composed from the coefficients
+    def objective(indices: Sequence[Sequence[int]]) -> Tensor:
+        total = torch.zeros(())
+        for j, (student, rows_j) in enumerate(zip(students, indices)):
+            device = models.input_device(student)
+            for n, term in enumerate(spec.terms):
+                rows = [targets[j, term.teacher].get(i) for i in rows_j]
+                logits = student(**_batch([r[0] for r in rows], device)).logits.float()
+                parts, top = [], []
+                for b, (_, lp, start) in enumerate(rows):
+                    lq = torch.log_softmax(logits[b, start : start + lp.shape[0]] if logits.dim() == 3 else logits[b], -1)
+                    parts.append(divergence(term.divergence, lp.to(lq.device), lq).mean())
+                    top.append(lq.exp().amax(-1).mean())
+                total = total + term.weight * torch.stack(parts).mean().cpu()
+                if n == 0 and spec.saturation_weight > 0:  # TRM's responsiveness: no saturated predictions
+                    total = total + spec.saturation_weight * torch.relu(torch.stack(top).mean() - spec.saturation_threshold).cpu()
+        return total
+
+    sizes = [len(t.samples) for t in tasks]
+    batches = math.ceil(max(sizes) / spec.batch_per_task)
+
+    def rows_of(orders: list[list[int]], b: int) -> list[list[int]]:
+        """Batch ``b``: ``batch_per_task`` samples of every task (a smaller task's cycle round)."""
+        return [[order[(b * spec.batch_per_task + i) % len(order)] for i in range(min(spec.batch_per_task, len(order)))]
+                for order in orders]
+
+    with ExitStack() as stack:
+        for j, student in enumerate(students):
+            student.eval()
+            for p in student.parameters():
+                p.requires_grad_(False)
+            state_box: list[Substitution] = []
+            state = stack.enter_context(substituted(student, _composer(names[j], directions, coef, column, spec, state_box),
+                                                    rebuild_saved=True))
+            state_box.append(state)
+
+        def full() -> float:
+            """The objective over every sample, in order (a task's mean over its own samples)."""
+            with torch.no_grad():
+                plain = [list(range(n)) for n in sizes]
+                weights = [min(spec.batch_per_task, max(sizes) - b * spec.batch_per_task) for b in range(batches)]
+                return sum(float(objective(rows_of(plain, b))) * w for b, w in enumerate(weights)) / max(sizes)
+
+        start = full()
+        optimiser = torch.optim.Adam([coef], lr=spec.lr)
+        g = torch.Generator().manual_seed((seed * 1_000_003 + step) % 2**63)
+        history = []
+        for _ in range(spec.epochs):
+            orders = [torch.randperm(n, generator=g).tolist() for n in sizes]
+            losses = []
+            for b in range(batches):
+                optimiser.zero_grad(set_to_none=True)
+                loss = objective(rows_of(orders, b))
+                loss.backward()
+                optimiser.step()
+                losses.append(float(loss.detach()))
+            history.append(sum(losses) / len(losses))
+        end = full()
+    values = coef.detach()
+    coefficients = {f"{label}@{group}": float(values[k, column[group]])
+                    for k, (label, _, _) in enumerate(spec.directions) for group in groups}
+    record = {"objective_start": start, "objective_end": end, "epoch_losses": history, "groups": groups,
+              "init": {label: float(init[k]) for k, (label, _, _) in enumerate(spec.directions)}}
+    return Learned(coefficients, record)
+
+
+def _composer(names: Mapping[str, str], directions: Mapping[str, list[Tensor]], coef: Tensor, column: Mapping[str, int],
+              spec: LearnSpec, state_box: list[Substitution]) -> Callable[[str, Tensor], Tensor | None]:
+    """The substitute of one student: each merged weight ``p`` (the anchor) as ``p + Σ_k Γ_k,g·d_k``,
+    registered to be rebuilt (from a reload of ``p`` when it is offloaded) for the backward pass."""
+
+    def compose(name: str, p: Tensor) -> Tensor | None:
+        out = names.get(name)
+        if out is None:
+            return None
+        held = directions[out]
+        c = coef[:, column[layer_group(out, spec.granularity)]]
+        state = state_box[0]
+        again = state.rebuild.get(p.untyped_storage().data_ptr())
+        w = _Compose.apply(p, c.to(p.device), *held)
+        source = again if again is not None else (lambda: p)
+        state.recompute(w, lambda: _composed(source(), c.detach(), held))
+        return w
+
+    return compose
+
+
+def _group_order(group: str) -> tuple[int, int, str]:
+    if group.startswith("layer."):
+        return (1, int(group.split(".")[1]), group)
+    return ({"embeddings": 0, "head": 3}.get(group, 2), 0, group)
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    return {"F16": torch.float16, "BF16": torch.bfloat16}.get(name, torch.float32)
+
+
+def _fisher(model: nn.Module, samples: list[dict[str, Tensor]], models: Models) -> dict[str, Tensor]:
+    """The batch-form diagonal Fisher of ``model`` on the samples (for a BECAME λ*), by in-memory name."""
+    from .fisher import diagonal_fisher
+
+    batches = [_batch(samples[s : s + 8], torch.device("cpu")) for s in range(0, len(samples), 8)]
+    return diagonal_fisher(model, batches, "batch", models.input_device(model))
+
+
+def _became_lambda(fnew: Mapping[str, Tensor], fold: Mapping[str, Tensor], directions: Mapping[str, list[Tensor]]) -> float:
+    """λ* = Σ Fnew·δ² / Σ (Fnew + Fold)·δ², δ the first direction (θt − θ(t−1)); 0 when the denominator is."""
+    num = den = 0.0
+    for out, held in directions.items():
+        d2 = held[0].to(torch.float32).square()
+        a = float((fnew[out].to(d2.device) * d2).sum(dtype=torch.float64)) if out in fnew else 0.0
+        b = float((fold[out].to(d2.device) * d2).sum(dtype=torch.float64)) if out in fold else 0.0
+        num, den = num + a, den + a + b
+    return num / den if den > 0 and math.isfinite(den) else 0.0
