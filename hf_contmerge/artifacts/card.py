@@ -70,10 +70,12 @@ def _notes(entry: dict) -> str:
     notes = [f"{k}={v}" for k, v in sorted((entry.get("method") or {}).items())]
     if entry.get("calibration"):
         c = entry["calibration"]
-        if c.get("learned"):
-            learned = c["learned"]
+        learned = c.get("learned")
+        if learned and "objective_start" in learned:
             notes.append(f"coefficients learned on {c.get('data')} ({c.get('samples')} samples): objective "
                          f"{learned['objective_start']:.4g} → {learned['objective_end']:.4g}")
+        elif learned is not None:  # a first step that only starts the buffer of past samples
+            notes.append(f"{learned.get('buffer', 0)} samples of {c.get('data')} kept in the buffer")
         else:
             notes.append(f"calibrated on {c.get('data')} ({c.get('samples')} samples, {c.get('fisher')} Fisher)")
     if entry.get("alignment") not in (None, "same names"):

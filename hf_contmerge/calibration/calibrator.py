@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from ..artifacts.layout import STATE_DIR
 from ..engine.calibration import Calibrated
 from ..engine.step import finite
 from ..errors import ContMergeError
@@ -37,6 +38,7 @@ from .data import CalibrationSet, DataSpec, load_calibration
 from .fisher import diagonal_fisher
 
 logger = logging.getLogger(__name__)
+BUFFER = "buffer"  # contmerge_state/buffer/: a learned merge's past samples (LearnSpec.buffer)
 
 
 class DataCalibrator:
@@ -75,13 +77,17 @@ class DataCalibrator:
         data, spec = self.sets[step], self.specs[step - 1]
         tensors, record = {}, {}
         scalars: dict[str, float] = {}
+        keep: dict[str, Path] = {}
         placement = self._placement()
         for request in requests:
             if request.learn is not None:
+                buffer = scratch / f"{request.statistic}-buffer"
                 learned = self._learn(request.learn, step, base, [(step, item, key_map), *later], previous_step, placement,
-                                      scratch / request.statistic)
+                                      scratch / request.statistic, buffer)
                 scalars.update(learned.coefficients)
                 record = {**record, **data.describe(), "learned": learned.record, "seed": opts.seed}
+                if request.learn.buffer:
+                    keep[BUFFER] = buffer
                 continue
             folder = scratch / f"{request.statistic}-model"
             if request.model == "item":
@@ -107,7 +113,7 @@ class DataCalibrator:
             shutil.rmtree(scratch / f"{request.statistic}-acc", ignore_errors=True)  # disk-offloaded accumulators
             record = {**data.describe(), "fisher": request.fisher, "batch_size": opts.calib_batch_size,
                       "max_length": opts.max_length, "seed": opts.seed}
-        return Calibrated(tensors=tensors, scalars=scalars, record=record)
+        return Calibrated(tensors=tensors, scalars=scalars, record=record, keep=keep)
 
     def _check_cache(self, step: int, item: ResolvedSource, rows: int) -> None:
         """A learned merge's teacher outputs must fit their bound (``cache_bytes``): checked before any step."""
@@ -126,10 +132,10 @@ class DataCalibrator:
                     "gen_tokens, or raise --set cache_bytes=N. Nothing was written.")
 
     def _learn(self, spec, step: int, base: ResolvedSource, items: Sequence[tuple[int, ResolvedSource, Mapping[str, str]]],
-               previous_step: Path | None, placement: Mapping[str, Any], scratch: Path):
+               previous_step: Path | None, placement: Mapping[str, Any], scratch: Path, buffer: Path):
         """Learned coefficients (``calibration/learned.py``) over ``items`` (step, item, key map): the
         first alone, or every one for ``spec.all_items``, each on its own calibration data."""
-        from .fisher import _slice
+        from .fisher import sample_alone
         from .learned import Models, Task, learn_coefficients
 
         opts = self.options
@@ -137,10 +143,11 @@ class DataCalibrator:
         for s, item, key_map in items if spec.all_items else items[:1]:
             if s not in self.sets:
                 self.prepare({s: item}, base)
-            samples = [_slice(b, i) for b in self.sets[s].batches for i in range(next(iter(b.values())).shape[0])]
+            samples = [sample_alone(b, i) for b in self.sets[s].batches for i in range(next(iter(b.values())).shape[0])]
             tasks.append(Task(partial(self._task_model, item, base, key_map, placement), item.checkpoint, key_map, samples))
         previous = Checkpoint.open(previous_step) if previous_step is not None else None
-        models = Models(base.checkpoint, previous, lambda model: input_device(model, self.device))
+        buffer_in = previous_step / STATE_DIR / BUFFER if previous_step is not None else None
+        models = Models(base.checkpoint, previous, lambda model: input_device(model, self.device), buffer_in, buffer)
         try:
             return learn_coefficients(spec, tasks, models, step=step, seed=opts.seed, scratch=scratch)
         finally:
@@ -170,7 +177,6 @@ class DataCalibrator:
         if not placement:
             model.to(self.device)
         return model
-
 
     def _placement(self) -> dict[str, Any]:
         """``from_pretrained``'s Accelerate arguments for ``--device-map`` (none without one)."""

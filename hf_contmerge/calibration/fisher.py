@@ -47,7 +47,7 @@ def own_prediction_loglik(model: nn.Module, batch: Mapping[str, Tensor]) -> Tens
     return (logp * mask.to(logp.device, logp.dtype)).sum(dim=1)
 
 
-def _slice(batch: Mapping[str, Tensor], i: int) -> dict[str, Tensor]:
+def sample_alone(batch: Mapping[str, Tensor], i: int) -> dict[str, Tensor]:
     """Sample ``i`` alone, its padding cut off (so the per-sample pass sees no batch-mates' length)."""
     one = {k: v[i : i + 1] for k, v in batch.items()}
     mask = one.get("attention_mask")
@@ -138,7 +138,7 @@ def diagonal_fisher(model: nn.Module, batches: Iterable[Mapping[str, Tensor]], m
                     step(batch, "mean", float(size))
                 else:
                     for i in range(size):
-                        step(_slice(batch, i), "sum", 1.0)
+                        step(sample_alone(batch, i), "sum", 1.0)
                 count += size
     finally:
         for (_, p), flag in zip(named, flags):

@@ -20,10 +20,13 @@ step, and their output distributions cached on disk in the step's scratch folder
 distribution of every sample; for a causal LM the teacher's greedy continuation of ``gen_tokens``
 tokens and its next-token distributions along it, the student being scored on the same tokens.
 
-Objective, per batch: Σ_terms weight · mean over the batch of the divergence (``divergence.py``;
-for an LM averaged over the continuation's positions), plus, for TRM's responsiveness, ``weight ·
-relu(mean_n max_c q(c|x_n) − threshold)`` on the student's predictions of the first term. Adam
-(``lr``), ``epochs`` passes; a batch has ``batch_per_task`` samples of every term, drawn in a
+A task is one stream item with its data: one for the continual forms, every item of the stream for
+DivMerge's all-at-once form (each with its own student, the directions shared). Objective, per
+batch: Σ_tasks Σ_terms weight · mean over the task's samples of the divergence from the term's
+teacher (``divergence.py``; for an LM averaged over the continuation's positions), plus, for TRM's
+responsiveness, ``weight · relu(mean_n max_c q(c|x_n) − threshold)`` on the student's predictions
+of the first term. Adam (``lr``), ``epochs`` passes of ⌈largest task / ``batch_per_task``⌉ batches,
+each with ``batch_per_task`` samples of every task (a smaller task's cycle round), drawn in a
 seeded order (``--seed`` and the step), so a rerun is bit-identical. The objective over all
 samples is measured before and after (recorded with the coefficients).
 """
@@ -44,7 +47,7 @@ from torch import Tensor, nn
 
 from ..errors import ContMergeError
 from ..io.checkpoint import TensorIndex
-from ..methods.learning import Direction, LearnSpec, layer_group
+from ..methods.learning import Direction, LearnSpec, Term, layer_group
 from .compose import Substitution, home_tensors, substituted
 from .divergence import divergence
 
@@ -67,6 +70,8 @@ class Models:
     base: TensorIndex
     previous: TensorIndex | None
     input_device: Callable[[nn.Module], torch.device]
+    buffer_in: Path | None = None  # the previous step's buffer of past samples (LearnSpec.buffer)
+    buffer_out: Path | None = None  # where this step's buffer is written (kept in the step's state)
 
 
 @dataclass
@@ -141,14 +146,40 @@ class _Targets:
         self.count = 0
         folder.mkdir(parents=True)
 
-    def add(self, inputs: dict[str, Tensor], logp: Tensor, start: int) -> None:
+    def add(self, inputs: dict[str, Tensor], logp: Tensor, start: int, task: int = 0) -> None:
         save_file({**{f"in.{k}": v.contiguous().cpu() for k, v in inputs.items()}, "logp": logp.float().contiguous().cpu(),
-                   "start": torch.tensor([start])}, self.folder / f"{self.count}.safetensors")
+                   "start": torch.tensor([start]), "task": torch.tensor([task])}, self.folder / f"{self.count}.safetensors")
         self.count += 1
 
     def get(self, i: int) -> tuple[dict[str, Tensor], Tensor, int]:
         data = load_file(self.folder / f"{i}.safetensors")
         return {k[3:]: v for k, v in data.items() if k.startswith("in.")}, data["logp"], int(data["start"][0])
+
+    def task(self, i: int) -> int:
+        return int(load_file(self.folder / f"{i}.safetensors")["task"][0])
+
+    @classmethod
+    def open(cls, folder: Path) -> _Targets:
+        targets = cls.__new__(cls)
+        targets.folder, targets.count = folder, len(list(folder.glob("*.safetensors")))
+        if any(not (folder / f"{i}.safetensors").is_file() for i in range(targets.count)):
+            raise ContMergeError(f"{folder}: the buffer of past samples is damaged (its files are not 0..N-1). Remove "
+                                 "that step folder and resume.")
+        return targets
+
+
+def _write_buffer(old: _Targets | None, new: _Targets, task: int, size: int, out: Path) -> int:
+    """The buffer after this step: the past samples and task ``task``'s, at most ``size`` in all, an equal
+    share for every task (the first ones of each, in task order). Returns how many were kept."""
+    entries = [(old.task(i), old, i) for i in range(old.count)] if old is not None else []
+    entries += [(task, new, i) for i in range(new.count)]
+    tasks = sorted({t for t, _, _ in entries})
+    share = max(1, size // len(tasks))
+    kept = [e for t in tasks for e in [x for x in entries if x[0] == t][:share]][:size]
+    out.mkdir(parents=True)
+    for n, (_, source, i) in enumerate(kept):
+        shutil.copyfile(source.folder / f"{i}.safetensors", out / f"{n}.safetensors")
+    return len(kept)
 
 
 def _causal(model: nn.Module) -> bool:
@@ -157,7 +188,7 @@ def _causal(model: nn.Module) -> bool:
 
 @torch.no_grad()
 def _teacher_targets(model: nn.Module, samples: list[dict[str, Tensor]], spec: LearnSpec, folder: Path,
-                     device: torch.device) -> _Targets:
+                     device: torch.device, task: int = 0) -> _Targets:
     targets = _Targets(folder)
     model.eval()
     for s in samples:
@@ -171,9 +202,9 @@ def _teacher_targets(model: nn.Module, samples: list[dict[str, Tensor]], spec: L
                                  pad_token_id=pad)
             inputs = {"input_ids": seq, "attention_mask": torch.ones_like(seq)}
             logits = model(**inputs).logits[0, length - 1 : seq.shape[1] - 1]
-            targets.add(inputs, torch.log_softmax(logits.float(), -1), length - 1)
+            targets.add(inputs, torch.log_softmax(logits.float(), -1), length - 1, task)
         else:
-            targets.add(s, torch.log_softmax(model(**s).logits.float(), -1)[0], 0)
+            targets.add(s, torch.log_softmax(model(**s).logits.float(), -1)[0], 0, task)
     return targets
 
 
@@ -202,9 +233,24 @@ def _learn(spec: LearnSpec, tasks: Sequence[Task], models: Models, *, step: int,
     if spec.all_items:  # one direction θi − θ0 per task, coefficients task1, task2, … (steps of the run from this one)
         spec = replace(spec, directions=tuple((f"task{step + j}", "item-base", j) for j in range(len(tasks))),
                        init=(spec.init[0],) * len(tasks))
+    if spec.buffer:
+        _check_shared_output(tasks[0], step)
+    needs_previous = spec.anchor == "previous" or any("previous" in kind for _, kind, _ in spec.directions) or \
+        any(t.teacher == "previous" for t in spec.terms)
+    if needs_previous and models.previous is None:  # a first step: nothing to learn; its samples start the buffer
+        model = tasks[0].load(None, scratch / "teacher-model")
+        first = _teacher_targets(model, tasks[0].samples, spec, scratch / "teacher-0-item", models.input_device(model), step)
+        kept = _write_buffer(None, first, step, spec.buffer, models.buffer_out)
+        return Learned({}, {"buffer": kept})
     # 1. teachers, once: their outputs cached on disk (bounded), and for TRM their Fishers
     targets: dict[tuple[int, str], _Targets] = {}
     fishers: dict[str, dict[str, Tensor]] = {}
+    buffered = None
+    if spec.buffer:
+        if models.buffer_in is None or not models.buffer_in.is_dir():
+            raise ContMergeError(f"step {step}: the previous step has no buffer of past samples ({models.buffer_in}), and "
+                                 "this run keeps one (buffer > 0): it was made with another buffer setting or is damaged.")
+        buffered = _Targets.open(models.buffer_in)
     for j, task in enumerate(tasks):
         scored = {t.teacher for t in spec.terms}
         for teacher in [t for t in ("item", "previous") if t in scored or (spec.init_became and j == 0)]:
@@ -213,7 +259,7 @@ def _learn(spec: LearnSpec, tasks: Sequence[Task], models: Models, *, step: int,
                 fishers[teacher] = _fisher(model, task.samples, models)
             if teacher in scored:  # (else loaded for its Fisher only)
                 targets[j, teacher] = _teacher_targets(model, task.samples, spec, scratch / f"teacher-{j}-{teacher}",
-                                                       models.input_device(model))
+                                                       models.input_device(model), step + j)
             del model
             shutil.rmtree(scratch / "teacher-model", ignore_errors=True)
 
@@ -244,13 +290,20 @@ def _learn(spec: LearnSpec, tasks: Sequence[Task], models: Models, *, step: int,
         init[0] = _became_lambda(fnew, fold, directions)
     coef = nn.Parameter(init[:, None].repeat(1, len(groups)).contiguous())
 
-    # 3. the objective, with every student's merged weights composed from the coefficients
+    # 3. the objective, with every student's merged weights composed from the coefficients. A stream is
+    # (student, its terms with their teachers' cached outputs) over one set of samples: each task, and
+    # the buffer of past samples (scored by the first student: a buffer needs one shared output)
+    streams = [(j, [(term, targets[j, term.teacher]) for term in spec.terms]) for j in range(len(tasks))]
+    if buffered is not None and buffered.count:
+        streams.append((0, [(Term("item", spec.terms[0].divergence), buffered)]))
+
     def objective(indices: Sequence[Sequence[int]]) -> Tensor:
         total = torch.zeros(())
-        for j, (student, rows_j) in enumerate(zip(students, indices)):
+        for (j, terms), rows_j in zip(streams, indices):
+            student = students[j]
             device = models.input_device(student)
-            for n, term in enumerate(spec.terms):
-                rows = [targets[j, term.teacher].get(i) for i in rows_j]
+            for n, (term, cached) in enumerate(terms):
+                rows = [cached.get(i) for i in rows_j]
                 logits = student(**_batch([r[0] for r in rows], device)).logits.float()
                 parts, top = [], []
                 for b, (_, lp, start) in enumerate(rows):
@@ -258,15 +311,16 @@ def _learn(spec: LearnSpec, tasks: Sequence[Task], models: Models, *, step: int,
                     parts.append(divergence(term.divergence, lp.to(lq.device), lq).mean())
                     top.append(lq.exp().amax(-1).mean())
                 total = total + term.weight * torch.stack(parts).mean().cpu()
-                if n == 0 and spec.saturation_weight > 0:  # TRM's responsiveness: no saturated predictions
+                if n == 0 and j < len(tasks) and spec.saturation_weight > 0 and cached is not buffered:
+                    # TRM's responsiveness: no saturated predictions
                     total = total + spec.saturation_weight * torch.relu(torch.stack(top).mean() - spec.saturation_threshold).cpu()
         return total
 
-    sizes = [len(t.samples) for t in tasks]
+    sizes = [len(t.samples) for t in tasks] + ([buffered.count] if len(streams) > len(tasks) else [])
     batches = math.ceil(max(sizes) / spec.batch_per_task)
 
     def rows_of(orders: list[list[int]], b: int) -> list[list[int]]:
-        """Batch ``b``: ``batch_per_task`` samples of every task (a smaller task's cycle round)."""
+        """Batch ``b``: ``batch_per_task`` samples of every stream (a smaller one's cycle round)."""
         return [[order[(b * spec.batch_per_task + i) % len(order)] for i in range(min(spec.batch_per_task, len(order)))]
                 for order in orders]
 
@@ -307,7 +361,19 @@ def _learn(spec: LearnSpec, tasks: Sequence[Task], models: Models, *, step: int,
                     for k, (label, _, _) in enumerate(spec.directions) for group in groups}
     record = {"objective_start": start, "objective_end": end, "epoch_losses": history, "groups": groups,
               "init": {label: float(init[k]) for k, (label, _, _) in enumerate(spec.directions)}}
+    if spec.buffer:
+        record["buffer"] = _write_buffer(buffered, targets[0, "item"], step, spec.buffer, models.buffer_out)
+        record["buffer_used"] = buffered.count
     return Learned(coefficients, record)
+
+
+def _check_shared_output(task: Task, step: int) -> None:
+    """A buffer of past samples is scored through the current task's output: there must be one for all."""
+    own = [k for k in task.weights.keys() if k not in task.key_map and task.weights.info(k).is_float]
+    if own:
+        raise ContMergeError(f"step {step}: buffer > 0 scores past samples through the current model's output, and this "
+                             f"stream's items have heads of their own ({own[0]!r}, kept apart): the past tasks' outputs are "
+                             "not the current one's. Use buffer=0 for streams with per-task heads. Nothing was written.")
 
 
 def _composer(names: Mapping[str, str], directions: Mapping[str, list[Tensor]], coef: Tensor, column: Mapping[str, int],

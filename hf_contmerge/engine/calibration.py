@@ -28,6 +28,7 @@ class Calibrated:
     tensors: Mapping[str, TensorIndex] = field(default_factory=dict)
     scalars: Mapping[str, float] = field(default_factory=dict)
     record: Mapping[str, Any] = field(default_factory=dict)  # what the state and card say went in (data, samples)
+    keep: Mapping[str, Path] = field(default_factory=dict)  # folders the step keeps as contmerge_state/NAME (a buffer)
 
 
 class Calibrator(Protocol):

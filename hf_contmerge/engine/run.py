@@ -294,6 +294,9 @@ class Engine:
             }
             for index in calibrated.tensors.values():
                 index.close()
+            for name, folder in {**calibrated.keep, **after.keep}.items():  # what the method carries besides its slots
+                (partial / layout.STATE_DIR).mkdir(exist_ok=True)
+                os.replace(folder, layout.safe_relative(partial / layout.STATE_DIR, name))
             shutil.rmtree(partial / layout.CALIBRATION_DIR, ignore_errors=True)  # statistics are not part of a step
             state = StepState(
                 step=plan.step,

@@ -18,15 +18,23 @@ Two forms:
 - ``form=continual`` (default) **[adaptation, not the paper's]**: at step t ≥ 2 learn
   θ(t) = θ0 + g_old·τ̄(t−1) + g_new·τt (τ̄(t−1) = θ(t−1) − θ0), per group, with teachers θt and
   θ(t−1), both on task t's inputs: the merge must keep answering like the merge so far and like
-  the new fine-tune, and no past model or data is kept. Step 1 is θ1. The optional buffer of past
-  inputs that METHODS.md allows (size 0 by default) is not provided: nothing of past tasks is kept.
+  the new fine-tune, and no past model or data is kept. Step 1 is θ1. ``buffer=N`` (0 by default:
+  nothing of past tasks is kept) carries at most N past samples in the state (``contmerge_state/
+  buffer/``: each input with its own fine-tune's output distribution, computed when that task was
+  merged; an equal share per task, the first of each) and adds their divergence from the merge to
+  the objective as one more term, so old tasks are scored with their own teachers. The samples are
+  published with the step. A buffer is scored through the current model's output, so it needs one
+  shared by all tasks (causal LMs; classifiers without per-task heads).
 - ``form=all``: the paper's all-at-once merge of the stream's items, learned once at the first step
   of the run over every item (teachers each item on its own data; needs every item and its
   directions at once). Step t writes the partial sum θ0 + Σ_{i≤t} Γi ⊙ τi; the last step is the
   paper's merged model. The coefficients are carried in the state; a stream longer than the one
   they were learned over is refused.
 
-Choices: the teachers' distributions are computed once per step and cached on disk in the step's
+Choices: a teacher is scored through task t's output: its LM head, or the classifier head of item t
+(heads kept apart are not merged), so with per-task heads θ(t−1) is read through head t — the old
+backbone's features as the new task reads them — which is what keeps them from drifting where task
+t looks. The teachers' distributions are computed once per step and cached on disk in the step's
 scratch folder (bounded by ``cache_bytes``); the data order is seeded by ``--seed`` and the step, so
 a rerun and a resume are bit-identical. A merged tensor no student parameter covers (a fused file
 tensor) takes its group's coefficient when the group was learned, else the initial value.
@@ -40,22 +48,18 @@ from typing import Any, Literal
 from pydantic import Field
 
 from ..errors import ContMergeError
-from .base import CalibrationRequest, Method, MethodParams, StepContext, TensorInputs, TensorOutput
-from .learning import LearnSpec, Term, layer_group
+from .base import CalibrationRequest, Method, StepContext, TensorInputs, TensorOutput
+from .learning import LearnedParams, LearnSpec, Term, layer_group
 from .learning import learned_coefficients as _learned
 
 
-class DivMergeParams(MethodParams):
+class DivMergeParams(LearnedParams):
     form: Literal["continual", "all"] = Field("continual", description="continual (an adaptation: θ0 + g_old·τ̄(t−1) + "
                                               "g_new·τt at every step) or all (the paper's, over every item at once)")
     divergence: Literal["js", "kl"] = Field("js", description="divergence of the merge from each teacher")
-    granularity: Literal["task", "layer"] = Field("layer", description="one coefficient per model, or per model and layer group")
     init: float = Field(0.5, description="initial value of every coefficient")
-    lr: float = Field(1e-2, gt=0, description="Adam learning rate")
-    epochs: int = Field(4, ge=0, description="passes over the calibration samples")
-    batch_per_task: int = Field(4, ge=1, description="samples of every task in a batch")
-    gen_tokens: int = Field(16, ge=1, description="causal LMs: tokens of each teacher's greedy continuation scored")
-    cache_bytes: int = Field(4 * 10**9, ge=1, description="most bytes of cached teacher outputs per step")
+    buffer: int = Field(0, ge=0, description="form=continual: past samples (inputs and their fine-tune's outputs) kept in "
+                        "the state and scored at every step, an equal share per task; published with the step; 0 keeps none")
 
 
 class DivMerge(Method):
@@ -71,15 +75,16 @@ class DivMerge(Method):
     @property
     def calibration(self) -> tuple[CalibrationRequest, ...]:  # type: ignore[override]
         p = self.params
-        common = dict(granularity=p.granularity, lr=p.lr, epochs=p.epochs, batch_per_task=p.batch_per_task,
-                      gen_tokens=p.gen_tokens, cache_bytes=p.cache_bytes)
+        common = p.optimisation()
         if p.form == "all":  # learned once, at step 1, over every item (directions and init per item: learned.py)
             spec = LearnSpec(anchor="base", directions=(), init=(p.init,), terms=(Term("item", p.divergence),), all_items=True,
                              **common)
             return (CalibrationRequest("coefficients", "item", from_step=1, to_step=1, learn=spec),)
         spec = LearnSpec(anchor="base", directions=(("old", "previous-base", 0), ("new", "item-base", 0)),
-                         init=(p.init, p.init), terms=(Term("item", p.divergence), Term("previous", p.divergence)), **common)
-        return (CalibrationRequest("coefficients", "item", from_step=2, learn=spec),)
+                         init=(p.init, p.init), terms=(Term("item", p.divergence), Term("previous", p.divergence)),
+                         buffer=p.buffer, **common)
+        # with a buffer, step 1 is calibrated too: its samples and θ1's outputs start the buffer
+        return (CalibrationRequest("coefficients", "item", from_step=1 if p.buffer else 2, learn=spec),)
 
     def init_scalars(self) -> dict[str, Any]:
         return {"coefficients": {}}

@@ -12,6 +12,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from pydantic import Field
+
+from .base import MethodParams
+
 Divergence = Literal["js", "kl"]
 Direction = Literal["item-base", "previous-base", "item-previous"]
 _BLOCK = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
@@ -62,8 +66,25 @@ class LearnSpec:
     cache_bytes: int = 4 * 10**9
     init_became: bool = False  # the first coefficient starts at a BECAME λ* of θt against θ(t−1) (TRM)
     all_items: bool = False  # one task per stream item (DivMerge's all-at-once form)
+    buffer: int = 0  # past samples (inputs and their teacher's outputs) carried in the state and scored too
 
 
 def learned_coefficients(calibration: Mapping[str, Any]) -> dict[str, float]:
     """The learned coefficients (``NAME@GROUP``) among a step's calibration scalars, sorted, for the state."""
     return {k: float(v) for k, v in sorted(calibration.items()) if "@" in k}
+
+
+class LearnedParams(MethodParams):
+    """The optimisation parameters every learned-coefficient method shares (METHODS.md's DivMerge values)."""
+
+    granularity: Literal["task", "layer"] = Field("layer", description="one coefficient per direction, or per direction "
+                                                  "and layer group")
+    lr: float = Field(1e-2, gt=0, description="Adam learning rate")
+    epochs: int = Field(4, ge=0, description="passes over the calibration samples")
+    batch_per_task: int = Field(4, ge=1, description="samples of every task in a batch")
+    gen_tokens: int = Field(16, ge=1, description="causal LMs: tokens of each teacher's greedy continuation scored")
+    cache_bytes: int = Field(4 * 10**9, ge=1, description="most bytes of cached teacher outputs per step")
+
+    def optimisation(self) -> dict[str, Any]:
+        """These parameters as :class:`LearnSpec` fields."""
+        return {name: getattr(self, name) for name in LearnedParams.model_fields}

@@ -30,25 +30,19 @@ Interpretation, part by part:
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import Field
 
-from .base import CalibrationRequest, Method, MethodParams, StepContext, TensorInputs, TensorOutput
-from .learning import LearnSpec, Term, layer_group
+from .base import CalibrationRequest, Method, StepContext, TensorInputs, TensorOutput
+from .learning import LearnedParams, LearnSpec, Term, layer_group
 from .learning import learned_coefficients as _learned
 
 
-class TRMParams(MethodParams):
+class TRMParams(LearnedParams):
     beta: float = Field(1.0, ge=0, description="weight of prediction consistency, KL(p_θ(t−1) ‖ p_θ)")
     gamma: float = Field(0.1, ge=0, description="weight of gradient responsiveness (the saturation hinge)")
     saturation: float = Field(0.9, gt=0, le=1, description="mean max-probability above which predictions count as saturated")
-    granularity: Literal["task", "layer"] = Field("layer", description="coefficients per layer group, or one pair")
-    lr: float = Field(1e-2, gt=0, description="Adam learning rate")
-    epochs: int = Field(4, ge=0, description="passes over the calibration samples")
-    batch_per_task: int = Field(4, ge=1, description="samples in a batch")
-    gen_tokens: int = Field(16, ge=1, description="causal LMs: tokens of each teacher's greedy continuation scored")
-    cache_bytes: int = Field(4 * 10**9, ge=1, description="most bytes of cached teacher outputs per step")
 
 
 class TRM(Method):
@@ -67,9 +61,8 @@ class TRM(Method):
         p = self.params
         terms = (Term("item", "kl", 1.0), *((Term("previous", "kl", p.beta),) if p.beta > 0 else ()))
         spec = LearnSpec(anchor="previous", directions=(("c1", "item-previous", 0), ("c0", "previous-base", 0)),
-                         init=(0.0, 0.0), init_became=True, granularity=p.granularity, terms=terms,
-                         saturation_weight=p.gamma, saturation_threshold=p.saturation, lr=p.lr, epochs=p.epochs,
-                         batch_per_task=p.batch_per_task, gen_tokens=p.gen_tokens, cache_bytes=p.cache_bytes)
+                         init=(0.0, 0.0), init_became=True, terms=terms, saturation_weight=p.gamma,
+                         saturation_threshold=p.saturation, **p.optimisation())
         return (CalibrationRequest("coefficients", "item", from_step=2, learn=spec),)
 
     def init_scalars(self) -> dict[str, Any]:

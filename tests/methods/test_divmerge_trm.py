@@ -109,7 +109,7 @@ def test_all_at_once_equals_a_direct_in_memory_optimisation(tmp_path, cli):
     ``torch.func.functional_call``: teachers, seeded batches, JS, Adam."""
     from transformers import BertForSequenceClassification
 
-    from hf_contmerge.calibration.fisher import _slice
+    from hf_contmerge.calibration.fisher import sample_alone
 
     base, items, data = classifier_stream(tmp_path, labels=(2, 3), scale=0.05)
     out = tmp_path / "out"
@@ -126,7 +126,7 @@ def test_all_at_once_equals_a_direct_in_memory_optimisation(tmp_path, cli):
         model = BertForSequenceClassification.from_pretrained(item).eval()
         batches = load_calibration(DataSpec.parse(str(spec)), base, column=None, samples=6, seed=0, batch_size=3,
                                    max_length=16, model_kind="text").batches
-        rows = [_slice(x, i) for x in batches for i in range(x["input_ids"].shape[0])]
+        rows = [sample_alone(x, i) for x in batches for i in range(x["input_ids"].shape[0])]
         with torch.no_grad():
             teachers.append([torch.softmax(model(**r).logits[0], -1) for r in rows])
         models.append(model)
@@ -213,3 +213,42 @@ def test_resume_is_bit_identical_and_caches_are_bounded(tmp_path, cli):
     refused(merge(cli, base, items, tmp_path / "tiny", "--data", *data, *FLAGS, "--set", "cache_bytes=10", method="divmerge"),
             "cache_bytes=10", "Nothing was written")
     assert not (tmp_path / "tiny").exists()  # refused before step 1: the bound is checked from configs and sample counts
+
+
+def test_a_buffer_of_past_samples_is_carried_bounded_and_scored(tmp_path, cli):
+    base, items, data = _llama_stream(tmp_path)
+    third = tmp_path / "d2.jsonl"
+    third.write_text("".join(json.dumps({"text": t}) + "\n" for t in sentences(6, seed=50)))
+    items = [*items, save(perturb(weights_model(base), seed=9, scale=0.05), tmp_path / "ft2")]
+    data = [*data, third]
+    args = ["--data", *data, *FLAGS, "--set", "gen_tokens=3", "--set", "epochs=1"]
+    out = tmp_path / "buf"
+    assert merge(cli, base, items, out, *args, "--set", "buffer=4", method="divmerge")[0] == 0
+    from safetensors.torch import load_file
+
+    for step, tasks in ((1, [1, 1, 1, 1]), (2, [1, 1, 2, 2]), (3, [1, 2, 3])):  # an equal share per task, 4 at most
+        folder = out / f"step-{step}" / "contmerge_state" / "buffer"
+        got = [int(load_file(folder / f"{i}.safetensors")["task"][0]) for i in range(len(list(folder.iterdir())))]
+        assert got == tasks, (step, got)
+    learned = _state(out, 3)["stream"][2]["calibration"]["learned"]
+    assert learned["buffer_used"] == 4 and learned["buffer"] == 3
+    plain = tmp_path / "plain"
+    assert merge(cli, base, items, plain, *args, method="divmerge")[0] == 0
+    assert _state(out, 2)["scalars"]["coefficients"] != _state(plain, 2)["scalars"]["coefficients"]  # the buffer is scored
+    # resume continues from the buffer the last step carries, bit for bit
+    parts = tmp_path / "parts"
+    assert merge(cli, base, items[:2], parts, "--data", *data[:2], *args[len(data) + 1:], "--set", "buffer=4",
+                 method="divmerge")[0] == 0
+    assert merge(cli, base, items, parts, *args, "--set", "buffer=4", "--resume", method="divmerge")[0] == 0
+    assert (parts / "step-3/model.safetensors").read_bytes() == (out / "step-3/model.safetensors").read_bytes()
+    # per-task heads have no shared output to score old samples through
+    cbase, citems, cdata = classifier_stream(tmp_path / "c", labels=(2, 3), scale=0.05)
+    refused(merge(cli, cbase, citems, tmp_path / "heads", "--data", *cdata, *FLAGS, "--set", "buffer=2", method="divmerge"),
+            "buffer > 0", "heads of their own")
+    assert not (tmp_path / "heads").exists()
+
+
+def weights_model(folder):
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM.from_pretrained(folder)
