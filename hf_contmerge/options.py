@@ -93,7 +93,9 @@ class MergeOptions(BaseModel):
     max_length: int = Field(128, ge=1, description="most tokens of one text calibration sample")
     device_map: str | None = Field(None, description="Accelerate device map of the models calibration runs: auto, "
                                    "balanced, sequential, cpu, or a JSON map of module names to devices (default: the "
-                                   "whole model on --device)")
+                                   "whole model on --device). divmerge and trm keep their directions beside each module's "
+                                   "weights: size --max-memory for three copies of the model (divmerge form=all: one "
+                                   "more per item)")
     max_memory: str | None = Field(None, description="with --device-map: memory per device, e.g. 0=20GiB,1=20GiB,cpu=64GiB")
     offload_folder: Path | None = Field(None, description="with --device-map: where weights that fit nowhere are offloaded")
     allow_pickle: bool = Field(False, description="accept pickle (.bin) checkpoints; unpickling can run code")

@@ -144,7 +144,8 @@ class DataCalibrator:
             if s not in self.sets:
                 self.prepare({s: item}, base)
             samples = [sample_alone(b, i) for b in self.sets[s].batches for i in range(next(iter(b.values())).shape[0])]
-            tasks.append(Task(partial(self._task_model, item, base, key_map, placement), item.checkpoint, key_map, samples))
+            old = self._old_heads(previous_step, base) if not spec.all_items else []
+            tasks.append(Task(partial(self._task_model, item, base, key_map, placement), item.checkpoint, key_map, samples, old))
         previous = Checkpoint.open(previous_step) if previous_step is not None else None
         buffer_in = previous_step / STATE_DIR / BUFFER if previous_step is not None else None
         models = Models(base.checkpoint, previous, lambda model: input_device(model, self.device), buffer_in, buffer)
@@ -153,6 +154,25 @@ class DataCalibrator:
         finally:
             if previous is not None:
                 previous.close()
+
+    def _old_heads(self, previous_step: Path | None, base: ResolvedSource) -> list:
+        """The heads the merge so far served (``task_heads/`` of the previous step), each as θ(t−1) with
+        that head (a teacher) and as a loader of the anchor with it (a student). Classifier-sized: loaded
+        whole on ``--device``."""
+        from ..artifacts.heads import head_dir, task_model
+        from ..artifacts.state import read_state
+        from .learned import OldHead
+
+        if previous_step is None:
+            return []
+        anchors = {"base": base.ensure_local(), "previous": previous_step}
+
+        def load(backbone: Path, task: int):
+            return task_model(backbone, head_dir(previous_step, task), task, {"dtype": torch.float32}).to(self.device)
+
+        return [OldHead(h["task"], partial(load, previous_step, h["task"]),
+                        lambda anchor, task=h["task"]: load(anchors[anchor], task))
+                for h in read_state(previous_step).heads if head_dir(previous_step, h["task"]).is_dir()]
 
     def _task_model(self, item: ResolvedSource, base: ResolvedSource, key_map: Mapping[str, str], placement: Mapping[str, Any],
                     backbone: TensorIndex | None, folder: Path):

@@ -14,11 +14,13 @@ directions held in the base's dtype where the map keeps that module (GPU, CPU, o
 the composed weight rebuilt for the backward pass rather than kept. So a merge fits where a forward
 pass with (1 + number of directions) copies of the weights fits.
 
-Teachers (the fine-tune θt, the merge so far θ(t−1), each with task t's head) are run once per
-step, and their output distributions cached on disk in the step's scratch folder (bounded by
-``cache_bytes``; removed with the step's other calibration files): for a classifier the class
-distribution of every sample; for a causal LM the teacher's greedy continuation of ``gen_tokens``
-tokens and its next-token distributions along it, the student being scored on the same tokens.
+Teachers (the fine-tune θt with its head; the merge so far θ(t−1) with the outputs it already
+served: the LM head, or, in a stream with a head per task, each past task's head, the previous
+teacher's weight shared among them) are run once per step, and their output distributions cached
+on disk in the step's scratch folder (bounded by ``cache_bytes``; removed with the step's other
+calibration files): for a classifier the class distribution of every sample; for a causal LM the
+teacher's greedy continuation of ``gen_tokens`` tokens and its next-token distributions along it,
+the student being scored on the same tokens.
 
 A task is one stream item with its data: one for the continual forms, every item of the stream for
 DivMerge's all-at-once form (each with its own student, the directions shared). Objective, per
@@ -61,6 +63,17 @@ class Task:
     weights: TensorIndex
     key_map: Mapping[str, str]  # item file name -> output name, for every merged tensor
     samples: list[dict[str, Tensor]]
+    old_heads: list[OldHead] = field(default_factory=list)  # the merge so far has other outputs than this item
+
+
+@dataclass
+class OldHead:
+    """An output the merge so far already served (a past task's head): θ(t−1) through it is the
+    ``previous`` teacher, on this task's inputs, instead of θ(t−1) through the new task's head."""
+
+    task: int
+    teacher: Callable[[], nn.Module]  # θ(t−1) with this head
+    student: Callable[[str], nn.Module]  # the anchor ("base" or "previous") with this head
 
 
 @dataclass
@@ -108,6 +121,18 @@ def _names(model: nn.Module, key_map: Mapping[str, str]) -> dict[str, str]:
 
     to_file = file_layout(model).to_file
     return {n: key_map[to_file[n]] for n, _ in model.named_parameters() if to_file.get(n) in key_map}
+
+
+def _aligned_names(model: nn.Module, outs: set[str]) -> dict[str, str]:
+    """In-memory name -> output name for a model of another head over the same backbone, matched as the
+    pre-flight matches an item to the base (a ``base_model_prefix`` stripped or added)."""
+    from ..sources.naming import file_layout
+    from ..sources.preflight import align, config_prefix
+
+    to_file = file_layout(model).to_file
+    prefixes = {p for p in (config_prefix(model.config.to_dict()),) if p}
+    alignment = align(outs, list(to_file.values()), prefixes)
+    return {n: alignment.to_base(fk) for n, fk in to_file.items() if alignment.to_base(fk) in outs}
 
 
 def _direction(kind: Direction, out: str, task: Task, models: Models) -> Tensor:
@@ -253,15 +278,23 @@ def _learn(spec: LearnSpec, tasks: Sequence[Task], models: Models, *, step: int,
         buffered = _Targets.open(models.buffer_in)
     for j, task in enumerate(tasks):
         scored = {t.teacher for t in spec.terms}
+        through_old = "previous" in scored and bool(task.old_heads)  # θ(t−1) scored through the heads it served
         for teacher in [t for t in ("item", "previous") if t in scored or (spec.init_became and j == 0)]:
             model = task.load(models.previous if teacher == "previous" else None, scratch / "teacher-model")
             if spec.init_became and j == 0:
                 fishers[teacher] = _fisher(model, task.samples, models)
-            if teacher in scored:  # (else loaded for its Fisher only)
+            if teacher in scored and not (teacher == "previous" and through_old):  # (else loaded for its Fisher only)
                 targets[j, teacher] = _teacher_targets(model, task.samples, spec, scratch / f"teacher-{j}-{teacher}",
                                                        models.input_device(model), step + j)
             del model
             shutil.rmtree(scratch / "teacher-model", ignore_errors=True)
+        if through_old:
+            for old in task.old_heads:
+                model = old.teacher()
+                targets[j, f"previous@{old.task}"] = _teacher_targets(model, task.samples, spec,
+                                                                       scratch / f"teacher-{j}-previous-{old.task}",
+                                                                       models.input_device(model), old.task)
+                del model
 
     # 2. students: each task's model over the anchor; the directions, shared, where the first keeps them
     anchor = models.previous if spec.anchor == "previous" else models.base
@@ -269,7 +302,15 @@ def _learn(spec: LearnSpec, tasks: Sequence[Task], models: Models, *, step: int,
     names = [_names(s, task.key_map) for s, task in zip(students, tasks)]
     if not any(names):
         raise ContMergeError(f"step {step}: none of the model's parameters is a merged tensor; nothing to learn.")
-    outs = sorted({out for n in names for out in n.values()})
+    merged_outs = {out for n in names for out in n.values()}
+    views: list[tuple[int, str, int]] = []  # (task, targets key, student index): θ(t−1)'s old heads
+    for j, task in enumerate(tasks):
+        if "previous" in {t.teacher for t in spec.terms} and task.old_heads:
+            for old in task.old_heads:
+                students.append(old.student(spec.anchor))
+                names.append(_aligned_names(students[-1], merged_outs))
+                views.append((j, f"previous@{old.task}", len(students) - 1))
+    outs = sorted(merged_outs)
     groups = sorted({layer_group(out, spec.granularity) for out in outs}, key=_group_order)
     column = {g: i for i, g in enumerate(groups)}
     home = home_tensors(students[0], scratch / "directions")
@@ -293,7 +334,12 @@ def _learn(spec: LearnSpec, tasks: Sequence[Task], models: Models, *, step: int,
     # 3. the objective, with every student's merged weights composed from the coefficients. A stream is
     # (student, its terms with their teachers' cached outputs) over one set of samples: each task, and
     # the buffer of past samples (scored by the first student: a buffer needs one shared output)
-    streams = [(j, [(term, targets[j, term.teacher]) for term in spec.terms]) for j in range(len(tasks))]
+    streams = [(j, [(term, targets[j, term.teacher]) for term in spec.terms if (j, term.teacher) in targets])
+               for j in range(len(tasks))]
+    for j, key, index in views:  # the previous teacher's weight shared by the heads it is read through
+        term = next(t for t in spec.terms if t.teacher == "previous")
+        share = sum(1 for v in views if v[0] == j)
+        streams.append((index, [(Term("previous", term.divergence, term.weight / share), targets[j, key])]))
     if buffered is not None and buffered.count:
         streams.append((0, [(Term("item", spec.terms[0].divergence), buffered)]))
 
@@ -316,7 +362,8 @@ def _learn(spec: LearnSpec, tasks: Sequence[Task], models: Models, *, step: int,
                     total = total + spec.saturation_weight * torch.relu(torch.stack(top).mean() - spec.saturation_threshold).cpu()
         return total
 
-    sizes = [len(t.samples) for t in tasks] + ([buffered.count] if len(streams) > len(tasks) else [])
+    sizes = [len(t.samples) for t in tasks] + [len(tasks[j].samples) for j, _, _ in views] + \
+        ([buffered.count] if buffered is not None and buffered.count else [])
     batches = math.ceil(max(sizes) / spec.batch_per_task)
 
     def rows_of(orders: list[list[int]], b: int) -> list[list[int]]:
@@ -361,6 +408,8 @@ def _learn(spec: LearnSpec, tasks: Sequence[Task], models: Models, *, step: int,
                     for k, (label, _, _) in enumerate(spec.directions) for group in groups}
     record = {"objective_start": start, "objective_end": end, "epoch_losses": history, "groups": groups,
               "init": {label: float(init[k]) for k, (label, _, _) in enumerate(spec.directions)}}
+    if views:
+        record["previous_through_heads"] = sorted({int(key.split("@")[1]) for _, key, _ in views})
     if spec.buffer:
         record["buffer"] = _write_buffer(buffered, targets[0, "item"], step, spec.buffer, models.buffer_out)
         record["buffer_used"] = buffered.count

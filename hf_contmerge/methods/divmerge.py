@@ -31,10 +31,10 @@ Two forms:
   paper's merged model. The coefficients are carried in the state; a stream longer than the one
   they were learned over is refused.
 
-Choices: a teacher is scored through task t's output: its LM head, or the classifier head of item t
-(heads kept apart are not merged), so with per-task heads θ(t−1) is read through head t — the old
-backbone's features as the new task reads them — which is what keeps them from drifting where task
-t looks. The teachers' distributions are computed once per step and cached on disk in the step's
+Choices: θt is scored through its own output (its head, or the LM head); θ(t−1) through the
+outputs it already served: the LM head, or with a head per task each past task's head (on task t's
+inputs, the previous teacher's weight shared among them), so the old tasks' predictions are what
+the merge must keep. The teachers' distributions are computed once per step and cached on disk in the step's
 scratch folder (bounded by ``cache_bytes``); the data order is seeded by ``--seed`` and the step, so
 a rerun and a resume are bit-identical. A merged tensor no student parameter covers (a fused file
 tensor) takes its group's coefficient when the group was learned, else the initial value.

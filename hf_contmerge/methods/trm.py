@@ -21,8 +21,8 @@ Interpretation, part by part:
   training are not used (a stream item is one published checkpoint).
 - λ* here weighs θt's Fisher against θ(t−1)'s on task t's inputs (batch form, both computed at this
   step); BECAME's accumulated Fisher of all past merges is not carried, so TRM stores nothing.
-- Consistency is measured through task t's output (its head, or the LM's vocabulary): with a
-  separate head per task, the previous model's outputs on the old heads are not compared.
+- Consistency is measured on task t's inputs through the outputs θ(t−1) already served: the LM's
+  vocabulary, or with a head per task each past task's head (the weight ``beta`` shared among them).
 - Responsiveness is a hinge on the student's mean max-probability above ``saturation`` (0.9): a
   saturated softmax has vanishing gradients, which the penalty keeps from happening.
 - Groups are DivMerge's layer groups (``granularity=layer``) or one (``task``).
@@ -53,8 +53,8 @@ class TRM(Method):
     Params = TRMParams
     experimental = True
     interpretation = ("Only the paper's abstract is available: the subspace {θt − θ(t−1), τ̄(t−1)}, the BECAME "
-                      "initialisation, the three objectives (KL alignment, KL consistency through task t's output, a "
-                      "hinge on saturated predictions) and their weights are this implementation's reading of it")
+                      "initialisation, the three objectives (KL alignment, KL consistency through the outputs the previous "
+                      "model served, a hinge on saturated predictions) and their weights are this implementation's reading of it")
 
     @property
     def calibration(self) -> tuple[CalibrationRequest, ...]:  # type: ignore[override]

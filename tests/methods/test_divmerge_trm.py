@@ -64,6 +64,8 @@ def test_continual_divmerge_lowers_its_objective_and_applies_what_it_learned(tmp
     assert code == 0, err
     learned = _state(out, 2)["stream"][1]["calibration"]["learned"]
     assert learned["objective_end"] < learned["objective_start"]  # below the task-arithmetic start (0.5, 0.5)
+    # θ(t−1) is read through the outputs it served: task 1's head for classifiers, the LM head otherwise
+    assert learned.get("previous_through_heads") == ([1] if family == "classifier" else None)
     coefficients = _state(out, 2)["scalars"]["coefficients"]
     assert len(coefficients) == 2 * len(learned["groups"]) and any(abs(v - 0.5) > 1e-3 for v in coefficients.values())
     b, t1, t2 = weights(base), weights(out / "step-1"), weights(items[1])
