@@ -29,18 +29,40 @@ from hf_contmerge.demo.run import run_demo
 SECTION = "## Accuracy on the demo's MiniLM stream: data-free and data-dependent methods"
 
 
+def _cached(method: str, params: dict) -> dict | None:
+    """The rows, ACC and BWT of the newest complete demo run of ``method`` with ``params`` (its last step's
+    state records the evaluation the demo made), or None."""
+    from hf_contmerge.artifacts.state import read_state
+    from hf_contmerge.demo.experts import cache_root
+    from hf_contmerge.methods.registry import build_method
+
+    want = build_method(method, params).params.model_dump()
+    runs = sorted((cache_root() / "demo-runs").glob(f"{method}-*"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for run in runs:
+        last = run / "step-3"
+        if (last / "contmerge_state.json").is_file():
+            state = read_state(last)
+            if state.params == want and state.evaluation:
+                return {"rows": state.evaluation["rows"], **state.evaluation["metrics"]}
+    return None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--methods", nargs="+", default=["task_arithmetic", "ties", "opcm", "fisher", "became", "divmerge",
                                                      "divmerge:granularity=task", "divmerge:form=all", "trm"])
+    ap.add_argument("--reuse", action="store_true", help="take a method's rows from its newest complete demo run in the "
+                    "cache (same parameters) instead of running it again")
     ap.add_argument("--results", type=Path, default=Path(__file__).parent / "RESULTS.md")
     args = ap.parse_args()
     tables = []
     for label in args.methods:  # NAME or NAME:KEY=VALUE,KEY=VALUE (method parameters)
         method, _, sets = label.partition(":")
         params = {k: yaml.safe_load(v) for k, _, v in (kv.partition("=") for kv in sets.split(",") if kv)}
-        with contextlib.redirect_stdout(io.StringIO()):  # the demo prints its own table; ours is built below
-            result = run_demo(method=method, params=params, quiet=True)
+        result = _cached(method, params) if args.reuse else None
+        if result is None:
+            with contextlib.redirect_stdout(io.StringIO()):  # the demo prints its own table; ours is built below
+                result = run_demo(method=method, params=params, quiet=True)
         method = label
         rows = result["rows"]
         tasks = len(rows[0]["scores"])

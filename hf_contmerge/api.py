@@ -76,11 +76,23 @@ class ContinualMerger:
         """Merge one more fine-tune (folder or Hub id) and write the next step folder. ``data``: its
         calibration data for a data-dependent method: a spec as for ``--data``, or a ``datasets.Dataset``
         (recorded by its fingerprint)."""
-        source = os.fspath(source)
-        memory = {}
-        if data is not None and not isinstance(data, (str, os.PathLike)):
-            spec = DataSpec.memory(data)
-            memory, data = {spec.text: spec}, spec.text
+        if build_method(self.options.method, self.options.params).whole_stream:
+            raise ContMergeError(f"Method {self.options.method!r} with these parameters learns over the whole stream at "
+                                 "once, so it cannot be given one item at a time: call run([...], data=[...]) with every "
+                                 "item.")
+        return self._run([source], None if data is None else [data])[0]
+
+    def _run(self, sources: list, data: list | None) -> list[StepResult]:
+        """Merge ``sources`` (with their data) in one engine run: the next steps of this merger."""
+        sources = [os.fspath(s) for s in sources]
+        memory: dict[str, DataSpec] = {}
+        texts = []
+        for d in data or []:
+            if d is not None and not isinstance(d, (str, os.PathLike)):
+                spec = DataSpec.memory(d)
+                memory[spec.text] = spec
+                d = spec.text
+            texts.append("" if d is None else os.fspath(d))
         done = layout.complete_steps(self.options.out)
         if done != list(range(1, self.steps + 1)):
             found = f"steps {done[0]}..{done[-1]}" if done else "no step"
@@ -88,16 +100,20 @@ class ContinualMerger:
                 f"{self.options.out} changed under this merger: it should hold steps 1..{self.steps}, and it holds {found}. "
                 "Nothing was written. Make a new ContinualMerger (resume=True continues whatever the folder holds)."
             )
-        update: dict[str, Any] = {"stream": [*self.history, source], "resume": bool(self.history) or self.options.resume}
+        update: dict[str, Any] = {"stream": [*self.history, *sources], "resume": bool(self.history) or self.options.resume}
         if data is not None:  # earlier items are merged already: their data is not read again
-            update["data"] = [*([""] * len(self.history)), os.fspath(data)]
+            if len(texts) != len(sources):
+                raise ContMergeError(f"give one data entry per source ({len(texts)} for {len(sources)}).")
+            update["data"] = [*([""] * len(self.history)), *texts]
         opts = self.options.model_copy(update=update)
-        (result,) = Engine(opts, hooks=step_hooks(opts, self.evaluate), calibrator=make_calibrator(opts, memory)).run()
-        self.history.append(source)
-        return result
+        results = Engine(opts, hooks=step_hooks(opts, self.evaluate), calibrator=make_calibrator(opts, memory)).run()
+        self.history.extend(sources)
+        return results
 
-    def run(self, sources: list[str | os.PathLike[str]]) -> list[StepResult]:
-        return [self.step(s) for s in sources]
+    def run(self, sources: list[str | os.PathLike[str]], data: list | None = None) -> list[StepResult]:
+        """Merge ``sources`` in order, in one run (``data``: one entry per source, as for :meth:`step`), so
+        a method that learns over the whole stream (``divmerge`` ``form=all``) sees every item."""
+        return self._run(list(sources), None if data is None else list(data))
 
     def model(self, **from_pretrained_kwargs: Any):
         """The latest merged model, loaded with transformers."""

@@ -112,11 +112,8 @@ def run_demo(method: str = "opcm", out: Path | None = None, params: dict[str, An
         }
 
     merger = ContinualMerger(base=str(base), method=method, params=params or {}, out=out, quiet=True, evaluate=evaluate_step)
-    if build_method(method, params or {}).calibration:  # a data-dependent method: each expert's own training texts
-        for task, expert in zip(tasks, experts):
-            merger.step(str(expert), data=_task_data(task))
-    else:
-        merger.run([str(e) for e in experts])
+    needs_data = bool(build_method(method, params or {}).calibration)  # each expert's own training texts
+    merger.run([str(e) for e in experts], data=[_task_data(t) for t in tasks] if needs_data else None)
     acc, bwt = summary["ACC"], summary["BWT"]
     print(f"ACC {100 * acc:.2f}   BWT {100 * bwt:+.2f}   (final model over all {len(tasks)} tasks; BWT = mean a[T][i] − a[i][i])")
     print(f"steps written to {out}; each step's README.md holds its card and these results", file=sys.stderr)

@@ -194,6 +194,12 @@ class Method:
         """Whether a tensor may be merged a dim-0 slice at a time (elementwise kernels)."""
         return self.elementwise
 
+    @property
+    def whole_stream(self) -> bool:
+        """Whether the method needs every stream item in one run (DivMerge's all-at-once form): the API's
+        one-step-at-a-time ``step`` cannot run it."""
+        return False
+
     def init_scalars(self) -> dict[str, Any]:
         return {}
 

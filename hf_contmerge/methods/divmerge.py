@@ -86,6 +86,10 @@ class DivMerge(Method):
         # with a buffer, step 1 is calibrated too: its samples and θ1's outputs start the buffer
         return (CalibrationRequest("coefficients", "item", from_step=1 if p.buffer else 2, learn=spec),)
 
+    @property
+    def whole_stream(self) -> bool:
+        return self.params.form == "all"
+
     def init_scalars(self) -> dict[str, Any]:
         return {"coefficients": {}}
 
