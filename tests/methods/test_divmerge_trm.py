@@ -256,3 +256,21 @@ def weights_model(folder):
     from transformers import LlamaForCausalLM
 
     return LlamaForCausalLM.from_pretrained(folder)
+
+
+def test_the_api_runs_the_all_at_once_form_over_the_whole_stream(tmp_path, cli):
+    from hf_contmerge import ContinualMerger, ContMergeError
+
+    base, items, data = classifier_stream(tmp_path, labels=(2, 3), scale=0.05)
+    params = {"form": "all", "epochs": 1}
+    merger = ContinualMerger(base=base, method="divmerge", params=params, out=tmp_path / "api", calib_samples=6,
+                             calib_batch_size=3, max_length=16)
+    with pytest.raises(ContMergeError, match="whole stream at once"):
+        merger.step(items[0], data=data[0])
+    assert not (tmp_path / "api").exists()
+    merger.run(items, data=data)
+    assert merge(cli, base, items, tmp_path / "cli", "--data", *data, *FLAGS, "--set", "form=all", "--set", "epochs=1",
+                 method="divmerge")[0] == 0
+    for t in (1, 2):
+        assert (tmp_path / "api" / f"step-{t}/model.safetensors").read_bytes() == \
+            (tmp_path / "cli" / f"step-{t}/model.safetensors").read_bytes()
