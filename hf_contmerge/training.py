@@ -151,8 +151,7 @@ def copy_merged_weights(model: torch.nn.Module, step_folder: Path, base: str) ->
     parameter names that were set. Names are matched as the pre-flight matches an item to the base
     (file names of the model's architecture, a ``base_model_prefix`` stripped or added); a tensor of
     another shape (a task head over the base's) is the model's own and is left alone."""
-    from .sources.naming import file_layout
-    from .sources.preflight import align, config_prefix
+    from .sources.preflight import model_names
 
     if (step_folder / layout.ADAPTER_CONFIG).is_file() and not (step_folder / layout.CONFIG).is_file():
         raise ContMergeError(f"{step_folder} is published as an adapter (--output-format adapter), so it holds no merged "
@@ -160,18 +159,12 @@ def copy_merged_weights(model: torch.nn.Module, step_folder: Path, base: str) ->
     with ExitStack() as stack:
         merged = Checkpoint.open(step_folder)
         stack.callback(merged.close)
-        to_file = file_layout(model).to_file
-        config = model.config.to_dict() if hasattr(model, "config") else {}
         step_config = read_json(step_folder / layout.CONFIG, "the step's config.json", "the step folder is damaged: merge it again")
-        prefixes = {p for p in (config_prefix(step_config), config_prefix(config)) if p}
-        keys = set(merged.keys())
-        alignment = align(keys, list(to_file.values()), prefixes)
         tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
         done = []
-        for name, file_key in to_file.items():
-            out_key = alignment.to_base(file_key)
+        for name, out_key in model_names(model, set(merged.keys()), [step_config]).items():
             target = tensors.get(name)
-            if target is None or out_key not in keys or tuple(merged.info(out_key).shape) != tuple(target.shape):
+            if target is None or tuple(merged.info(out_key).shape) != tuple(target.shape):
                 continue
             target.copy_(merged.read(out_key))
             done.append(name)

@@ -50,6 +50,7 @@ from torch import Tensor, nn
 from ..errors import ContMergeError
 from ..io.checkpoint import TensorIndex
 from ..methods.learning import Direction, LearnSpec, Term, layer_group
+from ..sources.preflight import model_names
 from .compose import Substitution, home_tensors, substituted
 from .divergence import divergence
 
@@ -123,23 +124,7 @@ def _names(model: nn.Module, key_map: Mapping[str, str]) -> dict[str, str]:
     return {n: key_map[to_file[n]] for n, _ in model.named_parameters() if to_file.get(n) in key_map}
 
 
-def _aligned_names(model: nn.Module, outs: set[str]) -> dict[str, str]:
-    """In-memory name -> output name for a model of another head over the same backbone, matched as the
-    pre-flight matches an item to the base (a ``base_model_prefix`` stripped or added)."""
-    from ..sources.naming import file_layout
-    from ..sources.preflight import align, config_prefix
-
-    to_file = file_layout(model).to_file
-    prefixes = {p for p in (config_prefix(model.config.to_dict()),) if p}
-    alignment = align(outs, list(to_file.values()), prefixes)
-    return {n: alignment.to_base(fk) for n, fk in to_file.items() if alignment.to_base(fk) in outs}
-
-
-def _direction(kind: Direction, out: str, task: Task, models: Models) -> Tensor:
-    base = models.base.read(out).to(torch.float32)
-    to_item = {o: ik for ik, o in task.key_map.items()}
-    item = task.weights.read(to_item[out]).to(torch.float32) if kind.startswith("item") else None
-    prev = models.previous.read(out).to(torch.float32) if "previous" in kind else None
+def _direction(kind: Direction, base: Tensor, item: Tensor | None, prev: Tensor | None) -> Tensor:
     if kind == "item-base":
         return item - base
     if kind == "previous-base":
@@ -317,7 +302,7 @@ def _learn(spec: LearnSpec, tasks: Sequence[Task], models: Models, *, step: int,
         if "previous" in {t.teacher for t in spec.terms} and task.old_heads:
             for old in task.old_heads:
                 students.append(old.student(spec.anchor))
-                names.append(_aligned_names(students[-1], merged_outs))
+                names.append(model_names(students[-1], merged_outs, []))
                 views.append((j, f"previous@{old.task}", len(students) - 1))
     outs = sorted(merged_outs)
     groups = sorted({layer_group(out, spec.granularity) for out in outs}, key=_group_order)
@@ -325,12 +310,17 @@ def _learn(spec: LearnSpec, tasks: Sequence[Task], models: Models, *, step: int,
     home = home_tensors(students[0], scratch / "directions")
     first = {out: name for name, out in names[0].items()}
     directions: dict[str, list[Tensor]] = {}
-    for out in outs:
+    to_item = [{o: ik for ik, o in task.key_map.items()} for task in tasks]
+    uses_previous = any("previous" in kind for _, kind, _ in spec.directions)
+    for out in outs:  # each source tensor read once, every direction made from it
+        base = models.base.read(out).to(torch.float32)
+        prev = models.previous.read(out).to(torch.float32) if uses_previous else None
+        items = {j: tasks[j].weights.read(to_item[j][out]).to(torch.float32)
+                 for j in {j for _, kind, j in spec.directions if kind.startswith("item")}}
         held = []
         for _, kind, j in spec.directions:
-            d = _direction(kind, out, tasks[j], models)
-            t = home(first.get(out, out), d.shape, _torch_dtype(models.base.info(out).dtype))
-            held.append(t.copy_(d))
+            t = home(first.get(out, out), base.shape, _torch_dtype(models.base.info(out).dtype))
+            held.append(t.copy_(_direction(kind, base, items.get(j), prev)))
         directions[out] = held
 
     init = torch.tensor(spec.init, dtype=torch.float32)

@@ -200,6 +200,18 @@ def _tied(cfg: dict) -> bool | None:
     return cfg.get("tie_word_embeddings", cfg.get("tie_embeddings"))
 
 
+def model_names(model, keys: set[str], configs: list[dict]) -> dict[str, str]:
+    """In-memory parameter name -> the name among ``keys`` it is written under, for a built model,
+    matched as :func:`plan_stream` matches an item to the base (file names of the model's
+    architecture, a ``base_model_prefix`` of ``configs`` or the model's stripped or added)."""
+    from .naming import file_layout
+
+    to_file = file_layout(model).to_file
+    prefixes = {p for p in (*map(config_prefix, configs), config_prefix(model.config.to_dict())) if p}
+    alignment = align(keys, list(to_file.values()), prefixes)
+    return {n: alignment.to_base(fk) for n, fk in to_file.items() if alignment.to_base(fk) in keys}
+
+
 def plan_stream(base: ResolvedSource, items: list[ResolvedSource]) -> StreamPlan:
     """Check every item against the base and plan each output tensor; raise on any mismatch."""
     bck = base.checkpoint
