@@ -72,27 +72,34 @@ class ContinualMerger:
     def last_step_folder(self) -> Path | None:
         return layout.step_dir(self.options.out, self.steps) if self.history else None
 
-    def step(self, source: str | os.PathLike[str], data: str | os.PathLike[str] | Dataset | None = None) -> StepResult:
+    def step(self, source: str | os.PathLike[str], data: str | os.PathLike[str] | Dataset | None = None,
+             eval_data: str | os.PathLike[str] | Dataset | None = None) -> StepResult:
         """Merge one more fine-tune (folder or Hub id) and write the next step folder. ``data``: its
         calibration data for a data-dependent method: a spec as for ``--data``, or a ``datasets.Dataset``
-        (recorded by its fingerprint)."""
+        (recorded by its fingerprint). ``eval_data``: its evaluation task with ``eval=True`` (``[NAME=]SPEC`` or a
+        ``datasets.Dataset``; see ``--eval-data``)."""
         if build_method(self.options.method, self.options.params).whole_stream:
             raise ContMergeError(f"Method {self.options.method!r} with these parameters learns over the whole stream at "
                                  "once, so it cannot be given one item at a time: call run([...], data=[...]) with every "
                                  "item.")
-        return self._run([source], None if data is None else [data])[0]
+        return self._run([source], None if data is None else [data], None if eval_data is None else [eval_data])[0]
 
-    def _run(self, sources: list, data: list | None) -> list[StepResult]:
+    def _run(self, sources: list, data: list | None, eval_data: list | None = None) -> list[StepResult]:
         """Merge ``sources`` (with their data) in one engine run: the next steps of this merger."""
         sources = [os.fspath(s) for s in sources]
         memory: dict[str, DataSpec] = {}
-        texts = []
-        for d in data or []:
-            if d is not None and not isinstance(d, (str, os.PathLike)):
-                spec = DataSpec.memory(d)
-                memory[spec.text] = spec
-                d = spec.text
-            texts.append("" if d is None else os.fspath(d))
+
+        def texts_of(entries: list, none: str) -> list[str]:
+            texts = []
+            for d in entries:
+                if d is not None and not isinstance(d, (str, os.PathLike)):
+                    spec = DataSpec.memory(d)
+                    memory[spec.text] = spec
+                    d = spec.text
+                texts.append(none if d is None else os.fspath(d))
+            return texts
+
+        texts = texts_of(data or [], "")
         done = layout.complete_steps(self.options.out)
         if done != list(range(1, self.steps + 1)):
             found = f"steps {done[0]}..{done[-1]}" if done else "no step"
@@ -105,15 +112,22 @@ class ContinualMerger:
             if len(texts) != len(sources):
                 raise ContMergeError(f"give one data entry per source ({len(texts)} for {len(sources)}).")
             update["data"] = [*([""] * len(self.history)), *texts]
-        opts = self.options.model_copy(update=update)
-        results = Engine(opts, hooks=step_hooks(opts, self.evaluate), calibrator=make_calibrator(opts, memory)).run()
+        if self.options.eval:  # earlier items' tasks are read back from the last step's record
+            evals = texts_of(eval_data or [None] * len(sources), "-")
+            if len(evals) != len(sources):
+                raise ContMergeError(f"give one eval_data entry per source ({len(evals)} for {len(sources)}).")
+            update["eval_data"] = [*(["-"] * len(self.history)), *evals]
+        elif eval_data is not None:
+            raise ContMergeError("eval_data is given, and this merger was made without eval=True: pass eval=True.")
+        opts = MergeOptions.create(**{**self.options.model_dump(), "token": self.options.token, **update})
+        results = Engine(opts, hooks=step_hooks(opts, self.evaluate, memory), calibrator=make_calibrator(opts, memory)).run()
         self.history.extend(sources)
         return results
 
-    def run(self, sources: list[str | os.PathLike[str]], data: list | None = None) -> list[StepResult]:
-        """Merge ``sources`` in order, in one run (``data``: one entry per source, as for :meth:`step`), so
-        a method that learns over the whole stream (``divmerge`` ``form=all``) sees every item."""
-        return self._run(list(sources), None if data is None else list(data))
+    def run(self, sources: list[str | os.PathLike[str]], data: list | None = None, eval_data: list | None = None) -> list[StepResult]:
+        """Merge ``sources`` in order, in one run (``data``, ``eval_data``: one entry per source, as for
+        :meth:`step`), so a method that learns over the whole stream (``divmerge`` ``form=all``) sees every item."""
+        return self._run(list(sources), None if data is None else list(data), None if eval_data is None else list(eval_data))
 
     def model(self, **from_pretrained_kwargs: Any):
         """The latest merged model, loaded with transformers."""

@@ -46,7 +46,7 @@ def _add_option_flags(parser: argparse.ArgumentParser) -> None:
             kwargs["action"] = "store_true"
         elif origin is list:
             kwargs["nargs"] = "+"
-            kwargs["metavar"] = "SPEC" if name == "data" else "SRC"
+            kwargs["metavar"] = "SPEC" if name in ("data", "eval_data") else "SRC"
         elif origin is typing.Literal:
             kwargs["choices"] = typing.get_args(ann)
         elif ann in (int, float):

@@ -98,6 +98,22 @@ class MergeOptions(BaseModel):
                                    "more per item)")
     max_memory: str | None = Field(None, description="with --device-map: memory per device, e.g. 0=20GiB,1=20GiB,cpu=64GiB")
     offload_folder: Path | None = Field(None, description="with --device-map: where weights that fit nowhere are offloaded")
+    eval: bool = Field(False, description="score every step on the --eval-data tasks of the items seen so far, before it is "
+                       "published; the accuracy matrix, ACC and BWT go into its state and card")
+    eval_data: list[str] = Field(default_factory=list, description="evaluation task of each --stream item, in order: "
+                                 "[NAME=]SPEC with SPEC as for --data (e.g. sentiment=data/sent@test), or - for none")
+    eval_kind: Literal["auto", "classification", "choice", "label-words", "exact-match", "perplexity"] = Field(
+        "auto", description="how tasks are scored: auto picks classification for a model with a task head, and for a "
+        "causal LM choice (a choices column), label-words (string labels), exact-match or perplexity (no labels)")
+    eval_column: str | None = Field(None, description="input column of --eval-data (default: as --data-column)")
+    eval_label_column: str = Field("label", description="label column of --eval-data")
+    eval_choices_column: str = Field("choices", description="column of candidate strings of multiple-choice tasks")
+    eval_samples: int | None = Field(None, ge=1, description="examples per task (a sample seeded by --seed; default: all)")
+    eval_batch_size: int = Field(16, ge=1, description="evaluation batch size")
+    eval_max_length: int = Field(512, ge=2, description="most tokens of one evaluation input")
+    eval_max_new_tokens: int = Field(32, ge=1, description="tokens generated per example by exact-match tasks")
+    eval_references: bool = Field(False, description="with --eval: also score the base (with each task's head) and each "
+                                  "fine-tune alone, as reference rows (normalised accuracy)")
     allow_pickle: bool = Field(False, description="accept pickle (.bin) checkpoints; unpickling can run code")
     allow_nonfinite: bool = Field(False, description="write NaN/Inf values (in the base, an item, or a merged tensor) "
                                   "instead of refusing the step")
@@ -114,7 +130,7 @@ class MergeOptions(BaseModel):
     token: SecretStr | None = Field(None, description="Hub token (default: HF_TOKEN or the saved login); never written anywhere",
                                     exclude=True)
 
-    @field_validator("base", "stream", "resume_from", "data", mode="before")
+    @field_validator("base", "stream", "resume_from", "data", "eval_data", mode="before")
     @classmethod
     def _sources(cls, v: Any) -> Any:
         """Sources and data specs given as ``os.PathLike`` (the API) are recorded as the text of their path."""
@@ -204,6 +220,19 @@ class MergeOptions(BaseModel):
         if self.data and len(self.data) != len(self.stream):
             raise ValueError(f"give exactly one --data SPEC per --stream item, in stream order ({len(self.data)} given "
                              f"for {len(self.stream)} items)")
+        return self
+
+    @model_validator(mode="after")
+    def _eval(self) -> MergeOptions:
+        if self.eval and self.stream and not self.eval_data:
+            raise ValueError("--eval needs --eval-data: one task SPEC per --stream item (- for none)")
+        if self.eval_data and not self.eval:
+            raise ValueError("--eval-data is given without --eval: add --eval to score every step")
+        if self.eval_references and not self.eval:
+            raise ValueError("--eval-references applies with --eval only")
+        if self.eval_data and len(self.eval_data) != len(self.stream):
+            raise ValueError(f"give exactly one --eval-data SPEC per --stream item, in stream order, - for none "
+                             f"({len(self.eval_data)} given for {len(self.stream)} items)")
         return self
 
     @model_validator(mode="after")

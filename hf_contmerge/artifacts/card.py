@@ -87,17 +87,72 @@ def _notes(entry: dict) -> str:
     return "; ".join(notes)
 
 
-def _eval_results(evaluation: dict | None) -> list[EvalResult]:
-    """The merged model's own scores (the last row) as model-index entries, one per task seen."""
-    if not evaluation or not evaluation.get("rows"):
-        return []
-    row = evaluation["rows"][-1]
-    return [
-        EvalResult(task_type=evaluation.get("task_type", "text-classification"), dataset_type=task, dataset_name=task,
-                   metric_type=evaluation.get("metric", "accuracy"), metric_value=round(score, 6))
-        for task, score in zip(evaluation["tasks"], row["scores"])
-        if score is not None
-    ]
+_TASK_TYPE = {"classification": "text-classification", "perplexity": "text-generation", "exact-match": "text-generation",
+              "choice": "multiple-choice", "label-words": "text-classification"}
+
+
+def _cell(value: float | None, metric: str) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.2f}" if metric == "perplexity" else f"{100 * value:.2f}"
+
+
+def _evaluation(data: dict | None) -> tuple[dict | None, list[EvalResult]]:
+    """The card's view of a step's evaluation (a table, its summary and plots) and its model-index entries.
+
+    The record of ``evaluation/`` (``--eval``) has a matrix; a dict from a custom ``evaluate=`` callable
+    has ``description``, ``tasks`` and ``rows`` (``artifacts.folder.record_evaluation``)."""
+    from ..evaluation.record import Evaluation  # pydantic only
+
+    if not data:
+        return None, []
+    record = Evaluation.parse(data)
+    if record is None:
+        rows = data.get("rows") or []
+        view = {"description": data.get("description", ""), "columns": list(data.get("tasks", [])), "plots": [],
+                "rows": [(r["name"], [_cell(v, "accuracy") for v in r["scores"]], _cell(r.get("mean"), "accuracy")) for r in rows]}
+        results = [EvalResult(task_type=data.get("task_type", "text-classification"), dataset_type=t, dataset_name=t,
+                              metric_type=data.get("metric", "accuracy"), metric_value=round(v, 6))
+                   for t, v in zip(data.get("tasks", []), rows[-1]["scores"] if rows else []) if v is not None]
+        return view, results
+    metrics = [t.metric for t in record.tasks]
+    s = record.summary
+
+    def row(name: str, scores: list, mean: float | None) -> tuple:
+        return name, [_cell(v, m) for v, m in zip(scores, metrics)], _cell(mean, "accuracy")
+
+    rows = []
+    counted = [t.higher_is_better for t in record.tasks]
+    for name, ref in (("base (each task's head)", record.base), ("individual fine-tunes", record.finetuned)):
+        if ref is not None:
+            vals = [v for v, c in zip(ref, counted) if c and v is not None]
+            rows.append(row(name, ref, sum(vals) / len(vals) if vals else None))
+    rows += [row(f"merged, step {k + 1}", r, s.seen_average[k]) for k, r in enumerate(record.matrix)]
+    parts = [f"ACC {_cell(s.acc, 'accuracy')}"]
+    if s.bwt is not None:
+        parts.append(f"BWT {100 * s.bwt:+.2f}")
+    if s.normalized_acc is not None:
+        parts.append(f"normalised ACC {100 * s.normalized_acc:.2f}%")
+    kinds = sorted({f"{t.name}: {t.kind} ({t.metric}, {t.samples} examples of `{t.data}`)" for t in record.tasks})
+    description = (f"Scores (%; perplexity as is) of the merged model after every step on the tasks seen so far, each "
+                   f"with its own head when heads are kept apart. After step {record.step}: {', '.join(parts)} "
+                   f"(over the tasks seen; BWT = mean over i < T of a[T][i] − a[i][i]). Tasks: " + "; ".join(kinds) + ".")
+    view = {"description": description, "columns": [t.name for t in record.tasks], "rows": rows,
+            "plots": ["evaluation/matrix.png", "evaluation/progress.png"]}
+    results = [EvalResult(task_type=_TASK_TYPE.get(t.kind, "text-classification"), dataset_type=_hub_id_of_data(t.data) or t.name,
+                          dataset_name=t.name, metric_type=t.metric, metric_value=round(v, 6))
+               for t, v in zip(record.tasks, record.matrix[-1]) if v is not None]
+    return view, results
+
+
+def _hub_id_of_data(spec: str) -> str | None:
+    from ..calibration.data import DataSpec
+
+    try:
+        parsed = DataSpec.parse(spec)
+    except Exception:  # a folder that is gone, an in-memory dataset: not a Hub id
+        return None
+    return parsed.location if parsed.kind == "hub" else None
 
 
 def render_card(state: StepState) -> str:
@@ -107,13 +162,14 @@ def render_card(state: StepState) -> str:
     adapter = state.output.get("format") == "adapter"
     if adapter:  # a LoRA adapter of the base: the Hub's "adapter" relation; the lineage lists what went in
         ids = ids[:1] if _hub_id(state.base["source"]) else []
+    evaluation, results = _evaluation(state.evaluation)
     data = ModelCardData(
         base_model=list(dict.fromkeys(ids)) or None,
         base_model_relation=("adapter" if adapter else "merge") if ids else None,
         library_name="peft" if adapter else "transformers",
         tags=["merge", "continual-merging", "hf-contmerge", state.method, *(["lora"] if adapter else [])],
-        model_name=title if state.evaluation else None,
-        eval_results=_eval_results(state.evaluation) or None,
+        model_name=title if results else None,
+        eval_results=results or None,
     )
     template = resources.files("hf_contmerge.model_cards").joinpath(TEMPLATE).read_text()
     stream = [{**s, "notes": _notes(s)} for s in state.stream]
@@ -137,7 +193,7 @@ def render_card(state: StepState) -> str:
         lowrank={"count": sum(q > 0 for q in state.lowrank.values()), "max_rank": max(state.lowrank.values(), default=0)}
         if any(state.lowrank.values()) else None,
         output=state.output,
-        evaluation=state.evaluation,
+        evaluation=evaluation,
         command=reproduce_command(state),
     )
     # The template's control lines leave runs of blank lines; Markdown needs at most one.

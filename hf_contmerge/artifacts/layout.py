@@ -43,6 +43,7 @@ STATE_DIR = "contmerge_state"  # {slot}.safetensors (dense), lowrank-{slot}.safe
 LOWRANK_PREFIX = "lowrank-"
 LEFT, RIGHT = "::left", "::right"  # suffixes of the two factors of a key in the low-rank state files
 HEADS_DIR = "task_heads"  # task_heads/task-{i}/
+EVAL_DIR = "evaluation"  # reports (FusionBench form) and plots of the step's evaluation
 PASS1_DIR = "_pass1"  # scratch of a two-pass method's first pass, inside the partial step folder
 CALIBRATION_DIR = "_calibration"  # inside a partial step: the step's calibration statistics, removed before publish
 # Files of the base folder that are not copied into a step (weights indexes, our own files, its card).

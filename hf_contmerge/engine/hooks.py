@@ -29,6 +29,11 @@ class StepHook:
     def start(self, done: list[int]) -> None:
         """Once the run will write, with the steps already complete in the output folder."""
 
+    def before_publish(self, result: StepResult) -> StepResult:
+        """The step is written in its partial folder (``result.folder``) and not yet in place: what the hook
+        adds there (and to ``result.state``, rewritten with its card) is part of the step."""
+        return result
+
     def after_step(self, result: StepResult) -> StepResult:
         """A step is complete on disk; return the result (updated if the step folder changed)."""
         return result
@@ -65,9 +70,15 @@ class PushHook(StepHook):
         return result
 
 
-def step_hooks(options: MergeOptions, evaluate: Callable[[StepResult], dict[str, Any]] | None = None) -> Sequence[StepHook]:
-    """The hooks a run with these options has: evaluation (when ``evaluate`` is given), then the push."""
+def step_hooks(options: MergeOptions, evaluate: Callable[[StepResult], dict[str, Any]] | None = None,
+               memory: dict[str, Any] | None = None) -> Sequence[StepHook]:
+    """The hooks a run with these options has: evaluation on the ``--eval-data`` tasks (``--eval``;
+    ``memory``: in-memory datasets of the API by their spec text), a custom ``evaluate`` callable, then the push."""
     hooks: list[StepHook] = []
+    if options.eval:
+        from ..evaluation.hook import TaskEvaluationHook  # datasets, evaluate, matplotlib: only when asked
+
+        hooks.append(TaskEvaluationHook(options, memory))
     if evaluate is not None:
         hooks.append(EvaluationHook(evaluate))
     target = PushTarget.from_options(options)

@@ -332,6 +332,10 @@ class Engine:
             if previous is not None and is_content_digest(previous.base["fingerprint"]):
                 self._check_base(previous, stream.base)  # the base was read whole by this step: its digest is complete
             step_folder.write_state_and_card(partial, state)
+            staged = StepResult(plan.step, partial, state, base_folder=stream.base.folder, item=item)
+            for hook in self.hooks:  # e.g. evaluation: part of the step, so a crash here leaves no complete step
+                staged = hook.before_publish(staged)
+            state = staged.state
             final = layout.step_dir(opts.out, plan.step)
             failpoint(f"step-{plan.step}:publish")
             layout.publish(partial, final)

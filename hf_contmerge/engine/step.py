@@ -44,6 +44,9 @@ class StepResult:
     step: int
     folder: Path
     state: StepState
+    # while a step is being published (``StepHook.before_publish``): the base's local folder and the item
+    base_folder: Path | None = None
+    item: Any = None
 
 
 @dataclass

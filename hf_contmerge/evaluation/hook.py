@@ -1,0 +1,203 @@
+"""The evaluation step hook: every step is scored on the tasks of the items seen so far before it is
+published, so a step folder never looks complete without its evaluation (a crash while scoring
+leaves a partial step, which a resume computes again).
+
+Step ``k`` is scored on tasks ``1..k`` (items given ``-`` or no data have no column), each with its
+own head when the stream keeps heads apart (the papers' protocol) and with the merged model itself
+otherwise (causal LMs). Earlier rows of the matrix come from step ``k - 1``'s record; a step that
+has none (evaluation started on a resume) is scored now from its folder, which is left as it is.
+``--eval-references`` adds the base (with each task's head) and each fine-tune alone, computed when
+the item arrives (it is at hand then) and carried in the record afterwards. The record goes into
+``contmerge_state.json`` and the card; ``evaluation/`` holds FusionBench-style reports and the plots.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from ..artifacts import layout
+from ..artifacts.folder import load_step, load_task_model, write_state_and_card
+from ..artifacts.heads import head_dir, task_model
+from ..artifacts.state import read_state
+from ..calibration.data import DataSpec
+from ..engine.hooks import StepHook
+from ..engine.step import StepResult
+from ..errors import ContMergeError
+from ..options import MergeOptions
+from . import plots
+from .record import Evaluation, Score, TaskInfo, fusionbench_reports
+from .tasks import PreparedTask, TaskSpec, model_kind, prepare, score
+
+logger = logging.getLogger("hf_contmerge")
+
+
+def task_specs(options: MergeOptions, memory: dict[str, DataSpec] | None = None) -> list[TaskSpec | None]:
+    """One task (or None) per stream item, from ``--eval-data`` and the ``--eval-*`` settings."""
+    settings = dict(kind=options.eval_kind, column=options.eval_column, label_column=options.eval_label_column,
+                    choices_column=options.eval_choices_column, samples=options.eval_samples, seed=options.seed,
+                    max_length=options.eval_max_length, max_new_tokens=options.eval_max_new_tokens,
+                    batch_size=options.eval_batch_size)
+    return [None if text in ("", "-") else TaskSpec.parse(text, memory, **settings) for text in options.eval_data]
+
+
+class TaskEvaluationHook(StepHook):
+    def __init__(self, options: MergeOptions, memory: dict[str, DataSpec] | None = None):
+        self.options = options
+        self.specs = task_specs(options, memory)
+        self._prepared: dict[tuple[int, str], PreparedTask] = {}
+
+    # -------------------------------------------------------------- seams
+    def check(self, steps: range) -> None:
+        """Every task's data loads and has its columns, before anything is computed."""
+        names = [s.name for s in self.specs if s is not None]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ContMergeError(f"--eval-data names tasks {dup} twice; name them NAME=SPEC.")
+        for spec in self.specs:
+            if spec is None:
+                continue
+            data = spec.data.load()
+            columns = list(data.column_names)
+            if spec.column is not None and spec.column not in columns:
+                raise ContMergeError(f"--eval-data {spec.data.text!r} has no column {spec.column!r} (it has {columns}).")
+            if len(data) == 0:
+                raise ContMergeError(f"--eval-data {spec.data.text!r} is empty: evaluation needs at least one example.")
+
+    def before_publish(self, result: StepResult) -> StepResult:
+        k = result.step
+        prev_folder = layout.step_dir(self.options.out, k - 1) if k > 1 else None
+        previous = Evaluation.parse(read_state(prev_folder).evaluation) if prev_folder else None
+        items = [i for i in range(1, k + 1) if self._spec(i, previous) is not None]
+        if not items:
+            return result
+        infos: list[TaskInfo] = []
+        for i in items:
+            task = self._task(i, previous, result.folder, result.state)
+            infos.append(TaskInfo(name=task.spec.name, item=i, data=task.spec.data.text, kind=task.kind, metric=task.metric,
+                                  higher_is_better=task.higher_is_better, samples=len(task.inputs)))
+        earlier = {t.item: [row[c] for row in previous.matrix] for c, t in enumerate(previous.tasks)} if previous else {}
+        matrix: list[list[Score]] = []
+        for j in range(1, k):
+            if previous is not None and all(i in earlier or i > j for i in items):
+                matrix.append([earlier[i][j - 1] if i in earlier else None for i in items])
+            else:  # no record for step j (evaluation began later): score its folder now, read-only
+                matrix.append(self._row(layout.step_dir(self.options.out, j), j, items, previous))
+        matrix.append(self._row(result.folder, k, items, previous))
+        base = finetuned = None
+        if self.options.eval_references:
+            base, finetuned = self._references(result, items, previous)
+        evaluation = Evaluation.build(k, infos, matrix, base, finetuned)
+        fusionbench_reports(evaluation, result.folder / layout.EVAL_DIR)
+        plots.draw(evaluation, result.folder / layout.EVAL_DIR)
+        result.state.evaluation = evaluation.model_dump(mode="json")
+        write_state_and_card(result.folder, result.state)
+        s = evaluation.summary
+        logger.info(f"step {k}: ACC {_pct(s.acc)}, BWT {_pct(s.bwt)} over {len(items)} task(s)")
+        return result
+
+    # -------------------------------------------------------------- tasks and models
+    def _spec(self, item: int, previous: Evaluation | None) -> TaskSpec | None:
+        if item <= len(self.specs) and self.specs[item - 1] is not None:
+            return self.specs[item - 1]
+        for t in previous.tasks if previous else []:  # given to an earlier run (the API gives one item at a time)
+            if t.item == item:
+                if t.data.startswith("<in-memory"):
+                    raise ContMergeError(f"Task {t.name!r} (item {item}) was evaluated on an in-memory Dataset that this run "
+                                         "was not given again; pass it as eval_data for that item, or a data spec.")
+                return TaskSpec.parse(f"{t.name}={t.data}", None, **{**self._settings(), "kind": t.kind})
+        return None
+
+    def _settings(self) -> dict[str, Any]:
+        o = self.options
+        return dict(column=o.eval_column, label_column=o.eval_label_column, choices_column=o.eval_choices_column,
+                    samples=o.eval_samples, seed=o.seed, max_length=o.eval_max_length, max_new_tokens=o.eval_max_new_tokens,
+                    batch_size=o.eval_batch_size)
+
+    def _task(self, item: int, previous: Evaluation | None, folder: Path, state) -> PreparedTask:
+        spec = self._spec(item, previous)
+        key = (item, spec.data.text)
+        if key not in self._prepared:
+            config = self._load_config(folder, state, item)
+            self._prepared[key] = prepare(spec, model_kind(config))
+        return self._prepared[key]
+
+    def _load_config(self, folder: Path, state, item: int):
+        from transformers import AutoConfig
+
+        has_head = any(h.get("task") == item for h in state.heads)
+        return AutoConfig.from_pretrained(head_dir(folder, item) if has_head else folder, trust_remote_code=False)
+
+    def _load_kwargs(self) -> dict[str, Any]:
+        o = self.options
+        if o.device_map:
+            return {k: v for k, v in (("device_map", o.device_map_value()), ("max_memory", o.max_memory_value()),
+                                      ("offload_folder", o.offload_folder)) if v is not None}
+        return {}
+
+    def _place(self, model):
+        if not self.options.device_map:
+            from ..engine.run import resolve_device
+
+            model.to(resolve_device(self.options.device))
+        return model
+
+    def _row(self, folder: Path, step: int, items: list[int], previous: Evaluation | None) -> list[Score]:
+        """Scores of step ``step``'s folder on the tasks of items seen by then (None for later ones)."""
+        state = read_state(folder)
+        shared = None  # a model without heads serves every task
+        row: list[Score] = []
+        for i in items:
+            if i > step:
+                row.append(None)
+                continue
+            task = self._task(i, previous, folder, state)
+            if any(h.get("task") == i for h in state.heads):
+                model = self._place(load_task_model(folder, i, **self._load_kwargs()))
+            else:
+                shared = shared or self._place(load_step(folder, **self._load_kwargs()))
+                model = shared
+            row.append(score(task, model, self._processor_folder(folder)))
+        return row
+
+    def _processor_folder(self, folder: Path) -> Path:
+        return folder  # every step folder carries the base's tokenizer / processor files
+
+    def _references(self, result: StepResult, items: list[int], previous: Evaluation | None) -> tuple[list[Score], list[Score]]:
+        old = {t.item: c for c, t in enumerate(previous.tasks)} if previous else {}
+        base_row: list[Score] = []
+        ft_row: list[Score] = []
+        base_folder = result.base_folder
+        for i in items:
+            if i in old and previous.base is not None and previous.finetuned is not None:
+                base_row.append(previous.base[old[i]])
+                ft_row.append(previous.finetuned[old[i]])
+                continue
+            task = self._task(i, previous, result.folder, result.state)
+            has_head = any(h.get("task") == i for h in result.state.heads)
+            if base_folder is None:
+                base_row.append(None)
+            elif has_head:
+                base_row.append(score(task, self._place(task_model(base_folder, head_dir(result.folder, i), i, self._load_kwargs())),
+                                      result.folder))
+            else:
+                base_row.append(score(task, self._place(load_step(base_folder, **self._load_kwargs())), result.folder))
+            item = result.item if i == result.step else None
+            if item is None:  # an earlier item is not at hand any more (the stream keeps no past fine-tune)
+                logger.warning(f"no reference row for item {i}: it was merged before evaluation with references began")
+                ft_row.append(None)
+                continue
+            ft_row.append(score(task, self._place(self._finetune(item, base_folder)), result.folder))
+        return base_row, ft_row
+
+    def _finetune(self, item, base_folder: Path | None):
+        if item.kind == "lora":
+            from peft import PeftModel
+
+            return PeftModel.from_pretrained(load_step(base_folder, **self._load_kwargs()), item.folder).merge_and_unload()
+        return load_step(item.folder, **self._load_kwargs())
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.2f}"

@@ -1,0 +1,96 @@
+"""Scoring kernels: functions of a model, its tokenizer or processor, and inputs; no state.
+
+- :func:`classify`: ``argmax_c logits[c]`` per example (sequence or image classification).
+- :func:`loglikelihoods`: ``log p(continuation | context) = sum_j log softmax(logits)[t_j]`` over the
+  continuation's tokens. As lm-evaluation-harness does, the pair is tokenised whole and the
+  continuation is what follows the context's own tokens (so a merge across the boundary is
+  scored as the model reads it); the context is cut from the left to fit ``max_length``.
+- :func:`greedy_continuations`: the first line of a greedy continuation, ``max_new_tokens`` long.
+- :func:`perplexity`: ``exp(sum NLL / sum predicted tokens)`` over texts (token-weighted).
+
+Batches are right-padded with an attention mask, except generation (left-padded, so every row's
+next token is at the end); with a model spread by a device map, inputs go to its first device.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def input_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def classify(model, batches: list[dict[str, torch.Tensor]]) -> list[int]:
+    device = input_device(model)
+    preds: list[int] = []
+    for batch in batches:
+        logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
+        preds.extend(logits.argmax(dim=-1).tolist())
+    return preds
+
+
+def _pair_tokens(tokenizer, context: str, continuation: str) -> tuple[list[int], int]:
+    """Token ids of ``context + continuation`` and how many of them are the continuation's."""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:  # lm-eval: trailing spaces of the context belong to the continuation
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    whole = tokenizer(context + continuation)["input_ids"]
+    ctx = tokenizer(context)["input_ids"]
+    return whole, max(len(whole) - len(ctx), 1)
+
+
+@torch.no_grad()
+def loglikelihoods(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int = 8, max_length: int = 2048) -> list[float]:
+    device = input_device(model)
+    encoded = [_pair_tokens(tokenizer, c, x) for c, x in pairs]
+    out: list[float] = []
+    for start in range(0, len(encoded), batch_size):
+        chunk = [(ids[-max_length:], min(n, max_length - 1)) for ids, n in encoded[start:start + batch_size]]
+        width = max(len(ids) for ids, _ in chunk)
+        ids = torch.full((len(chunk), width), tokenizer.pad_token_id or 0, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, (row, _) in enumerate(chunk):
+            ids[r, : len(row)], mask[r, : len(row)] = torch.tensor(row), 1
+        logp = torch.log_softmax(model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float(), dim=-1).cpu()
+        for r, (row, n) in enumerate(chunk):
+            positions = torch.arange(len(row) - n, len(row))
+            out.append(logp[r, positions - 1, ids[r, positions]].sum().item())
+    return out
+
+
+@torch.no_grad()
+def greedy_continuations(model, tokenizer, prompts: list[str], max_new_tokens: int = 32, batch_size: int = 8,
+                         max_length: int = 2048) -> list[str]:
+    device = input_device(model)
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        out: list[str] = []
+        for start in range(0, len(prompts), batch_size):
+            enc = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True, truncation=True,
+                            max_length=max_length).to(device)
+            gen = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+            texts = tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            out.extend(t.strip().split("\n", 1)[0].strip() for t in texts)
+        return out
+    finally:
+        tokenizer.padding_side = side
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, texts: list[str], batch_size: int = 8, max_length: int = 2048) -> float:
+    device = input_device(model)
+    nll, count = 0.0, 0
+    for start in range(0, len(texts), batch_size):
+        enc = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        logp = torch.log_softmax(model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float(), dim=-1).cpu()
+        target = mask[:, 1:].bool()
+        token_logp = logp[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
+        nll -= token_logp[target].sum().item()
+        count += int(target.sum())
+    return math.exp(nll / count) if count else float("nan")

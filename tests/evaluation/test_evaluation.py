@@ -1,0 +1,167 @@
+"""Evaluation across the stream: metrics on a hand-made matrix, and scores recorded by ``--eval``
+equal to accuracies and likelihoods computed directly with transformers on tiny models."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from safetensors.torch import load_file
+from support.tiny_models import classifier_stream, make_stream, save_tokenizer, sentences
+
+from hf_contmerge.evaluation.record import Evaluation, TaskInfo, fusionbench_reports, summarise
+
+
+def _info(name: str, item: int, better: bool = True) -> TaskInfo:
+    return TaskInfo(name=name, item=item, data=name, kind="classification", metric="accuracy" if better else "perplexity",
+                    higher_is_better=better, samples=10)
+
+
+def test_acc_bwt_normalised_on_a_hand_made_matrix(tmp_path):
+    m = [[0.9, None, None], [0.8, 0.7, None], [0.6, 0.5, 0.95]]
+    s = summarise(m, [True, True, True], finetuned=[1.0, 0.8, 0.95])
+    assert s.acc == pytest.approx((0.6 + 0.5 + 0.95) / 3)
+    assert s.bwt == pytest.approx(((0.6 - 0.9) + (0.5 - 0.7)) / 2)
+    assert s.normalized_acc == pytest.approx((0.6 / 1.0 + 0.5 / 0.8 + 0.95 / 0.95) / 3)
+    assert s.seen_average == pytest.approx([0.9, 0.75, (0.6 + 0.5 + 0.95) / 3])
+    one = summarise(m[:1], [True, True, True])
+    assert one.bwt is None and one.acc == pytest.approx(0.9)
+    # a lower-is-better column (perplexity) is shown, never averaged
+    s2 = summarise([[0.9, 12.0], [0.7, 14.0]], [True, False])
+    assert s2.acc == pytest.approx(0.7) and s2.bwt == pytest.approx(-0.2)
+    record = Evaluation.build(2, [_info("a", 1), _info("b", 2)], [[0.9, None], [0.7, 0.6]])
+    assert Evaluation.parse(json.loads(record.model_dump_json())) == record
+    files = fusionbench_reports(record, tmp_path)
+    assert [f.name for f in files] == ["report_0.json", "report_1.json", "model_names.json"]
+    assert json.loads(files[0].read_text()) == {"a": {"accuracy": 0.9}, "average": {"accuracy": 0.9}}
+    assert json.loads(files[1].read_text())["average"]["accuracy"] == pytest.approx(0.65)
+    assert json.loads(files[2].read_text()) == ["a", "b"]
+
+
+def _labelled(path, texts, labels, **extra):
+    rows = [{"text": t, "label": y, **{k: v[i] for k, v in extra.items()}} for i, (t, y) in enumerate(zip(texts, labels))]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@torch.no_grad()
+def _direct_accuracy(backbone_folder, item_folder, tokenizer_folder, texts, labels) -> float:
+    """The item's architecture and head (from the item itself) over a backbone's weights, scored by hand."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(item_folder)
+    model = AutoModelForSequenceClassification.from_config(config).eval()
+    item = load_file(item_folder / "model.safetensors")
+    backbone = load_file(backbone_folder / "model.safetensors")
+    weights = {**{k: v for k, v in item.items() if k.startswith("classifier")},
+               **{("bert." + k if not k.startswith("bert.") else k): v for k, v in backbone.items() if not k.startswith("classifier")}}
+    missing = model.load_state_dict(weights, strict=False).missing_keys
+    assert all("position_ids" in k for k in missing), missing
+    tok = AutoTokenizer.from_pretrained(tokenizer_folder)
+    preds = [int(model(**tok(t, return_tensors="pt")).logits.argmax()) for t in texts]
+    return sum(p == y for p, y in zip(preds, labels)) / len(labels)
+
+
+def test_classifier_stream_scores_equal_direct_accuracies(tmp_path, cli):
+    base, items, _ = classifier_stream(tmp_path, labels=(2, 3))
+    texts = [sentences(12, seed=50), sentences(12, seed=51)]
+    labels = [[i % 2 for i in range(12)], [i % 3 for i in range(12)]]
+    evals = [_labelled(tmp_path / f"eval{i}.jsonl", texts[i], labels[i]) for i in range(2)]
+    out = tmp_path / "out"
+    code, _, err = cli("merge", "--base", base, "--stream", *items, "--method", "task_arithmetic", "--set", "scaling=0.5",
+                       "--out", out, "--eval", "--eval-data", f"first={evals[0]}", f"second={evals[1]}", "--eval-references")
+    assert code == 0, err
+    state = json.loads((out / "step-2" / "contmerge_state.json").read_text())
+    record = Evaluation.parse(state["evaluation"])
+    assert [t.name for t in record.tasks] == ["first", "second"] and record.step == 2
+    for k in (1, 2):
+        for i in range(k):
+            want = _direct_accuracy(out / f"step-{k}", items[i], base, texts[i], labels[i])
+            assert record.matrix[k - 1][i] == pytest.approx(want), (k, i)
+    assert record.matrix[0][1] is None
+    for i in range(2):
+        assert record.finetuned[i] == pytest.approx(_direct_accuracy(items[i], items[i], base, texts[i], labels[i]))
+        assert record.base[i] == pytest.approx(_direct_accuracy(base, items[i], base, texts[i], labels[i]))
+    # step 1's own record is the first row; step 2 carries it
+    first = Evaluation.parse(json.loads((out / "step-1" / "contmerge_state.json").read_text())["evaluation"])
+    assert first.matrix == [record.matrix[0][:1]] and first.tasks == record.tasks[:1]
+    # the card: model-index with the step's scores, the matrix table, plots that exist; it round-trips
+    card = ModelCard.load(out / "step-2" / "README.md")
+    results = {r.dataset_name: r.metric_value for r in card.data.eval_results}
+    assert results == {"first": pytest.approx(record.matrix[1][0], abs=1e-6), "second": pytest.approx(record.matrix[1][1], abs=1e-6)}
+    assert "| merged, step 2 |" in card.text and "individual fine-tunes" in card.text
+    for png in ("matrix.png", "progress.png"):
+        assert (out / "step-2" / "evaluation" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"](evaluation/{png})" in card.text
+    assert json.loads((out / "step-2" / "evaluation" / "report_1.json").read_text())["first"]["accuracy"] == pytest.approx(
+        record.matrix[1][0])
+
+
+def test_evaluation_refusals_write_nothing(tmp_path, cli):
+    base, items, data = classifier_stream(tmp_path, labels=(2, 3))
+    out = tmp_path / "out"
+    code, _, err = cli("merge", "--base", base, "--stream", *items, "--method", "average", "--out", out, "--eval")
+    assert code == 2 and "--eval needs --eval-data" in err
+    code, _, err = cli("merge", "--base", base, "--stream", *items, "--method", "average", "--out", out,
+                       "--eval", "--eval-data", data[0])
+    assert code == 2 and "one --eval-data SPEC per --stream item" in err
+    unlabelled = data  # calibration files: text only, no label column
+    code, _, err = cli("merge", "--base", base, "--stream", *items, "--method", "average", "--out", out,
+                       "--eval", "--eval-data", *unlabelled)
+    assert code == 2 and "no label column 'label'" in err, err
+    assert not any(out.glob("step-*"))
+
+
+@torch.no_grad()
+def _direct_loglik(model, tok, context: str, continuation: str) -> float:
+    whole = tok(context + continuation)["input_ids"]
+    n = len(whole) - len(tok(context)["input_ids"])
+    logp = torch.log_softmax(model(torch.tensor([whole])).logits[0].float(), -1)
+    return sum(logp[j - 1, whole[j]].item() for j in range(len(whole) - n, len(whole)))
+
+
+def test_causal_lm_tasks_equal_direct_computation(tmp_path, cli):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base, items = make_stream(tmp_path, "llama", n=2)
+    save_tokenizer(base, kind="llama")
+    prompts = sentences(8, seed=60)
+    choices = [sentences(3, seed=70 + i, length=(1, 3)) for i in range(8)]
+    answers = [i % 3 for i in range(8)]
+    choice = _labelled(tmp_path / "choice.jsonl", prompts, answers, choices=choices)
+    words = ["w1", "w2 w3"]
+    label_words = _labelled(tmp_path / "words.jsonl", prompts, [words[i % 2] for i in range(8)])
+    out = tmp_path / "out"
+    code, _, err = cli("merge", "--base", base, "--stream", *items, "--method", "task_arithmetic", "--out", out,
+                       "--eval", "--eval-data", f"mc={choice}", f"lw={label_words}", "--eval-batch-size", "3")
+    assert code == 0, err
+    record = Evaluation.parse(json.loads((out / "step-2" / "contmerge_state.json").read_text())["evaluation"])
+    assert [t.kind for t in record.tasks] == ["choice", "label-words"]
+    tok = AutoTokenizer.from_pretrained(base)
+    for k in (1, 2):
+        model = AutoModelForCausalLM.from_pretrained(out / f"step-{k}").eval()
+        mc = [max(range(3), key=lambda j: _direct_loglik(model, tok, p, " " + c[j])) for p, c in zip(prompts, choices)]
+        assert record.matrix[k - 1][0] == pytest.approx(sum(a == b for a, b in zip(mc, answers)) / 8)
+        if k == 2:
+            cands = sorted(words)
+            lw = [cands[max(range(2), key=lambda j: _direct_loglik(model, tok, p, " " + cands[j]))] for p in prompts]
+            assert record.matrix[1][1] == pytest.approx(sum(a == words[i % 2] for i, a in enumerate(lw)) / 8)
+
+    # scoring kernels against the direct computation, values not just argmaxes
+    from hf_contmerge.evaluation import scoring
+
+    model = AutoModelForCausalLM.from_pretrained(out / "step-2").eval()
+    tok.pad_token = tok.pad_token or tok.eos_token
+    pairs = [(p, " " + c[0]) for p, c in zip(prompts, choices)]
+    got = scoring.loglikelihoods(model, tok, pairs, batch_size=3)
+    assert got == pytest.approx([_direct_loglik(model, tok, p, c) for p, c in pairs], abs=1e-4)
+    nll = count = 0
+    for t in prompts:
+        ids = tok(t)["input_ids"]
+        logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+        nll -= sum(logp[j - 1, ids[j]].item() for j in range(1, len(ids)))
+        count += len(ids) - 1
+    assert scoring.perplexity(model, tok, prompts, batch_size=3) == pytest.approx(math.exp(nll / count), rel=1e-5)
