@@ -10,9 +10,9 @@ import pytest
 import torch
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
-from support.tiny_models import classifier_stream, make_stream, save_tokenizer, sentences
 
 from hf_contmerge.evaluation.record import Evaluation, TaskInfo, fusionbench_reports, summarise
+from support.tiny_models import classifier_stream, make_stream, save_tokenizer, sentences
 
 
 def _info(name: str, item: int, better: bool = True) -> TaskInfo:
