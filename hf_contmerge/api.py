@@ -22,10 +22,10 @@ from .artifacts.folder import load_step
 from .artifacts.state import read_state
 from .calibration.calibrator import make_calibrator
 from .calibration.data import DataSpec
-from .engine.hooks import step_hooks
 from .engine.run import Engine
 from .engine.step import StepResult
 from .errors import ContMergeError
+from .hooks import step_hooks
 from .methods.registry import build_method
 from .options import MergeOptions
 

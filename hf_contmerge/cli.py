@@ -89,8 +89,8 @@ def options_from_args(ns: argparse.Namespace) -> MergeOptions:
 
 def cmd_merge(ns: argparse.Namespace) -> int:
     from .calibration.calibrator import make_calibrator
-    from .engine.hooks import step_hooks
     from .engine.run import Engine
+    from .hooks import step_hooks
 
     options = options_from_args(ns)
     if options.quiet:

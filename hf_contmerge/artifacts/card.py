@@ -18,6 +18,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from ..io.remote import SourceSpec
 from ..methods.registry import method_class
 from ..options import MergeOptions
+from .layout import EVAL_DIR
 from .state import StepState
 
 TEMPLATE = "continual_merge.md"
@@ -97,17 +98,17 @@ def _cell(value: float | None, metric: str) -> str:
     return f"{value:.2f}" if metric == "perplexity" else f"{100 * value:.2f}"
 
 
+EVALUATION_FORMAT = "hf-contmerge/evaluation"  # evaluation/record.py's record (read here as plain JSON: no import)
+
+
 def _evaluation(data: dict | None) -> tuple[dict | None, list[EvalResult]]:
     """The card's view of a step's evaluation (a table, its summary and plots) and its model-index entries.
 
     The record of ``evaluation/`` (``--eval``) has a matrix; a dict from a custom ``evaluate=`` callable
     has ``description``, ``tasks`` and ``rows`` (``artifacts.folder.record_evaluation``)."""
-    from ..evaluation.record import Evaluation  # pydantic only
-
     if not data:
         return None, []
-    record = Evaluation.parse(data)
-    if record is None:
+    if data.get("format") != EVALUATION_FORMAT:
         rows = data.get("rows") or []
         view = {"description": data.get("description", ""), "columns": list(data.get("tasks", [])), "plots": [],
                 "rows": [(r["name"], [_cell(v, "accuracy") for v in r["scores"]], _cell(r.get("mean"), "accuracy")) for r in rows]}
@@ -115,44 +116,34 @@ def _evaluation(data: dict | None) -> tuple[dict | None, list[EvalResult]]:
                               metric_type=data.get("metric", "accuracy"), metric_value=round(v, 6))
                    for t, v in zip(data.get("tasks", []), rows[-1]["scores"] if rows else []) if v is not None]
         return view, results
-    metrics = [t.metric for t in record.tasks]
-    s = record.summary
+    tasks, s = data["tasks"], data["summary"]
+    metrics = [t["metric"] for t in tasks]
 
     def row(name: str, scores: list, mean: float | None) -> tuple:
         return name, [_cell(v, m) for v, m in zip(scores, metrics)], _cell(mean, "accuracy")
 
     rows = []
-    counted = [t.higher_is_better for t in record.tasks]
-    for name, ref in (("base (each task's head)", record.base), ("individual fine-tunes", record.finetuned)):
+    counted = [t["higher_is_better"] for t in tasks]
+    for name, ref in (("base (each task's head)", data.get("base")), ("individual fine-tunes", data.get("finetuned"))):
         if ref is not None:
             vals = [v for v, c in zip(ref, counted) if c and v is not None]
             rows.append(row(name, ref, sum(vals) / len(vals) if vals else None))
-    rows += [row(f"merged, step {k + 1}", r, s.seen_average[k]) for k, r in enumerate(record.matrix)]
-    parts = [f"ACC {_cell(s.acc, 'accuracy')}"]
-    if s.bwt is not None:
-        parts.append(f"BWT {100 * s.bwt:+.2f}")
-    if s.normalized_acc is not None:
-        parts.append(f"normalised ACC {100 * s.normalized_acc:.2f}%")
-    kinds = sorted({f"{t.name}: {t.kind} ({t.metric}, {t.samples} examples of `{t.data}`)" for t in record.tasks})
+    rows += [row(f"merged, step {k + 1}", r, s["seen_average"][k]) for k, r in enumerate(data["matrix"])]
+    parts = [f"ACC {_cell(s['acc'], 'accuracy')}"]
+    if s.get("bwt") is not None:
+        parts.append(f"BWT {100 * s['bwt']:+.2f}")
+    if s.get("normalized_acc") is not None:
+        parts.append(f"normalised ACC {100 * s['normalized_acc']:.2f}%")
+    kinds = [f"{t['name']}: {t['kind']} ({t['metric']}, {t['samples']} examples of `{t['data']}`)" for t in tasks]
     description = (f"Scores (%; perplexity as is) of the merged model after every step on the tasks seen so far, each "
-                   f"with its own head when heads are kept apart. After step {record.step}: {', '.join(parts)} "
+                   f"with its own head when heads are kept apart. After step {data['step']}: {', '.join(parts)} "
                    f"(over the tasks seen; BWT = mean over i < T of a[T][i] − a[i][i]). Tasks: " + "; ".join(kinds) + ".")
-    view = {"description": description, "columns": [t.name for t in record.tasks], "rows": rows,
-            "plots": ["evaluation/matrix.png", "evaluation/progress.png"]}
-    results = [EvalResult(task_type=_TASK_TYPE.get(t.kind, "text-classification"), dataset_type=_hub_id_of_data(t.data) or t.name,
-                          dataset_name=t.name, metric_type=t.metric, metric_value=round(v, 6))
-               for t, v in zip(record.tasks, record.matrix[-1]) if v is not None]
+    view = {"description": description, "columns": [t["name"] for t in tasks], "rows": rows,
+            "plots": [f"{EVAL_DIR}/matrix.png", f"{EVAL_DIR}/progress.png"]}
+    results = [EvalResult(task_type=_TASK_TYPE.get(t["kind"], "text-classification"), dataset_type=t.get("dataset") or t["name"],
+                          dataset_name=t["name"], metric_type=t["metric"], metric_value=round(v, 6))
+               for t, v in zip(tasks, data["matrix"][-1]) if v is not None]
     return view, results
-
-
-def _hub_id_of_data(spec: str) -> str | None:
-    from ..calibration.data import DataSpec
-
-    try:
-        parsed = DataSpec.parse(spec)
-    except Exception:  # a folder that is gone, an in-memory dataset: not a Hub id
-        return None
-    return parsed.location if parsed.kind == "hub" else None
 
 
 def render_card(state: StepState) -> str:

@@ -1,11 +1,12 @@
 """The offline demo: a real stream of MiniLM fine-tunes, merged continually, evaluated per step.
 
 Three experts (sentiment, subjectivity, chat topic) are fine-tuned from all-MiniLM-L6-v2 once per
-machine and cached (``experts.py``). The stream is merged with the chosen method; after every step
-the merged backbone is evaluated on every task seen so far, each with its own head (the papers'
-protocol: task-specific heads are not merged). Printed: the accuracy matrix a[t][i], with the
-pretrained backbone and the individual experts as the lower and upper rows, then ACC and BWT.
-The results are written into each step's card. A data-dependent method (``fisher``, ``became``)
+machine and cached (``experts.py``). The stream is merged with the chosen method and scored by the
+evaluation subsystem (``--eval``, ``evaluation/``): after every step the merged backbone is evaluated
+on every task seen so far, each with its own head (the papers' protocol: task-specific heads are not
+merged). Printed: the accuracy matrix a[t][i], with the pretrained backbone and the individual
+experts as the lower and upper rows, then ACC, BWT and normalised ACC. The results and their plots
+are written into each step's card. A data-dependent method (``fisher``, ``became``)
 is calibrated on each expert's own training texts (its task's train split, saved once per machine).
 """
 
@@ -18,25 +19,28 @@ from pathlib import Path
 from typing import Any
 
 from ..api import ContinualMerger
-from ..artifacts.folder import load_task_model
+from ..artifacts.state import read_state
+from ..evaluation.record import Evaluation
 from ..methods.registry import build_method
-from .evaluate import evaluate
+from .evaluate import MAX_LENGTH
 from .experts import BASE_MODEL_DIR, build_experts, cache_root
 from .tasks import load_tasks
 
 
-def _task_data(task) -> Path:
-    """The task's training split as a ``save_to_disk`` folder (calibration data), written once per machine."""
+def _split_folder(task, split: str) -> Path:
+    """A split of the task (``train``: calibration data, ``test``: evaluation) as a ``save_to_disk`` folder,
+    written once per machine."""
     import hashlib
 
-    digest = hashlib.sha256(json.dumps(task.train.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
-    folder = cache_root() / "demo-data" / f"{task.name}-{digest}"
+    data = getattr(task, split)
+    digest = hashlib.sha256(json.dumps(data.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+    folder = cache_root() / "demo-data" / f"{task.name}{'' if split == 'train' else '-' + split}-{digest}"
     if not folder.is_dir():
         from datasets.utils.logging import disable_progress_bar
 
         disable_progress_bar()  # the demo prints its own table
         tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
-        task.train.save_to_disk(str(tmp))
+        data.save_to_disk(str(tmp))
         os.replace(tmp, folder)
     return folder
 
@@ -49,19 +53,12 @@ def _fresh_out(method: str) -> Path:
     return runs / f"{method}-{n}"
 
 
-def _row(name: str, scores: list[float | None]) -> dict[str, Any]:
-    seen = [s for s in scores if s is not None]
-    return {"name": name, "scores": scores, "mean": sum(seen) / len(seen) if seen else None}
-
-
-def _print_row(row: dict[str, Any], width: int) -> None:
-    cells = "".join(f"{'–' if s is None else f'{100 * s:.1f}':>{width}}" for s in row["scores"])
-    mean = "–" if row["mean"] is None else f"{100 * row['mean']:.1f}"
-    print(f"{row['name']:<22}{cells}{mean:>{width}}")
+def _print_row(name: str, scores: list[float | None], mean: float | None, width: int) -> None:
+    cells = "".join(f"{'–' if v is None else f'{100 * v:.1f}':>{width}}" for v in scores)
+    print(f"{name:<22}{cells}{'–' if mean is None else f'{100 * mean:.1f}':>{width}}")
 
 
 def run_demo(method: str = "opcm", out: Path | None = None, params: dict[str, Any] | None = None, quiet: bool = False) -> dict[str, Any]:
-    from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # keep the printed table readable
@@ -70,51 +67,32 @@ def run_demo(method: str = "opcm", out: Path | None = None, params: dict[str, An
     experts = build_experts(tasks, progress=not quiet)
     base = BASE_MODEL_DIR()
     out = Path(out) if out else _fresh_out(method)
-    tokenizer = AutoTokenizer.from_pretrained(base)
     names = [t.name for t in tasks]
-    width = max(14, *(len(n) + 2 for n in names))
     print(f"hf-contmerge demo: {method} over {len(experts)} MiniLM fine-tunes ({', '.join(names)}) -> {out}", file=sys.stderr)
+    # the evaluation subsystem scores each step (each task with its own head) and the reference rows;
+    # inputs truncated at 64 tokens, the length the experts were trained with
+    merger = ContinualMerger(base=str(base), method=method, params=params or {}, out=out, quiet=True, eval=True,
+                             eval_references=True, eval_max_length=MAX_LENGTH)
+    needs_data = bool(build_method(method, params or {}).calibration)  # each expert's own training texts
+    merger.run([str(e) for e in experts], data=[_split_folder(t, "train") for t in tasks] if needs_data else None,
+               eval_data=[f"{t.name}={_split_folder(t, 'test')}" for t in tasks])
+    record = Evaluation.parse(read_state(merger.last_step_folder).evaluation)
+    counted = [t.higher_is_better for t in record.tasks]
 
-    # lower row: the pretrained backbone with each expert's head; upper row: each expert alone
-    lower, upper = [], []
-    for task, expert in zip(tasks, experts):
-        model = AutoModelForSequenceClassification.from_pretrained(expert)
-        upper.append(evaluate(model, tokenizer, task))
-        model.bert.load_state_dict(AutoModel.from_pretrained(base).state_dict())
-        lower.append(evaluate(model, tokenizer, task))
-    rows = [_row("pretrained + heads", lower), _row("individual experts", upper)]
+    def mean(scores: list[float | None]) -> float | None:
+        seen = [v for v, c in zip(scores, counted) if c and v is not None]
+        return sum(seen) / len(seen) if seen else None
+
+    rows = [{"name": "pretrained + heads", "scores": record.base, "mean": mean(record.base)},
+            {"name": "individual experts", "scores": record.finetuned, "mean": mean(record.finetuned)},
+            *({"name": f"merged, step {k + 1}", "scores": r, "mean": record.summary.seen_average[k]}
+              for k, r in enumerate(record.matrix))]
+    width = max(14, *(len(n) + 2 for n in names))
     print(f"{'accuracy (%)':<22}" + "".join(f"{n:>{width}}" for n in names) + f"{'mean':>{width}}")
     for r in rows:
-        _print_row(r, width)
-
-    matrix: list[list[float | None]] = []
-    summary: dict[str, float] = {}
-
-    def evaluate_step(result) -> dict[str, Any]:
-        t = result.step
-        scores: list[float | None] = [None] * len(tasks)
-        for i in range(t):
-            scores[i] = evaluate(load_task_model(result.folder, i + 1), tokenizer, tasks[i])
-        matrix.append(scores)
-        row = _row(f"merged, step {t}", scores)
-        rows.append(row)
-        _print_row(row, width)
-        summary["ACC"] = row["mean"]
-        summary["BWT"] = sum(matrix[-1][i] - matrix[i][i] for i in range(t - 1)) / (t - 1) if t > 1 else 0.0
-        return {
-            "description": (
-                f"Accuracy (%) on the held-out split of each demo task, each with its own head (heads are not merged). "
-                f"After step {t}: ACC {100 * summary['ACC']:.2f}, BWT {100 * summary['BWT']:+.2f} (over the tasks seen so far)."
-            ),
-            "tasks": names,
-            "rows": list(rows),
-            "metrics": dict(summary),
-        }
-
-    merger = ContinualMerger(base=str(base), method=method, params=params or {}, out=out, quiet=True, evaluate=evaluate_step)
-    needs_data = bool(build_method(method, params or {}).calibration)  # each expert's own training texts
-    merger.run([str(e) for e in experts], data=[_task_data(t) for t in tasks] if needs_data else None)
-    acc, bwt = summary["ACC"], summary["BWT"]
-    print(f"ACC {100 * acc:.2f}   BWT {100 * bwt:+.2f}   (final model over all {len(tasks)} tasks; BWT = mean a[T][i] − a[i][i])")
-    print(f"steps written to {out}; each step's README.md holds its card and these results", file=sys.stderr)
-    return {"rows": rows, "ACC": acc, "BWT": bwt, "out": out}
+        _print_row(r["name"], r["scores"], r["mean"], width)
+    acc, bwt = record.summary.acc, record.summary.bwt
+    print(f"ACC {100 * acc:.2f}   BWT {100 * bwt:+.2f}   normalised ACC {100 * record.summary.normalized_acc:.2f}%   "
+          f"(final model over all {len(tasks)} tasks; BWT = mean a[T][i] − a[i][i])")
+    print(f"steps written to {out}; each step's README.md holds its card, these results and their plots", file=sys.stderr)
+    return {"rows": rows, "ACC": acc, "BWT": bwt, "out": out, "evaluation": record}

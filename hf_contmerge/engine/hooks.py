@@ -10,13 +10,12 @@ and names none of them.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ..artifacts.folder import record_evaluation
 from ..hub.push import PushTarget, check_target, commit_message, push_missing, push_step
-from ..options import MergeOptions
 from .step import StepResult
 
 
@@ -68,20 +67,3 @@ class PushHook(StepHook):
     def after_step(self, result: StepResult) -> StepResult:
         push_step(result.folder, result.step, self.target, self.token, commit_message(result.state))
         return result
-
-
-def step_hooks(options: MergeOptions, evaluate: Callable[[StepResult], dict[str, Any]] | None = None,
-               memory: dict[str, Any] | None = None) -> Sequence[StepHook]:
-    """The hooks a run with these options has: evaluation on the ``--eval-data`` tasks (``--eval``;
-    ``memory``: in-memory datasets of the API by their spec text), a custom ``evaluate`` callable, then the push."""
-    hooks: list[StepHook] = []
-    if options.eval:
-        from ..evaluation.hook import TaskEvaluationHook  # datasets, evaluate, matplotlib: only when asked
-
-        hooks.append(TaskEvaluationHook(options, memory))
-    if evaluate is not None:
-        hooks.append(EvaluationHook(evaluate))
-    target = PushTarget.from_options(options)
-    if target is not None:
-        hooks.append(PushHook(target, options.token_value(), options.out))
-    return hooks

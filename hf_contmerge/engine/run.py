@@ -77,7 +77,7 @@ def resolve_device(name: str) -> torch.device:
 class Engine:
     """Runs a validated :class:`MergeOptions` to completion (:meth:`run`).
 
-    ``hooks`` run after every step, in order (``hooks.step_hooks`` builds the standard ones);
+    ``hooks`` run after every step, in order (``hf_contmerge.hooks.step_hooks`` builds the standard ones);
     ``calibrator`` answers the calibration requests of a data-dependent method.
     """
 

@@ -76,6 +76,7 @@ class TaskEvaluationHook(StepHook):
         for i in items:
             task = self._task(i, previous, result.folder, result.state)
             infos.append(TaskInfo(name=task.spec.name, item=i, data=task.spec.data.text, kind=task.kind, metric=task.metric,
+                                  dataset=task.spec.data.location if task.spec.data.kind == "hub" else None,
                                   higher_is_better=task.higher_is_better, samples=len(task.inputs)))
         earlier = {t.item: [row[c] for row in previous.matrix] for c, t in enumerate(previous.tasks)} if previous else {}
         matrix: list[list[Score]] = []

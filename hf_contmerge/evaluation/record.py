@@ -32,6 +32,7 @@ class TaskInfo(BaseModel):
     name: str
     item: int  # the stream position (1-based) whose task this is
     data: str  # the data spec as given
+    dataset: str | None = None  # its Hub dataset id, when it is one (the card's model-index names it)
     kind: str  # classification, choice, label-words, exact-match, perplexity
     metric: str
     higher_is_better: bool = True

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from hf_contmerge.artifacts.state import read_state
-from hf_contmerge.engine.hooks import EvaluationHook, PushHook, StepHook, step_hooks
+from hf_contmerge.engine.hooks import EvaluationHook, PushHook, StepHook
 from hf_contmerge.engine.run import Engine
+from hf_contmerge.hooks import step_hooks
 from hf_contmerge.options import MergeOptions
 
 
