@@ -47,6 +47,7 @@ class ContinualMerger:
                  evaluate: Callable[[StepResult], dict[str, Any]] | None = None, **options: Any):
         options.setdefault("quiet", True)
         self.evaluate = evaluate
+        self._memory: dict[str, DataSpec] = {}  # in-memory datasets given so far, by the spec text the state records
         self.options = MergeOptions.create(base=base, method=method, out=Path(out), params=params or {}, **options)
         done = layout.complete_steps(self.options.out)
         if done and not self.options.resume:
@@ -87,7 +88,7 @@ class ContinualMerger:
     def _run(self, sources: list, data: list | None, eval_data: list | None = None) -> list[StepResult]:
         """Merge ``sources`` (with their data) in one engine run: the next steps of this merger."""
         sources = [os.fspath(s) for s in sources]
-        memory: dict[str, DataSpec] = {}
+        memory = self._memory  # kept across steps: later steps score earlier items' in-memory tasks again
 
         def texts_of(entries: list, none: str) -> list[str]:
             texts = []

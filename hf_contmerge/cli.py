@@ -34,9 +34,9 @@ def _methods_help() -> str:
     return "methods:\n" + "\n".join(lines) + "\n\nParameters and defaults: `hf-contmerge methods`."
 
 
-def _add_option_flags(parser: argparse.ArgumentParser) -> None:
+def _add_option_flags(parser: argparse.ArgumentParser, only: tuple[str, ...] | None = None) -> None:
     for name, field in MergeOptions.model_fields.items():
-        if name in SPECIAL:
+        if name in SPECIAL or (only is not None and name not in only):
             continue
         flag = "--" + name.replace("_", "-")
         kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": field.description}
@@ -54,6 +54,10 @@ def _add_option_flags(parser: argparse.ArgumentParser) -> None:
         if not field.is_required() and ann is not bool and field.default is not None and origin is not list:
             kwargs["help"] = f"{field.description} (default: {field.default})"
         parser.add_argument(flag, **kwargs)
+    if only is not None:
+        parser.add_argument("--token", dest="token", default=argparse.SUPPRESS,
+                            help="Hub token (default: HF_TOKEN or your saved login). Never printed or written.")
+        return
     parser.add_argument("--set", dest="params", action="append", metavar="KEY=VALUE", default=argparse.SUPPRESS,
                         help="a method parameter, e.g. --set scaling=0.5 (repeatable; values are YAML scalars)")
     parser.add_argument("--token", dest="token", default=argparse.SUPPRESS,
@@ -99,6 +103,34 @@ def cmd_merge(ns: argparse.Namespace) -> int:
         disable_progress_bars()
         logging.getLogger("hf_contmerge").setLevel(logging.WARNING)
     Engine(options, hooks=step_hooks(options), calibrator=make_calibrator(options)).run()
+    return 0
+
+
+EVAL_FLAGS = ("eval_data", "eval_kind", "eval_column", "eval_label_column", "eval_choices_column", "eval_samples",
+              "eval_batch_size", "eval_max_length", "eval_max_new_tokens", "eval_references", "device", "device_map",
+              "max_memory", "offload_folder", "allow_pickle", "quiet")
+
+
+def cmd_eval(ns: argparse.Namespace) -> int:
+    """Score the steps of an output folder (written by ``merge``, with or without ``--eval``)."""
+    from .artifacts import layout
+    from .artifacts.state import read_state
+    from .evaluation.hook import evaluate_folder
+
+    done = layout.complete_steps(ns.out)
+    if not done:
+        raise ContMergeError(f"{ns.out} holds no complete hf-contmerge step to evaluate.")
+    state = read_state(layout.step_dir(ns.out, done[-1]))
+    given = {k: v for k, v in vars(ns).items() if k in EVAL_FLAGS}
+    options = MergeOptions.create(base=state.base["source"], stream=[s["source"] for s in state.stream], method=state.method,
+                                  params=state.params, out=ns.out, seed=state.options.get("seed", 0), eval=True,
+                                  token=getattr(ns, "token", None), **given)
+    for record in evaluate_folder(options, ns.from_step):
+        s = record.summary
+        acc = "–" if s.acc is None else f"{100 * s.acc:.2f}"
+        bwt = "–" if s.bwt is None else f"{100 * s.bwt:+.2f}"
+        print(f"step {record.step}: ACC {acc}  BWT {bwt}  " + "  ".join(
+            f"{t.name}={'–' if v is None else f'{v:.4g}'}" for t, v in zip(record.tasks, record.matrix[-1])))
     return 0
 
 
@@ -159,6 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
     merge.epilog_factory = _methods_help
     _add_option_flags(merge)
     merge.set_defaults(func=cmd_merge)
+    evaluate = sub.add_parser("eval", help="score the steps of an output folder on --eval-data tasks (record, card, plots)")
+    evaluate.add_argument("out", type=Path, help="an output folder written by `hf-contmerge merge`")
+    evaluate.add_argument("--from-step", type=int, default=1, metavar="K", help="evaluate steps K..T only (step K-1 "
+                          "must hold a record; default: every step)")
+    _add_option_flags(evaluate, only=EVAL_FLAGS)
+    evaluate.set_defaults(func=cmd_eval)
     sub.add_parser("methods", help="list methods with their parameters and defaults").set_defaults(func=cmd_methods)
     inspect = sub.add_parser("inspect", help="pre-flight report of a base and a stream (headers only; writes nothing)")
     inspect.add_argument("--base", required=True)

@@ -317,17 +317,22 @@ def load_recipe(path: Path) -> dict[str, Any]:
 def _stream_entries(path: Path, recipe: dict[str, Any]) -> dict[str, list[str]]:
     """A recipe stream whose items are mappings ``{source: SRC, data: SPEC}`` as the ``stream`` and
     ``data`` lists of the options (a plain string item is a source without data)."""
-    if "data" in recipe:
+    if "data" in recipe and any(isinstance(i, dict) and "data" in i for i in recipe["stream"]):
         raise ContMergeError(f"Recipe {path} gives `data` both per stream item and as a list; keep one of the two.")
-    sources, specs = [], []
+    if "eval_data" in recipe and any(isinstance(i, dict) and "eval" in i for i in recipe["stream"]):
+        raise ContMergeError(f"Recipe {path} gives evaluation tasks both per stream item (`eval`) and as `eval_data`; keep one.")
+    sources, specs, evals = [], [], []
     for n, item in enumerate(recipe["stream"], 1):
         entry = {"source": item} if isinstance(item, str) else item
-        if not isinstance(entry, dict) or not isinstance(entry.get("source"), str) or set(entry) - {"source", "data"}:
-            raise ContMergeError(f"Recipe {path}: stream item {n} must be a source string or a mapping with `source` and "
-                                 f"an optional `data` (a data spec string), not {item!r}.")
-        if not isinstance(entry.get("data", ""), str):
-            raise ContMergeError(f"Recipe {path}: stream item {n} has `data: {entry['data']!r}`; give a data spec string "
-                                 "(a dataset folder[@split], data files, or org/name[:config][@split]).")
+        if not isinstance(entry, dict) or not isinstance(entry.get("source"), str) or set(entry) - {"source", "data", "eval"}:
+            raise ContMergeError(f"Recipe {path}: stream item {n} must be a source string or a mapping with `source`, an "
+                                 f"optional `data` and an optional `eval` (data spec strings), not {item!r}.")
+        for key in ("data", "eval"):
+            if not isinstance(entry.get(key, ""), str):
+                raise ContMergeError(f"Recipe {path}: stream item {n} has `{key}: {entry[key]!r}`; give a data spec string "
+                                     "(a dataset folder[@split], data files, or org/name[:config][@split]).")
         sources.append(entry["source"])
         specs.append(entry.get("data", ""))
-    return {"stream": sources, **({"data": specs} if any(specs) else {})}
+        evals.append(entry.get("eval", "-"))
+    return {"stream": sources, **({"data": specs} if any(specs) else {}),
+            **({"eval_data": evals} if any(e != "-" for e in evals) else {})}

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..artifacts import layout
-from ..artifacts.folder import load_step, load_task_model, write_state_and_card
+from ..artifacts.folder import load_step, load_task_model, record_evaluation
 from ..artifacts.heads import head_dir, task_model
 from ..artifacts.state import read_state
 from ..calibration.data import DataSpec
@@ -45,6 +45,7 @@ def task_specs(options: MergeOptions, memory: dict[str, DataSpec] | None = None)
 class TaskEvaluationHook(StepHook):
     def __init__(self, options: MergeOptions, memory: dict[str, DataSpec] | None = None):
         self.options = options
+        self.memory = memory or {}
         self.specs = task_specs(options, memory)
         self._prepared: dict[tuple[int, str], PreparedTask] = {}
 
@@ -92,8 +93,7 @@ class TaskEvaluationHook(StepHook):
         evaluation = Evaluation.build(k, infos, matrix, base, finetuned)
         fusionbench_reports(evaluation, result.folder / layout.EVAL_DIR)
         plots.draw(evaluation, result.folder / layout.EVAL_DIR)
-        result.state.evaluation = evaluation.model_dump(mode="json")
-        write_state_and_card(result.folder, result.state)
+        result.state = record_evaluation(result.folder, evaluation.model_dump(mode="json"))
         s = evaluation.summary
         logger.info(f"step {k}: ACC {_pct(s.acc)}, BWT {_pct(s.bwt)} over {len(items)} task(s)")
         return result
@@ -104,10 +104,10 @@ class TaskEvaluationHook(StepHook):
             return self.specs[item - 1]
         for t in previous.tasks if previous else []:  # given to an earlier run (the API gives one item at a time)
             if t.item == item:
-                if t.data.startswith("<in-memory"):
+                if t.data.startswith("<in-memory") and t.data not in self.memory:
                     raise ContMergeError(f"Task {t.name!r} (item {item}) was evaluated on an in-memory Dataset that this run "
                                          "was not given again; pass it as eval_data for that item, or a data spec.")
-                return TaskSpec.parse(f"{t.name}={t.data}", None, **{**self._settings(), "kind": t.kind})
+                return TaskSpec.parse(f"{t.name}={t.data}", self.memory, **{**self._settings(), "kind": t.kind})
         return None
 
     def _settings(self) -> dict[str, Any]:
@@ -202,3 +202,55 @@ class TaskEvaluationHook(StepHook):
 
 def _pct(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.2f}"
+
+
+def _pinned(entry: dict[str, Any]) -> str:
+    """A recorded source at its recorded commit (Hub), or its folder as given."""
+    from ..io.remote import SourceSpec
+
+    spec = SourceSpec.parse(entry["source"])
+    return spec.text if spec.is_local or not entry.get("revision") else f"{spec.location}@{entry['revision']}"
+
+
+def evaluate_folder(options: MergeOptions, from_step: int = 1) -> list[Evaluation]:
+    """``hf-contmerge eval``: score the complete steps of ``options.out`` in order (all, or from
+    ``from_step`` on, which needs the record of the step before) and record each step's evaluation
+    in its state, card and ``evaluation/`` (each file replaced atomically). The reference rows need
+    the fine-tunes themselves: they are read from their recorded sources (a Hub item at its commit)."""
+    from ..sources.resolve import resolve
+
+    done = layout.complete_steps(options.out)
+    if not done:
+        raise ContMergeError(f"{options.out} holds no complete step to evaluate.")
+    todo = [k for k in done if k >= from_step]
+    if todo and todo[0] > 1 and Evaluation.parse(read_state(layout.step_dir(options.out, todo[0] - 1)).evaluation) is None:
+        raise ContMergeError(f"step-{todo[0] - 1} has no evaluation record, and step {todo[0]}'s matrix needs it: evaluate "
+                             "from step 1 (omit --from-step).")
+    hook = TaskEvaluationHook(options)
+    hook.check(range(1, len(done) + 1))
+    token = options.token_value()
+    records = []
+    with layout.exclusive(options.out):
+        last = read_state(layout.step_dir(options.out, done[-1]))
+        base = resolve(_pinned(last.base), token=token, allow_pickle=options.allow_pickle, role="base", lazy=True)
+        try:
+            base_folder = base.ensure_local()
+            for k in todo:
+                folder = layout.step_dir(options.out, k)
+                state = read_state(folder)
+                item = None
+                if options.eval_references:
+                    item = resolve(_pinned(state.stream[k - 1]), token=token, allow_pickle=options.allow_pickle,
+                                   role="stream item", base=base, lazy=True)
+                    item.ensure_local()
+                try:
+                    result = hook.before_publish(StepResult(k, folder, state, base_folder=base_folder, item=item))
+                finally:
+                    if item is not None:
+                        item.close()
+                record = Evaluation.parse(result.state.evaluation)
+                if record is not None:
+                    records.append(record)
+        finally:
+            base.close()
+    return records

@@ -165,3 +165,46 @@ def test_causal_lm_tasks_equal_direct_computation(tmp_path, cli):
         nll -= sum(logp[j - 1, ids[j]].item() for j in range(1, len(ids)))
         count += len(ids) - 1
     assert scoring.perplexity(model, tok, prompts, batch_size=3) == pytest.approx(math.exp(nll / count), rel=1e-5)
+
+
+def test_eval_command_api_and_recipe_record_what_merge_eval_records(tmp_path, cli):
+    """``hf-contmerge eval`` after a plain merge, the API with in-memory datasets, and a recipe with a
+    per-item ``eval`` record the same evaluation as ``merge --eval``."""
+    import datasets
+    import yaml
+
+    from hf_contmerge import ContinualMerger
+
+    base, items, _ = classifier_stream(tmp_path, labels=(2, 3))
+    texts = [sentences(10, seed=80), sentences(10, seed=81)]
+    labels = [[i % 2 for i in range(10)], [(i * 2) % 3 for i in range(10)]]
+    evals = [_labelled(tmp_path / f"e{i}.jsonl", texts[i], labels[i]) for i in range(2)]
+    common = ["--base", base, "--stream", *items, "--method", "ties"]
+    flags = ["--eval-data", f"a={evals[0]}", f"b={evals[1]}", "--eval-samples", "7", "--eval-references"]
+
+    def record(out, k=2):
+        return json.loads((out / f"step-{k}" / "contmerge_state.json").read_text())["evaluation"]
+
+    assert cli("merge", *common, "--out", tmp_path / "with", "--eval", *flags)[0] == 0
+    assert cli("merge", *common, "--out", tmp_path / "after")[0] == 0
+    code, out, err = cli("eval", tmp_path / "after", *flags)
+    assert code == 0, err
+    assert "step 2: ACC" in out
+    for k in (1, 2):
+        assert record(tmp_path / "after", k) == record(tmp_path / "with", k)
+    assert (tmp_path / "after" / "step-2" / "README.md").read_text() == (tmp_path / "with" / "step-2" / "README.md").read_text()
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"base": str(base), "method": "ties", "out": str(tmp_path / "recipe"), "eval": True,
+                                      "eval_samples": 7, "eval_references": True,
+                                      "stream": [{"source": str(items[i]), "eval": f"{n}={evals[i]}"} for i, n in enumerate("ab")]}))
+    assert cli("merge", "--recipe", recipe)[0] == 0
+    assert record(tmp_path / "recipe") == record(tmp_path / "with")
+
+    merger = ContinualMerger(base=base, method="ties", out=tmp_path / "api", eval=True, eval_samples=7, eval_references=True)
+    for i in range(2):
+        merger.step(items[i], eval_data=datasets.Dataset.from_dict({"text": texts[i], "label": labels[i]}))
+    got = record(tmp_path / "api")
+    want = record(tmp_path / "with")
+    assert got["matrix"] == want["matrix"] and got["finetuned"] == want["finetuned"] and got["summary"] == want["summary"]
+    assert got["tasks"][0]["data"].startswith("<in-memory Dataset")
