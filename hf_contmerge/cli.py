@@ -46,7 +46,7 @@ def _add_option_flags(parser: argparse.ArgumentParser, only: tuple[str, ...] | N
             kwargs["action"] = "store_true"
         elif origin is list:
             kwargs["nargs"] = "+"
-            kwargs["metavar"] = "SPEC" if name in ("data", "eval_data") else "SRC"
+            kwargs["metavar"] = {"data": "SPEC", "eval_data": "SPEC", "eval_harness": "TASK"}.get(name, "SRC")
         elif origin is typing.Literal:
             kwargs["choices"] = typing.get_args(ann)
         elif ann in (int, float):
@@ -107,8 +107,8 @@ def cmd_merge(ns: argparse.Namespace) -> int:
 
 
 EVAL_FLAGS = ("eval_data", "eval_kind", "eval_column", "eval_label_column", "eval_choices_column", "eval_samples",
-              "eval_batch_size", "eval_max_length", "eval_max_new_tokens", "eval_references", "device", "device_map",
-              "max_memory", "offload_folder", "allow_pickle", "quiet")
+              "eval_batch_size", "eval_max_length", "eval_max_new_tokens", "eval_references", "eval_harness",
+              "eval_harness_include", "device", "device_map", "max_memory", "offload_folder", "allow_pickle", "quiet")
 
 
 def cmd_eval(ns: argparse.Namespace) -> int:

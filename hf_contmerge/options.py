@@ -112,6 +112,10 @@ class MergeOptions(BaseModel):
     eval_batch_size: int = Field(16, ge=1, description="evaluation batch size")
     eval_max_length: int = Field(512, ge=2, description="most tokens of one evaluation input")
     eval_max_new_tokens: int = Field(32, ge=1, description="tokens generated per example by exact-match tasks")
+    eval_harness: list[str] = Field(default_factory=list, description="with --eval: lm-evaluation-harness tasks run on "
+                                    "every step (registry names, or tasks of --eval-harness-include); needs "
+                                    "pip install 'hf-contmerge[eval]'")
+    eval_harness_include: Path | None = Field(None, description="a task YAML file or folder of them for --eval-harness")
     eval_references: bool = Field(False, description="with --eval: also score the base (with each task's head) and each "
                                   "fine-tune alone, as reference rows (normalised accuracy)")
     allow_pickle: bool = Field(False, description="accept pickle (.bin) checkpoints; unpickling can run code")
@@ -224,8 +228,10 @@ class MergeOptions(BaseModel):
 
     @model_validator(mode="after")
     def _eval(self) -> MergeOptions:
-        if self.eval and self.stream and not self.eval_data:
-            raise ValueError("--eval needs --eval-data: one task SPEC per --stream item (- for none)")
+        if self.eval and self.stream and not self.eval_data and not self.eval_harness:
+            raise ValueError("--eval needs --eval-data (one task SPEC per --stream item, - for none) or --eval-harness")
+        if (self.eval_harness or self.eval_harness_include) and not self.eval:
+            raise ValueError("--eval-harness applies with --eval only")
         if self.eval_data and not self.eval:
             raise ValueError("--eval-data is given without --eval: add --eval to score every step")
         if self.eval_references and not self.eval:

@@ -89,7 +89,7 @@ def _notes(entry: dict) -> str:
 
 
 _TASK_TYPE = {"classification": "text-classification", "perplexity": "text-generation", "exact-match": "text-generation",
-              "choice": "multiple-choice", "label-words": "text-classification"}
+              "choice": "multiple-choice", "label-words": "text-classification", "harness": "text-generation"}
 
 
 def _cell(value: float | None, metric: str) -> str:
@@ -123,7 +123,7 @@ def _evaluation(data: dict | None) -> tuple[dict | None, list[EvalResult]]:
         return name, [_cell(v, m) for v, m in zip(scores, metrics)], _cell(mean, "accuracy")
 
     rows = []
-    counted = [t["higher_is_better"] for t in tasks]
+    counted = [t["higher_is_better"] and t["item"] > 0 for t in tasks]
     for name, ref in (("base (each task's head)", data.get("base")), ("individual fine-tunes", data.get("finetuned"))):
         if ref is not None:
             vals = [v for v, c in zip(ref, counted) if c and v is not None]

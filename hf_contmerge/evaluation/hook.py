@@ -56,6 +56,10 @@ class TaskEvaluationHook(StepHook):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ContMergeError(f"--eval-data names tasks {dup} twice; name them NAME=SPEC.")
+        if self.options.eval_harness:
+            from .harness import check_tasks
+
+            check_tasks(self.options.eval_harness, self.options.eval_harness_include)
         for spec in self.specs:
             if spec is None:
                 continue
@@ -71,7 +75,8 @@ class TaskEvaluationHook(StepHook):
         prev_folder = layout.step_dir(self.options.out, k - 1) if k > 1 else None
         previous = Evaluation.parse(read_state(prev_folder).evaluation) if prev_folder else None
         items = [i for i in range(1, k + 1) if self._spec(i, previous) is not None]
-        if not items:
+        harness = list(self.options.eval_harness)
+        if not items and not harness:
             return result
         infos: list[TaskInfo] = []
         for i in items:
@@ -79,17 +84,30 @@ class TaskEvaluationHook(StepHook):
             infos.append(TaskInfo(name=task.spec.name, item=i, data=task.spec.data.text, kind=task.kind, metric=task.metric,
                                   dataset=task.spec.data.location if task.spec.data.kind == "hub" else None,
                                   higher_is_better=task.higher_is_better, samples=len(task.inputs)))
-        earlier = {t.item: [row[c] for row in previous.matrix] for c, t in enumerate(previous.tasks)} if previous else {}
+        now = self._harness_scores(result.folder) if harness else []
+        infos += [TaskInfo(name=h.task, item=0, data=f"lm-eval:{h.task}", kind="harness", metric=h.metric,
+                           higher_is_better=h.higher_is_better, samples=h.samples) for h in now]
+        columns = [*items, *(f"harness:{t}" for t in harness)]
+        earlier: dict[Any, list[Score]] = {}
+        for c, t in enumerate(previous.tasks if previous else []):
+            earlier[f"harness:{t.name}" if t.item == 0 else t.item] = [row[c] for row in previous.matrix]
         matrix: list[list[Score]] = []
         for j in range(1, k):
-            if previous is not None and all(i in earlier or i > j for i in items):
-                matrix.append([earlier[i][j - 1] if i in earlier else None for i in items])
+            if previous is not None and all(c in earlier or (isinstance(c, int) and c > j) for c in columns):
+                matrix.append([earlier[c][j - 1] if c in earlier else None for c in columns])
             else:  # no record for step j (evaluation began later): score its folder now, read-only
-                matrix.append(self._row(layout.step_dir(self.options.out, j), j, items, previous))
-        matrix.append(self._row(result.folder, k, items, previous))
+                folder = layout.step_dir(self.options.out, j)
+                matrix.append(self._row(folder, j, items, previous) + [h.value for h in self._harness_scores(folder)])
+        matrix.append(self._row(result.folder, k, items, previous) + [h.value for h in now])
         base = finetuned = None
         if self.options.eval_references:
             base, finetuned = self._references(result, items, previous)
+            if harness:
+                old = earlier_refs(previous)
+                base += [old.get(t) if t in old else None for t in harness]
+                if any(b is None for b in base[len(items):]) and result.base_folder is not None:
+                    base[len(items):] = [h.value for h in self._harness_scores(result.base_folder)]
+                finetuned += [None] * len(harness)  # a harness task belongs to no single fine-tune
         evaluation = Evaluation.build(k, infos, matrix, base, finetuned)
         fusionbench_reports(evaluation, result.folder / layout.EVAL_DIR)
         plots.draw(evaluation, result.folder / layout.EVAL_DIR)
@@ -97,6 +115,17 @@ class TaskEvaluationHook(StepHook):
         s = evaluation.summary
         logger.info(f"step {k}: ACC {_pct(s.acc)}, BWT {_pct(s.bwt)} over {len(items)} task(s)")
         return result
+
+    def _harness_scores(self, folder: Path) -> list:
+        from transformers import AutoTokenizer
+
+        from .harness import run_harness
+
+        o = self.options
+        model = self._place(load_step(folder, **self._load_kwargs())).eval()
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+        return run_harness(model, tokenizer, o.eval_harness, o.eval_harness_include, limit=o.eval_samples,
+                           batch_size=o.eval_batch_size, seed=o.seed)
 
     # -------------------------------------------------------------- tasks and models
     def _spec(self, item: int, previous: Evaluation | None) -> TaskSpec | None:
@@ -157,19 +186,18 @@ class TaskEvaluationHook(StepHook):
             if any(h.get("task") == i for h in state.heads):
                 model = self._place(load_task_model(folder, i, **self._load_kwargs()))
             else:
-                shared = shared or self._place(load_step(folder, **self._load_kwargs()))
+                if shared is None:
+                    shared = self._place(load_step(folder, **self._load_kwargs()))
                 model = shared
-            row.append(score(task, model, self._processor_folder(folder)))
+            row.append(score(task, model, folder))  # every step folder carries the base's tokenizer / processor
         return row
-
-    def _processor_folder(self, folder: Path) -> Path:
-        return folder  # every step folder carries the base's tokenizer / processor files
 
     def _references(self, result: StepResult, items: list[int], previous: Evaluation | None) -> tuple[list[Score], list[Score]]:
         old = {t.item: c for c, t in enumerate(previous.tasks)} if previous else {}
         base_row: list[Score] = []
         ft_row: list[Score] = []
         base_folder = result.base_folder
+        bare = None  # the base without heads serves every task
         for i in items:
             if i in old and previous.base is not None and previous.finetuned is not None:
                 base_row.append(previous.base[old[i]])
@@ -183,7 +211,9 @@ class TaskEvaluationHook(StepHook):
                 base_row.append(score(task, self._place(task_model(base_folder, head_dir(result.folder, i), i, self._load_kwargs())),
                                       result.folder))
             else:
-                base_row.append(score(task, self._place(load_step(base_folder, **self._load_kwargs())), result.folder))
+                if bare is None:
+                    bare = self._place(load_step(base_folder, **self._load_kwargs()))
+                base_row.append(score(task, bare, result.folder))
             item = result.item if i == result.step else None
             if item is None:  # an earlier item is not at hand any more (the stream keeps no past fine-tune)
                 logger.warning(f"no reference row for item {i}: it was merged before evaluation with references began")
@@ -198,6 +228,13 @@ class TaskEvaluationHook(StepHook):
 
             return PeftModel.from_pretrained(load_step(base_folder, **self._load_kwargs()), item.folder).merge_and_unload()
         return load_step(item.folder, **self._load_kwargs())
+
+
+def earlier_refs(previous: Evaluation | None) -> dict[str, Score]:
+    """The base row's harness scores of an earlier record, by task name."""
+    if previous is None or previous.base is None:
+        return {}
+    return {t.name: previous.base[c] for c, t in enumerate(previous.tasks) if t.item == 0}
 
 
 def _pct(value: float | None) -> str:

@@ -39,10 +39,11 @@ def draw(evaluation: Evaluation, folder: Path) -> list[str]:
     fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
     steps = list(range(1, T + 1))
     ax.plot(steps, [float("nan") if s is None else s for s in evaluation.summary.seen_average], marker="o", label="merged")
-    counts = [t.higher_is_better for t in evaluation.tasks]
+    counts = [t.higher_is_better and t.item > 0 for t in evaluation.tasks]
     for label, ref in (("base", evaluation.base), ("individual fine-tunes", evaluation.finetuned)):
         if ref is not None:
-            line = [_mean([ref[i] for i in range(min(k, len(ref))) if counts[i] and ref[i] is not None]) for k in steps]
+            line = [_mean([ref[c] for c, t in enumerate(evaluation.tasks) if counts[c] and 0 < t.item <= k and ref[c] is not None])
+                    for k in steps]
             ax.plot(steps, [float("nan") if v is None else v for v in line], linestyle="--", label=label)
     ax.set_xticks(steps)
     ax.set_xlabel("step")

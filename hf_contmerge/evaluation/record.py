@@ -5,7 +5,8 @@
 With ``T`` the record's step and ``S`` the tasks that count (stream tasks whose metric is higher-is-
 better; perplexity is shown but not averaged into accuracy):
 
-- ``ACC = mean_{i <= T, i in S} a[T][i]``;
+- ``ACC = mean_{i <= T, i in S} a[T][i]``; lm-eval tasks (``--eval-harness``) are scored at every
+  step and shown, and belong to no item, so they are not in ``S`` either;
 - ``BWT = mean_{i < T, i in S} (a[T][i] - a[i][i])`` (``None`` at ``T = 1``), as in Lopez-Paz &
   Ranzato (2017) and the OPCM paper;
 - normalised accuracy ``mean_{i <= T, i in S} a[T][i] / a_ft[i]`` with ``a_ft[i]`` the individual
@@ -30,7 +31,7 @@ class TaskInfo(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     name: str
-    item: int  # the stream position (1-based) whose task this is
+    item: int  # the stream position (1-based) whose task this is; 0: an lm-eval task scored at every step
     data: str  # the data spec as given
     dataset: str | None = None  # its Hub dataset id, when it is one (the card's model-index names it)
     kind: str  # classification, choice, label-words, exact-match, perplexity
@@ -64,7 +65,8 @@ class Evaluation(BaseModel):
     def build(cls, step: int, tasks: list[TaskInfo], matrix: list[list[Score]], base: list[Score] | None = None,
               finetuned: list[Score] | None = None) -> Evaluation:
         return cls(step=step, tasks=tasks, matrix=matrix, base=base, finetuned=finetuned,
-                   summary=summarise(matrix, [t.higher_is_better for t in tasks], finetuned))
+                   summary=summarise(matrix, [t.higher_is_better and t.item > 0 for t in tasks], finetuned,
+                                     [t.item for t in tasks]))
 
     @classmethod
     def parse(cls, data: object) -> Evaluation | None:
@@ -79,21 +81,25 @@ def _mean(values: list[float]) -> Score:
     return sum(values) / len(values) if values else None
 
 
-def summarise(matrix: list[list[Score]], counts: list[bool], finetuned: list[Score] | None = None) -> Summary:
-    """ACC, BWT, normalised accuracy and the seen average of every step (see the module docstring)."""
+def summarise(matrix: list[list[Score]], counts: list[bool], finetuned: list[Score] | None = None,
+              items: list[int] | None = None) -> Summary:
+    """ACC, BWT, normalised accuracy and the seen average of every step (see the module docstring).
+
+    Column ``c`` is the task of stream item ``items[c]`` (default ``c + 1``: every item has a task); it is
+    seen from step ``items[c]`` on, and ``a[i][i]`` is its score at that step."""
     T = len(matrix)
     if T == 0:
         return Summary()
-    seen = [[i for i in range(min(k + 1, len(counts))) if counts[i] and matrix[k][i] is not None] for k in range(T)]
+    items = items or list(range(1, len(counts) + 1))
+    seen = [[c for c in range(len(counts)) if counts[c] and items[c] <= k + 1 and matrix[k][c] is not None] for k in range(T)]
     last = matrix[-1]
-    acc = _mean([last[i] for i in seen[-1]])
-    diffs = [last[i] - matrix[i][i] for i in seen[-1] if i < T - 1 and matrix[i][i] is not None]
+    acc = _mean([last[c] for c in seen[-1]])
+    diffs = [last[c] - matrix[items[c] - 1][c] for c in seen[-1] if items[c] < T and matrix[items[c] - 1][c] is not None]
     bwt = _mean(diffs) if T > 1 else None
     normalized = None
     if finetuned is not None:
-        ratios = [last[i] / finetuned[i] for i in seen[-1] if finetuned[i]]
-        normalized = _mean(ratios)
-    return Summary(acc=acc, bwt=bwt, normalized_acc=normalized, seen_average=[_mean([matrix[k][i] for i in seen[k]]) for k in range(T)])
+        normalized = _mean([last[c] / finetuned[c] for c in seen[-1] if finetuned[c]])
+    return Summary(acc=acc, bwt=bwt, normalized_acc=normalized, seen_average=[_mean([matrix[k][c] for c in seen[k]]) for k in range(T)])
 
 
 def fusionbench_reports(evaluation: Evaluation, folder: Path) -> list[Path]:

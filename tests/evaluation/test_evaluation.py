@@ -32,6 +32,10 @@ def test_acc_bwt_normalised_on_a_hand_made_matrix(tmp_path):
     # a lower-is-better column (perplexity) is shown, never averaged
     s2 = summarise([[0.9, 12.0], [0.7, 14.0]], [True, False])
     assert s2.acc == pytest.approx(0.7) and s2.bwt == pytest.approx(-0.2)
+    # items without a task have no column: columns are items 1 and 3 of a three-item stream
+    gap = summarise([[0.9, None], [0.8, None], [0.6, 0.7]], [True, True], items=[1, 3])
+    assert gap.acc == pytest.approx(0.65) and gap.bwt == pytest.approx(0.6 - 0.9)
+    assert gap.seen_average == pytest.approx([0.9, 0.8, 0.65])
     record = Evaluation.build(2, [_info("a", 1), _info("b", 2)], [[0.9, None], [0.7, 0.6]])
     assert Evaluation.parse(json.loads(record.model_dump_json())) == record
     files = fusionbench_reports(record, tmp_path)
@@ -208,3 +212,38 @@ def test_eval_command_api_and_recipe_record_what_merge_eval_records(tmp_path, cl
     want = record(tmp_path / "with")
     assert got["matrix"] == want["matrix"] and got["finetuned"] == want["finetuned"] and got["summary"] == want["summary"]
     assert got["tasks"][0]["data"].startswith("<in-memory Dataset")
+
+
+def test_lm_eval_harness_local_task_offline(tmp_path, cli, monkeypatch):
+    """--eval-harness runs lm-eval's simple_evaluate on every step, on a task YAML over local files; its
+    score equals the accuracy of log-likelihood choices computed directly."""
+    pytest.importorskip("lm_eval")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    base, items = make_stream(tmp_path, "llama", n=2)
+    save_tokenizer(base, kind="llama")
+    prompts = sentences(6, seed=90)
+    choices = [sentences(3, seed=91 + i, length=(1, 2)) for i in range(6)]
+    data = _labelled(tmp_path / "mc.jsonl", prompts, [i % 3 for i in range(6)], choices=choices)
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "tiny_mc.yaml").write_text(
+        f"task: tiny_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\ntest_split: test\n"
+        "output_type: multiple_choice\ndoc_to_text: '{{text}}'\ndoc_to_choice: '{{choices}}'\ndoc_to_target: '{{label}}'\n"
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
+    out = tmp_path / "out"
+    code, _, err = cli("merge", "--base", base, "--stream", *items, "--method", "task_arithmetic", "--out", out, "--eval",
+                       "--eval-harness", "tiny_mc", "--eval-harness-include", tmp_path / "tasks", "--eval-references")
+    assert code == 0, err
+    record = Evaluation.parse(json.loads((out / "step-2" / "contmerge_state.json").read_text())["evaluation"])
+    assert [(t.name, t.item, t.metric, t.samples) for t in record.tasks] == [("tiny_mc", 0, "acc", 6)]
+    assert record.summary.acc is None  # lm-eval columns belong to no item: shown, not in ACC
+    tok = AutoTokenizer.from_pretrained(base)
+    for k, folder in ((1, out / "step-1"), (2, out / "step-2"), (0, base)):
+        model = AutoModelForCausalLM.from_pretrained(folder).eval()
+        preds = [max(range(3), key=lambda j: _direct_loglik(model, tok, p, " " + c[j])) for p, c in zip(prompts, choices)]
+        want = sum(p == i % 3 for i, p in enumerate(preds)) / 6
+        assert (record.base[0] if k == 0 else record.matrix[k - 1][0]) == pytest.approx(want)
+    code, _, err = cli("merge", "--base", base, "--stream", *items, "--method", "average", "--out", tmp_path / "o2", "--eval",
+                       "--eval-harness", "no_such_task", "--eval-harness-include", tmp_path / "tasks")
+    assert code == 2 and "no_such_task" in err and not (tmp_path / "o2" / "step-1").exists()
