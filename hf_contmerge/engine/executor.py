@@ -38,8 +38,9 @@ def failpoint(name: str) -> None:
     """Crash tests' hook: ``HF_CONTMERGE_FAILPOINT=<name>`` kills this process (SIGKILL) right here.
 
     Points: ``step-T:tensor-N`` (the N-th tensor of a pass of step T is about to be computed; the
-    first pass that reaches N) and ``step-T:publish`` (everything written, just before the rename
-    that makes step T visible).
+    first pass that reaches N), ``step-T:evaluate`` (``--eval``: scored, its files written in the
+    partial step, its record not yet) and ``step-T:publish`` (everything written, just before the
+    rename that makes step T visible).
     """
     if os.environ.get("HF_CONTMERGE_FAILPOINT") == name:
         os.kill(os.getpid(), signal.SIGKILL)

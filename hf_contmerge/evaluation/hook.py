@@ -22,6 +22,7 @@ from ..artifacts.folder import load_step, load_task_model, record_evaluation
 from ..artifacts.heads import head_dir, task_model
 from ..artifacts.state import read_state
 from ..calibration.data import DataSpec
+from ..engine.executor import failpoint
 from ..engine.hooks import StepHook
 from ..engine.step import StepResult
 from ..errors import ContMergeError
@@ -111,6 +112,7 @@ class TaskEvaluationHook(StepHook):
         evaluation = Evaluation.build(k, infos, matrix, base, finetuned)
         fusionbench_reports(evaluation, result.folder / layout.EVAL_DIR)
         plots.draw(evaluation, result.folder / layout.EVAL_DIR)
+        failpoint(f"step-{k}:evaluate")
         result.state = record_evaluation(result.folder, evaluation.model_dump(mode="json"))
         s = evaluation.summary
         logger.info(f"step {k}: ACC {_pct(s.acc)}, BWT {_pct(s.bwt)} over {len(items)} task(s)")

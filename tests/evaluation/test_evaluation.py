@@ -247,3 +247,24 @@ def test_lm_eval_harness_local_task_offline(tmp_path, cli, monkeypatch):
     code, _, err = cli("merge", "--base", base, "--stream", *items, "--method", "average", "--out", tmp_path / "o2", "--eval",
                        "--eval-harness", "no_such_task", "--eval-harness-include", tmp_path / "tasks")
     assert code == 2 and "no_such_task" in err and not (tmp_path / "o2" / "step-1").exists()
+
+
+def test_run_killed_while_evaluating_leaves_no_complete_step_and_resume_scores_it(tmp_path, cli):
+    import os
+    import subprocess
+    import sys
+
+    base, items, _ = classifier_stream(tmp_path, labels=(2, 3))
+    evals = [_labelled(tmp_path / f"e{i}.jsonl", sentences(8, seed=95 + i), [j % 2 for j in range(8)]) for i in range(2)]
+    args = ["merge", "--base", base, "--stream", *items, "--method", "average", "--eval", "--eval-data", *evals, "--quiet"]
+    ref, out = tmp_path / "ref", tmp_path / "killed"
+    assert cli(*args, "--out", ref)[0] == 0
+    env = {**os.environ, "HF_CONTMERGE_FAILPOINT": "step-2:evaluate"}
+    proc = subprocess.run([sys.executable, "-m", "hf_contmerge.cli", *map(str, args), "--out", str(out)], env=env,
+                          capture_output=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr.decode()[-2000:]
+    assert (out / "step-1").is_dir() and not (out / "step-2").exists()
+    code, _, err = cli(*args, "--out", out, "--resume")
+    assert code == 0, err
+    for name in ("contmerge_state.json", "README.md", "evaluation/report_1.json"):
+        assert (out / "step-2" / name).read_bytes() == (ref / "step-2" / name).read_bytes()
