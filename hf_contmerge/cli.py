@@ -34,9 +34,9 @@ def _methods_help() -> str:
     return "methods:\n" + "\n".join(lines) + "\n\nParameters and defaults: `hf-contmerge methods`."
 
 
-def _add_option_flags(parser: argparse.ArgumentParser, only: tuple[str, ...] | None = None) -> None:
+def _add_option_flags(parser: argparse.ArgumentParser, only: tuple[str, ...] | None = None, skip: tuple[str, ...] = ()) -> None:
     for name, field in MergeOptions.model_fields.items():
-        if name in SPECIAL or (only is not None and name not in only):
+        if name in SPECIAL or name in skip or (only is not None and name not in only):
             continue
         flag = "--" + name.replace("_", "-")
         kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": field.description}
@@ -57,6 +57,11 @@ def _add_option_flags(parser: argparse.ArgumentParser, only: tuple[str, ...] | N
     if only is not None:
         parser.add_argument("--token", dest="token", default=argparse.SUPPRESS,
                             help="Hub token (default: HF_TOKEN or your saved login). Never printed or written.")
+        return
+    if skip:
+        parser.add_argument("--token", dest="token", default=argparse.SUPPRESS,
+                            help="Hub token (default: HF_TOKEN or your saved login). Never printed or written.")
+        parser.add_argument("--recipe", type=Path, default=None, help="YAML file with the same option names; flags override it")
         return
     parser.add_argument("--set", dest="params", action="append", metavar="KEY=VALUE", default=argparse.SUPPRESS,
                         help="a method parameter, e.g. --set scaling=0.5 (repeatable; values are YAML scalars)")
@@ -134,6 +139,19 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(ns: argparse.Namespace) -> int:
+    """Every --methods entry over --orders seeded task orders, into --out (see evaluation/compare.py)."""
+    from .evaluation.compare import compare
+
+    methods, n_orders = ns.methods, ns.orders
+    del ns.methods, ns.orders
+    ns.method = methods[0].partition(":")[0]  # each run is validated with its own method; these options are the template
+    options = options_from_args(ns)
+    result = compare(options, methods, n_orders, options.out, quiet=options.quiet)
+    print((Path(options.out) / "compare.md").read_text(), end="")
+    return 0 if result["runs"] else 2
+
+
 def cmd_methods(ns: argparse.Namespace) -> int:
     for m in map(method_class, method_names()):
         tags = [t for t, on in (("experimental", m.experimental), ("interpretation", bool(m.interpretation)),
@@ -197,6 +215,17 @@ def build_parser() -> argparse.ArgumentParser:
                           "must hold a record; default: every step)")
     _add_option_flags(evaluate, only=EVAL_FLAGS)
     evaluate.set_defaults(func=cmd_eval)
+    comp = sub.add_parser("compare", help="every --methods entry over --orders seeded task orders, with --eval-data; "
+                          "tables of ACC, BWT and normalised ACC (mean ± std) in --out",
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    comp.epilog_factory = _methods_help
+    comp.add_argument("--methods", nargs="+", required=True, metavar="NAME[:K=V,...]", help="methods to compare, each with "
+                      "optional parameters, e.g. opcm magmax ties:k=0.2")
+    comp.add_argument("--orders", type=int, default=3, help="task orders: the stream as given, then seeded permutations "
+                      "(default: 3)")
+    _add_option_flags(comp, skip=("method", "params", "resume", "resume_from", "push_to", "private", "push_layout",
+                                  "revision_prefix", "push_existing", "push_retries"))
+    comp.set_defaults(func=cmd_compare)
     sub.add_parser("methods", help="list methods with their parameters and defaults").set_defaults(func=cmd_methods)
     inspect = sub.add_parser("inspect", help="pre-flight report of a base and a stream (headers only; writes nothing)")
     inspect.add_argument("--base", required=True)

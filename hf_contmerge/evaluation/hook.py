@@ -13,19 +13,23 @@ the item arrives (it is at hand then) and carried in the record afterwards. The 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from pathlib import Path
 from typing import Any
 
+from .._version import __version__
 from ..artifacts import layout
 from ..artifacts.folder import load_step, load_task_model, record_evaluation
 from ..artifacts.heads import head_dir, task_model
-from ..artifacts.state import read_state
+from ..artifacts.state import read_state, write_json_atomic
 from ..calibration.data import DataSpec
 from ..engine.executor import failpoint
 from ..engine.hooks import StepHook
 from ..engine.step import StepResult
 from ..errors import ContMergeError
+from ..io.fingerprints import cache_root
 from ..options import MergeOptions
 from . import plots
 from .record import Evaluation, Score, TaskInfo, fusionbench_reports
@@ -206,22 +210,29 @@ class TaskEvaluationHook(StepHook):
                 ft_row.append(previous.finetuned[old[i]])
                 continue
             task = self._task(i, previous, result.folder, result.state)
-            has_head = any(h.get("task") == i for h in result.state.heads)
-            if base_folder is None:
-                base_row.append(None)
-            elif has_head:
-                base_row.append(score(task, self._place(task_model(base_folder, head_dir(result.folder, i), i, self._load_kwargs())),
-                                      result.folder))
-            else:
+            head = head_dir(result.folder, i) / "model.safetensors"
+            has_head = head.is_file()
+
+            def base_score(task=task, i=i, has_head=has_head):
+                nonlocal bare
+                if has_head:
+                    return score(task, self._place(task_model(base_folder, head_dir(result.folder, i), i, self._load_kwargs())),
+                                 result.folder)
                 if bare is None:
                     bare = self._place(load_step(base_folder, **self._load_kwargs()))
-                base_row.append(score(task, bare, result.folder))
+                return score(task, bare, result.folder)
+
+            head_digest = hashlib.sha256(head.read_bytes()).hexdigest() if has_head else "none"
+            base_row.append(None if base_folder is None else
+                            _cached(("base", result.state.base["fingerprint"], head_digest), task, base_score))
             item = result.item if i == result.step else None
             if item is None:  # an earlier item is not at hand any more (the stream keeps no past fine-tune)
                 logger.warning(f"no reference row for item {i}: it was merged before evaluation with references began")
                 ft_row.append(None)
                 continue
-            ft_row.append(score(task, self._place(self._finetune(item, base_folder)), result.folder))
+            ft_row.append(_cached(("finetuned", result.state.stream[i - 1]["fingerprint"]), task,
+                                  lambda task=task, item=item: score(task, self._place(self._finetune(item, base_folder)),
+                                                                     result.folder)))
         return base_row, ft_row
 
     def _finetune(self, item, base_folder: Path | None):
@@ -230,6 +241,25 @@ class TaskEvaluationHook(StepHook):
 
             return PeftModel.from_pretrained(load_step(base_folder, **self._load_kwargs()), item.folder).merge_and_unload()
         return load_step(item.folder, **self._load_kwargs())
+
+
+def _cached(model: tuple, task: PreparedTask, compute) -> Score:
+    """A reference score (the base with a head, or a fine-tune alone, on one task) cached per machine in
+    ``HF_CONTMERGE_CACHE/eval-references``: it depends only on the model's content and the task's
+    examples and settings, so every run and task order of a ``compare`` scores each once."""
+    spec = task.spec
+    key = json.dumps([__version__, list(model), spec.data.text, task.fingerprint, task.kind, task.column, spec.label_column,
+                      spec.choices_column, spec.samples, spec.seed, spec.max_length, spec.max_new_tokens, len(task.inputs)])
+    path = cache_root() / "eval-references" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
+    if path.is_file():
+        try:
+            return json.loads(path.read_text())["score"]
+        except (ValueError, KeyError):
+            pass  # a damaged cache entry is computed again
+    value = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, json.dumps({"score": value, "key": key}) + "\n")
+    return value
 
 
 def earlier_refs(previous: Evaluation | None) -> dict[str, Score]:

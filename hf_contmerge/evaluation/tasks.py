@@ -88,6 +88,7 @@ class PreparedTask:
     inputs: list[Any]
     labels: list[Any] | None
     choices: list[list[str]] | None
+    fingerprint: str = ""  # datasets' fingerprint of the examples read (keys cached reference scores)
 
     @property
     def metric(self) -> str:
@@ -138,7 +139,7 @@ def prepare(spec: TaskSpec, model_kind: str) -> PreparedTask:
     if kind == "choice" and choices is None:
         raise ContMergeError(f"{where} has no choices column {spec.choices_column!r} (it has {names}).")
     inputs = list(dataset[column])
-    return PreparedTask(spec, kind, column, inputs, labels, choices)
+    return PreparedTask(spec, kind, column, inputs, labels, choices, str(getattr(dataset, "_fingerprint", "")))
 
 
 def _label_ids(task: PreparedTask, config) -> list[int]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +14,12 @@ from safetensors.torch import load_file
 
 from hf_contmerge.evaluation.record import Evaluation, TaskInfo, fusionbench_reports, summarise
 from support.tiny_models import classifier_stream, make_stream, save_tokenizer, sentences
+
+
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path, monkeypatch):
+    """Reference scores are cached per machine: each test starts with an empty cache of its own."""
+    monkeypatch.setenv("HF_CONTMERGE_CACHE", str(tmp_path / "cache"))
 
 
 def _info(name: str, item: int, better: bool = True) -> TaskInfo:
@@ -268,3 +275,36 @@ def test_run_killed_while_evaluating_leaves_no_complete_step_and_resume_scores_i
     assert code == 0, err
     for name in ("contmerge_state.json", "README.md", "evaluation/report_1.json"):
         assert (out / "step-2" / name).read_bytes() == (ref / "step-2" / name).read_bytes()
+
+
+def test_compare_over_two_orders_is_reproducible_and_resumes(tmp_path, cli, monkeypatch):
+    import os
+    import subprocess
+    import sys
+
+    base, items, _ = classifier_stream(tmp_path, labels=(2, 3, 2))
+    evals = [_labelled(tmp_path / f"e{i}.jsonl", sentences(8, seed=99 + i), [j % 2 for j in range(8)]) for i in range(3)]
+    args = ["compare", "--base", base, "--stream", *items, "--methods", "average", "task_arithmetic:scaling=0.5",
+            "--orders", "2", "--seed", "3", "--eval", "--eval-data", *evals, "--eval-references", "--quiet"]
+    code, printed, err = cli(*args, "--out", tmp_path / "a")
+    assert code == 0, err
+    result = json.loads((tmp_path / "a" / "compare.json").read_text())
+    assert [r["permutation"] for r in result["runs"]][:2] == [[0, 1, 2], result["orders"][1]] and result["orders"][1] != [0, 1, 2]
+    assert "| task_arithmetic:scaling=0.5 |" in printed and (tmp_path / "a" / "compare.png").is_file()
+    # heads and tasks follow their items: order 1's final record scores each named task with its own item
+    run = json.loads((Path(result["runs"][1]["out"]) / "step-3" / "contmerge_state.json").read_text())
+    perm = result["orders"][1]
+    assert [t["data"] for t in run["evaluation"]["tasks"]] == [str(evals[i]) for i in perm]
+    assert [s["source"] for s in run["stream"]] == [str(items[i]) for i in perm]
+    acc = [r["acc"] for r in result["runs"]]
+    table = result["table"][0]
+    assert table["acc"][0] == pytest.approx(sum(acc[:2]) / 2)
+    # killed in the middle of a run, then run again: the same tables
+    env = {**os.environ, "HF_CONTMERGE_FAILPOINT": "step-2:publish"}
+    proc = subprocess.run([sys.executable, "-m", "hf_contmerge.cli", *map(str, args), "--out", str(tmp_path / "b")], env=env,
+                          capture_output=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr.decode()[-2000:]
+    assert cli(*args, "--out", tmp_path / "b")[0] == 0
+    again = json.loads((tmp_path / "b" / "compare.json").read_text())
+    strip = lambda r: [{k: v for k, v in x.items() if k != "out"} for x in r["runs"]]  # noqa: E731
+    assert strip(again) == strip(result) and again["table"] == result["table"]

@@ -1,0 +1,125 @@
+"""``hf-contmerge compare``: every method over several seeded task orders, with the OPCM paper's tables.
+
+Order 0 is the stream as given; order ``j > 0`` is a permutation drawn by ``random.Random(seed + j)``.
+An item keeps its calibration data, its evaluation task and its head in every order (heads follow
+their tasks). Each (method, order) is one ordinary ``merge --eval`` into ``OUT/runs/LABEL/order-j``,
+resumed where it stopped, so a killed compare continues and a finished run is not merged again;
+reference rows are cached per machine (``hook._cached``), so each is scored once for all runs.
+Written into ``OUT``: ``compare.json`` (every run's final ACC, BWT, normalised ACC and the
+permutation), ``compare.md`` (mean ± std over orders per method, population std) and
+``compare.png`` (ACC per method, std as error bars).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..artifacts import layout
+from ..artifacts.state import read_state, write_json_atomic
+from ..errors import ContMergeError
+from .record import Evaluation
+
+
+def parse_method(label: str) -> tuple[str, dict[str, Any]]:
+    """``NAME`` or ``NAME:KEY=VALUE,KEY=VALUE`` (values are YAML scalars)."""
+    method, _, sets = label.partition(":")
+    params = {}
+    for kv in filter(None, sets.split(",")):
+        key, sep, value = kv.partition("=")
+        if not sep or not key:
+            raise ContMergeError(f"--methods {label!r}: parameters are NAME:KEY=VALUE,KEY=VALUE.")
+        params[key] = yaml.safe_load(value)
+    return method, params
+
+
+def orders(n_items: int, n_orders: int, seed: int) -> list[list[int]]:
+    out = [list(range(n_items))]
+    for j in range(1, n_orders):
+        perm = list(range(n_items))
+        random.Random(seed + j).shuffle(perm)
+        out.append(perm)
+    return out
+
+
+def _stat(values: list[float | None]) -> tuple[float | None, float | None]:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return None, None
+    return statistics.fmean(vals), statistics.pstdev(vals) if len(vals) > 1 else 0.0
+
+
+def _fmt(mean: float | None, std: float | None, signed: bool = False) -> str:
+    if mean is None:
+        return "–"
+    return f"{100 * mean:{'+' if signed else ''}.2f} ± {100 * std:.2f}"
+
+
+def compare(options, methods: list[str], n_orders: int, out: Path, quiet: bool = True) -> dict[str, Any]:
+    """Run and tabulate; ``options`` is the MergeOptions of order 0 (its ``method``/``out`` are replaced)."""
+    from tqdm.auto import tqdm
+
+    from ..calibration.calibrator import make_calibrator
+    from ..engine.run import Engine
+    from ..hooks import step_hooks
+    from ..options import MergeOptions
+
+    if n_orders < 1:
+        raise ContMergeError("--orders must be at least 1.")
+    if not options.eval:
+        raise ContMergeError("compare needs --eval-data: the runs are compared on their evaluation.")
+    parsed = [(label, *parse_method(label)) for label in methods]
+    perms = orders(len(options.stream), n_orders, options.seed)
+    runs: list[dict[str, Any]] = []
+    todo = [(label, m, p, j, perm) for label, m, p in parsed for j, perm in enumerate(perms)]
+    for label, method, params, j, perm in tqdm(todo, desc="compare", disable=quiet):
+        run_out = out / "runs" / label.replace("/", "_").replace(":", "_") / f"order-{j}"
+        values = {**options.model_dump(), "token": options.token, "method": method, "params": params, "out": run_out,
+                  "stream": [options.stream[i] for i in perm], "resume": True}
+        for key in ("data", "eval_data"):
+            if values.get(key):
+                values[key] = [options.model_dump()[key][i] for i in perm]
+        opts = MergeOptions.create(**values)
+        done = layout.complete_steps(run_out)
+        if len(done) < len(perm):
+            Engine(opts, hooks=step_hooks(opts), calibrator=make_calibrator(opts)).run()
+        record = Evaluation.parse(read_state(layout.step_dir(run_out, len(perm))).evaluation)
+        s = record.summary
+        runs.append({"method": label, "order": j, "permutation": perm, "acc": s.acc, "bwt": s.bwt,
+                     "normalized_acc": s.normalized_acc, "out": str(run_out)})
+    table = []
+    for label, _, _ in parsed:
+        mine = [r for r in runs if r["method"] == label]
+        table.append({"method": label, **{k: _stat([r[k] for r in mine]) for k in ("acc", "bwt", "normalized_acc")}})
+    result = {"orders": perms, "seed": options.seed, "runs": runs, "table": table}
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "compare.json", json.dumps(result, indent=2) + "\n")
+    lines = [f"Mean ± std over {n_orders} task order(s) (seed {options.seed}; order 0 is the stream as given), in %.", "",
+             "| method | ACC | BWT | normalised ACC |", "|---|---|---|---|"]
+    lines += [f"| {t['method']} | {_fmt(*t['acc'])} | {_fmt(*t['bwt'], signed=True)} | {_fmt(*t['normalized_acc'])} |"
+              for t in table]
+    write_json_atomic(out / "compare.md", "\n".join(lines) + "\n")
+    _plot(table, out / "compare.png")
+    return result
+
+
+def _plot(table: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1.5 + 0.9 * len(table), 3.2), dpi=100)
+    means = [100 * (t["acc"][0] or 0) for t in table]
+    stds = [100 * (t["acc"][1] or 0) for t in table]
+    ax.bar(range(len(table)), means, yerr=stds, capsize=4)
+    ax.set_xticks(range(len(table)), [t["method"] for t in table], rotation=30, ha="right")
+    ax.set_ylabel("ACC (%) over task orders")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
