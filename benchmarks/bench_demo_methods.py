@@ -34,6 +34,7 @@ def _cached(method: str, params: dict) -> dict | None:
     state records the evaluation the demo made), or None."""
     from hf_contmerge.artifacts.state import read_state
     from hf_contmerge.demo.experts import cache_root
+    from hf_contmerge.evaluation.record import Evaluation
     from hf_contmerge.methods.registry import build_method
 
     want = build_method(method, params).params.model_dump()
@@ -42,9 +43,22 @@ def _cached(method: str, params: dict) -> dict | None:
         last = run / "step-3"
         if (last / "contmerge_state.json").is_file():
             state = read_state(last)
-            if state.params == want and state.evaluation:
-                return {"rows": state.evaluation["rows"], **state.evaluation["metrics"]}
+            record = Evaluation.parse(state.evaluation)
+            if state.params == want and record is not None and record.base is not None:
+                return _result(record)
     return None
+
+
+def _result(record) -> dict:
+    """The demo's result (``run_demo``'s rows, ACC, BWT) from a step's evaluation record."""
+    def mean(scores):
+        return sum(scores) / len(scores)
+
+    rows = [{"name": "pretrained + heads", "scores": record.base, "mean": mean(record.base)},
+            {"name": "individual experts", "scores": record.finetuned, "mean": mean(record.finetuned)},
+            *({"name": f"merged, step {k + 1}", "scores": r, "mean": record.summary.seen_average[k]}
+              for k, r in enumerate(record.matrix))]
+    return {"rows": rows, "ACC": record.summary.acc, "BWT": record.summary.bwt}
 
 
 def main() -> None:
