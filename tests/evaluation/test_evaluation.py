@@ -308,3 +308,30 @@ def test_compare_over_two_orders_is_reproducible_and_resumes(tmp_path, cli, monk
     again = json.loads((tmp_path / "b" / "compare.json").read_text())
     strip = lambda r: [{k: v for k, v in x.items() if k != "out"} for x in r["runs"]]  # noqa: E731
     assert strip(again) == strip(result) and again["table"] == result["table"]
+
+
+def test_exact_match_task_equals_one_prompt_at_a_time_generation(tmp_path, cli):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base, items = make_stream(tmp_path, "llama", n=1)
+    save_tokenizer(base, kind="llama")
+    prompts = sentences(6, seed=110)
+    model = AutoModelForCausalLM.from_pretrained(items[0]).eval()
+    tok = AutoTokenizer.from_pretrained(base)
+    with torch.no_grad():
+        direct = []
+        for p in prompts:
+            ids = tok(p, return_tensors="pt")
+            gen = model.generate(**ids, do_sample=False, max_new_tokens=4, pad_token_id=tok.pad_token_id)
+            direct.append(tok.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip().split("\n")[0].strip())
+    # half the references are the model's own continuation of the fine-tune (which step 1 equals: average of one item)
+    labels = [d if i % 2 == 0 else "w0 w0 w0 w0 w0" for i, d in enumerate(direct)]
+    data = _labelled(tmp_path / "em.jsonl", prompts, labels)
+    out = tmp_path / "out"
+    code, _, err = cli("merge", "--base", base, "--stream", *items, "--method", "average", "--out", out, "--eval",
+                       "--eval-data", data, "--eval-kind", "exact-match", "--eval-max-new-tokens", "4", "--eval-batch-size", "4")
+    assert code == 0, err
+    record = Evaluation.parse(json.loads((out / "step-1" / "contmerge_state.json").read_text())["evaluation"])
+    assert record.tasks[0].kind == "exact-match" and record.tasks[0].metric == "exact_match"
+    assert record.matrix[0][0] == pytest.approx(sum(d == y for d, y in zip(direct, labels)) / 6)
+    assert record.matrix[0][0] >= 0.5
