@@ -53,6 +53,12 @@ class TaskEvaluationHook(StepHook):
         self.memory = memory or {}
         self.specs = task_specs(options, memory)
         self._prepared: dict[tuple[int, str], PreparedTask] = {}
+        if options.quiet:  # every model load and dataset read would draw a bar
+            from datasets.utils.logging import disable_progress_bar
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+            disable_progress_bar()
 
     # -------------------------------------------------------------- seams
     def check(self, steps: range) -> None:
