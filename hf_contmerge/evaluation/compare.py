@@ -1,8 +1,9 @@
 """``hf-contmerge compare``: every method over several seeded task orders, with the OPCM paper's tables.
 
-Order 0 is the stream as given; order ``j > 0`` is a permutation drawn by ``random.Random(seed + j)``.
+Order 0 is the stream as given; the others are distinct permutations drawn by ``random.Random(seed)``.
 An item keeps its calibration data, its evaluation task and its head in every order (heads follow
-their tasks). Each (method, order) is one ordinary ``merge --eval`` into ``OUT/runs/LABEL/order-j``,
+their tasks). Each (method, order) is one ordinary ``merge --eval`` into ``OUT/runs/LABEL/order-P``
+(``P`` the permutation, items counted from 1),
 resumed where it stopped, so a killed compare continues and a finished run is not merged again;
 reference rows are cached per machine (``hook._cached``), so each is scored once for all runs.
 Written into ``OUT``: ``compare.json`` (every run's final ACC, BWT, normalised ACC and the
@@ -13,6 +14,7 @@ permutation), ``compare.md`` (mean ± std over orders per method, population std
 from __future__ import annotations
 
 import json
+import math
 import random
 import statistics
 from pathlib import Path
@@ -23,6 +25,7 @@ import yaml
 from ..artifacts import layout
 from ..artifacts.state import read_state, write_json_atomic
 from ..errors import ContMergeError
+from .hook import TaskEvaluationHook
 from .record import Evaluation
 
 
@@ -39,11 +42,16 @@ def parse_method(label: str) -> tuple[str, dict[str, Any]]:
 
 
 def orders(n_items: int, n_orders: int, seed: int) -> list[list[int]]:
+    """The stream as given, then distinct permutations drawn in turn by ``random.Random(seed)``."""
+    if n_orders > math.factorial(n_items):
+        raise ContMergeError(f"--orders {n_orders}: {n_items} items have only {math.factorial(n_items)} orders.")
+    rng = random.Random(seed)
     out = [list(range(n_items))]
-    for j in range(1, n_orders):
+    while len(out) < n_orders:
         perm = list(range(n_items))
-        random.Random(seed + j).shuffle(perm)
-        out.append(perm)
+        rng.shuffle(perm)
+        if perm not in out:
+            out.append(perm)
     return out
 
 
@@ -66,7 +74,6 @@ def compare(options, methods: list[str], n_orders: int, out: Path, quiet: bool =
 
     from ..calibration.calibrator import make_calibrator
     from ..engine.run import Engine
-    from ..hooks import step_hooks
     from ..options import MergeOptions
 
     if n_orders < 1:
@@ -78,7 +85,8 @@ def compare(options, methods: list[str], n_orders: int, out: Path, quiet: bool =
     runs: list[dict[str, Any]] = []
     todo = [(label, m, p, j, perm) for label, m, p in parsed for j, perm in enumerate(perms)]
     for label, method, params, j, perm in tqdm(todo, desc="compare", disable=quiet):
-        run_out = out / "runs" / label.replace("/", "_").replace(":", "_") / f"order-{j}"
+        # named by the permutation, so a rerun with more orders reuses every run it already has
+        run_out = out / "runs" / label.replace("/", "_").replace(":", "_") / ("order-" + "-".join(str(i + 1) for i in perm))
         values = {**options.model_dump(), "token": options.token, "method": method, "params": params, "out": run_out,
                   "stream": [options.stream[i] for i in perm], "resume": True}
         for key in ("data", "eval_data"):
@@ -87,7 +95,7 @@ def compare(options, methods: list[str], n_orders: int, out: Path, quiet: bool =
         opts = MergeOptions.create(**values)
         done = layout.complete_steps(run_out)
         if len(done) < len(perm):
-            Engine(opts, hooks=step_hooks(opts), calibrator=make_calibrator(opts)).run()
+            Engine(opts, hooks=[TaskEvaluationHook(opts)], calibrator=make_calibrator(opts)).run()  # compare never pushes
         record = Evaluation.parse(read_state(layout.step_dir(run_out, len(perm))).evaluation)
         s = record.summary
         runs.append({"method": label, "order": j, "permutation": perm, "acc": s.acc, "bwt": s.bwt,
