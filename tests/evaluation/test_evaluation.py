@@ -336,3 +336,48 @@ def test_exact_match_task_equals_one_prompt_at_a_time_generation(tmp_path, cli):
     assert record.tasks[0].kind == "exact-match" and record.tasks[0].metric == "exact_match"
     assert record.matrix[0][0] == pytest.approx(sum(d == y for d, y in zip(direct, labels)) / 6)
     assert record.matrix[0][0] >= 0.5
+
+
+def test_image_classifier_stream_scores_equal_direct_accuracies(tmp_path, cli):
+    """ViT classifiers over a bare ViT base: images prepared with the base's image processor, each
+    task scored with its own head, equal to a direct computation."""
+    import datasets
+    from PIL import Image
+    from transformers import AutoImageProcessor, ViTImageProcessor
+
+    from support.tiny_models import perturb, save, vit, vit_classifier
+
+    torch.manual_seed(0)
+    backbone = vit()
+    base = save(backbone, tmp_path / "base")
+    ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(base)
+    items = []
+    for i, n in enumerate((2, 3)):
+        torch.manual_seed(10 + i)
+        model = vit_classifier(n)
+        model.vit.load_state_dict(backbone.state_dict(), strict=False)
+        items.append(save(perturb(model, seed=20 + i), tmp_path / f"task{i}"))
+    g = torch.Generator().manual_seed(5)
+    images = [Image.fromarray((torch.rand(20, 20, 3, generator=g) * 255).to(torch.uint8).numpy()) for _ in range(8)]
+    evals = []
+    for i, n in enumerate((2, 3)):
+        folder = tmp_path / f"eval{i}"
+        datasets.Dataset.from_dict({"image": images, "label": [j % n for j in range(8)]}).save_to_disk(str(folder))
+        evals.append(folder)
+    out = tmp_path / "out"
+    code, _, err = cli("merge", "--base", base, "--stream", *items, "--method", "task_arithmetic", "--out", out,
+                       "--eval", "--eval-data", *evals)
+    assert code == 0, err
+    record = Evaluation.parse(json.loads((out / "step-2" / "contmerge_state.json").read_text())["evaluation"])
+    processor = AutoImageProcessor.from_pretrained(base)
+    from transformers import AutoModel, AutoModelForImageClassification
+
+    merged = AutoModel.from_pretrained(out / "step-2").state_dict()  # the merged backbone, as transformers names it in memory
+    for i, n in enumerate((2, 3)):
+        model = AutoModelForImageClassification.from_pretrained(items[i]).eval()  # the item's own head
+        missing = model.vit.load_state_dict(merged, strict=False)
+        assert not missing.missing_keys, missing  # every backbone tensor (the classifier has no pooler)
+        with torch.no_grad():
+            preds = [int(model(**processor(images=[im.convert("RGB")], return_tensors="pt")).logits.argmax()) for im in images]
+        assert record.tasks[i].kind == "classification"
+        assert record.matrix[1][i] == pytest.approx(sum(p == j % n for j, p in enumerate(preds)) / 8)
