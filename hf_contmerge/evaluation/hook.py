@@ -40,11 +40,16 @@ logger = logging.getLogger("hf_contmerge")
 
 def task_specs(options: MergeOptions, memory: dict[str, DataSpec] | None = None) -> list[TaskSpec | None]:
     """One task (or None) per stream item, from ``--eval-data`` and the ``--eval-*`` settings."""
-    settings = dict(kind=options.eval_kind, column=options.eval_column, label_column=options.eval_label_column,
-                    choices_column=options.eval_choices_column, samples=options.eval_samples, seed=options.seed,
-                    max_length=options.eval_max_length, max_new_tokens=options.eval_max_new_tokens,
-                    batch_size=options.eval_batch_size)
+    settings = {**spec_settings(options), "kind": options.eval_kind}
     return [None if text in ("", "-") else TaskSpec.parse(text, memory, **settings) for text in options.eval_data]
+
+
+def spec_settings(options: MergeOptions) -> dict[str, Any]:
+    """How every task is read and scored (all ``--eval-*`` settings but the kind)."""
+    o = options
+    return dict(column=o.eval_column, label_column=o.eval_label_column, choices_column=o.eval_choices_column,
+                samples=o.eval_samples, seed=o.seed, max_length=o.eval_max_length, max_new_tokens=o.eval_max_new_tokens,
+                batch_size=o.eval_batch_size)
 
 
 class TaskEvaluationHook(StepHook):
@@ -148,14 +153,8 @@ class TaskEvaluationHook(StepHook):
                 if t.data.startswith("<in-memory") and t.data not in self.memory:
                     raise ContMergeError(f"Task {t.name!r} (item {item}) was evaluated on an in-memory Dataset that this run "
                                          "was not given again; pass it as eval_data for that item, or a data spec.")
-                return TaskSpec.parse(f"{t.name}={t.data}", self.memory, **{**self._settings(), "kind": t.kind})
+                return TaskSpec.parse(f"{t.name}={t.data}", self.memory, **{**spec_settings(self.options), "kind": t.kind})
         return None
-
-    def _settings(self) -> dict[str, Any]:
-        o = self.options
-        return dict(column=o.eval_column, label_column=o.eval_label_column, choices_column=o.eval_choices_column,
-                    samples=o.eval_samples, seed=o.seed, max_length=o.eval_max_length, max_new_tokens=o.eval_max_new_tokens,
-                    batch_size=o.eval_batch_size)
 
     def _task(self, item: int, previous: Evaluation | None, folder: Path, state) -> PreparedTask:
         spec = self._spec(item, previous)

@@ -20,7 +20,10 @@ import torch
 
 
 def input_device(model) -> torch.device:
-    return next(model.parameters()).device
+    """The calibrator's rule (first module of a device map), else where the weights are."""
+    from ..calibration.calibrator import input_device as mapped
+
+    return mapped(model, next(model.parameters()).device)
 
 
 @torch.no_grad()

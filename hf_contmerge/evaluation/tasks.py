@@ -35,7 +35,6 @@ from ..errors import ContMergeError
 from . import scoring
 
 Kind = Literal["auto", "classification", "choice", "label-words", "exact-match", "perplexity"]
-KINDS: tuple[str, ...] = ("auto", "classification", "choice", "label-words", "exact-match", "perplexity")
 METRIC = {"classification": "accuracy", "choice": "accuracy", "label-words": "accuracy", "exact-match": "exact_match",
           "perplexity": "perplexity"}
 MAX_LABEL_WORDS = 32
