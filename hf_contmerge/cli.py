@@ -112,8 +112,8 @@ def cmd_merge(ns: argparse.Namespace) -> int:
 
 
 EVAL_FLAGS = ("eval_data", "eval_kind", "eval_column", "eval_label_column", "eval_choices_column", "eval_samples",
-              "eval_batch_size", "eval_max_length", "eval_max_new_tokens", "eval_references", "eval_harness",
-              "eval_harness_include", "device", "device_map", "max_memory", "offload_folder", "allow_pickle", "quiet")
+              "eval_batch_size", "eval_max_length", "eval_max_new_tokens", "eval_references", "eval_all",
+              "eval_harness", "eval_harness_include", "device", "device_map", "max_memory", "offload_folder", "allow_pickle", "quiet")
 
 
 def cmd_eval(ns: argparse.Namespace) -> int:

@@ -118,6 +118,9 @@ class MergeOptions(BaseModel):
     eval_harness_include: Path | None = Field(None, description="a task YAML file or folder of them for --eval-harness")
     eval_references: bool = Field(False, description="with --eval: also score the base (with each task's head) and each "
                                   "fine-tune alone, as reference rows (normalised accuracy)")
+    eval_all: bool = Field(False, description="with --eval: score every step on every item's task, the items not merged "
+                           "yet too (forward transfer; an unseen classifier task with its fine-tune's head); ACC and BWT "
+                           "still count the tasks seen so far only")
     allow_pickle: bool = Field(False, description="accept pickle (.bin) checkpoints; unpickling can run code")
     allow_nonfinite: bool = Field(False, description="write NaN/Inf values (in the base, an item, or a merged tensor) "
                                   "instead of refusing the step")
@@ -232,6 +235,8 @@ class MergeOptions(BaseModel):
             raise ValueError("--eval needs --eval-data (one task SPEC per --stream item, - for none) or --eval-harness")
         if (self.eval_harness or self.eval_harness_include) and not self.eval:
             raise ValueError("--eval-harness applies with --eval only")
+        if self.eval_all and not self.eval:
+            raise ValueError("--eval-all applies with --eval only")
         if self.eval_data and not self.eval:
             raise ValueError("--eval-data is given without --eval: add --eval to score every step")
         if self.eval_references and not self.eval:

@@ -141,15 +141,16 @@ def load_step(folder: str | Path, **from_pretrained_kwargs: Any):
     return cls.from_pretrained(folder, **from_pretrained_kwargs)
 
 
-def load_task_model(step_folder: str | Path, task: int, **from_pretrained_kwargs):
+def load_task_model(step_folder: str | Path, task: int, head: Path | None = None, **from_pretrained_kwargs):
     """The item-``task`` model: its architecture and head over the merged backbone of a step.
 
     Works on any step folder written by hf-contmerge (local path); an adapter step is merged onto its
-    base first (a temporary copy of the backbone). Extra keyword arguments go to ``from_pretrained``.
+    base first (a temporary copy of the backbone). ``head``: a head folder of the same layout from
+    elsewhere (default: the step's own). Extra keyword arguments go to ``from_pretrained``.
     The head tensors must all be consumed, or an error says which were not.
     """
     step_folder = Path(step_folder)
-    folder = head_dir(step_folder, task)
+    folder = Path(head) if head is not None else head_dir(step_folder, task)
     if not folder.is_dir():
         raise ContMergeError(f"{step_folder} has no task head {task} (looked in {folder}).")
     if (step_folder / ADAPTER_CONFIG).is_file() and not (step_folder / CONFIG).is_file():

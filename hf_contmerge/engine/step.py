@@ -44,9 +44,11 @@ class StepResult:
     step: int
     folder: Path
     state: StepState
-    # while a step is being published (``StepHook.before_publish``): the base's local folder and the item
+    # while a step is being published (``StepHook.before_publish``): the base's local folder, the item and
+    # the whole stream's plan (``StreamPlan``: every item, the ones still to come too)
     base_folder: Path | None = None
     item: Any = None
+    stream: Any = None
 
 
 @dataclass

@@ -7,8 +7,10 @@ their tasks). Each (method, order) is one ordinary ``merge --eval`` into ``OUT/r
 resumed where it stopped, so a killed compare continues and a finished run is not merged again;
 reference rows are cached per machine (``hook._cached``), so each is scored once for all runs.
 Written into ``OUT``: ``compare.json`` (every run's final ACC, BWT, normalised ACC and the
-permutation), ``compare.md`` (mean ± std over orders per method, population std) and
-``compare.png`` (ACC per method, std as error bars).
+permutation), ``compare.md`` (mean ± std over orders per method, population std; with
+``--eval-references``, the pretrained model with each task's head and the individual fine-tunes as the
+first rows, each the mean over the tasks, as in the papers' tables) and ``compare.png`` (ACC per method,
+std as error bars).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from ..artifacts import layout
 from ..artifacts.state import read_state, write_json_atomic
 from ..errors import ContMergeError
 from .hook import TaskEvaluationHook
-from .record import Evaluation
+from .record import Evaluation, Score
 
 
 def parse_method(label: str) -> tuple[str, dict[str, Any]]:
@@ -83,6 +85,7 @@ def compare(options, methods: list[str], n_orders: int, out: Path, quiet: bool =
     parsed = [(label, *parse_method(label)) for label in methods]
     perms = orders(len(options.stream), n_orders, options.seed)
     runs: list[dict[str, Any]] = []
+    references: dict[str, dict[str, Score]] = {"pretrained": {}, "individual": {}}
     todo = [(label, m, p, j, perm) for label, m, p in parsed for j, perm in enumerate(perms)]
     for label, method, params, j, perm in tqdm(todo, desc="compare", disable=quiet):
         # named by the permutation, so a rerun with more orders reuses every run it already has
@@ -97,6 +100,11 @@ def compare(options, methods: list[str], n_orders: int, out: Path, quiet: bool =
         if len(done) < len(perm):
             Engine(opts, hooks=[TaskEvaluationHook(opts)], calibrator=make_calibrator(opts)).run()  # compare never pushes
         record = Evaluation.parse(read_state(layout.step_dir(run_out, len(perm))).evaluation)
+        for c, t in enumerate(record.tasks):
+            if t.item > 0 and t.higher_is_better:
+                for row, values in (("pretrained", record.base), ("individual", record.finetuned)):
+                    if values is not None and values[c] is not None:
+                        references[row][t.name] = values[c]
         s = record.summary
         runs.append({"method": label, "order": j, "permutation": perm, "acc": s.acc, "bwt": s.bwt,
                      "normalized_acc": s.normalized_acc, "out": str(run_out)})
@@ -104,11 +112,14 @@ def compare(options, methods: list[str], n_orders: int, out: Path, quiet: bool =
     for label, _, _ in parsed:
         mine = [r for r in runs if r["method"] == label]
         table.append({"method": label, **{k: _stat([r[k] for r in mine]) for k in ("acc", "bwt", "normalized_acc")}})
-    result = {"orders": perms, "seed": options.seed, "runs": runs, "table": table}
+    refs = {row: {"tasks": scores, "acc": statistics.fmean(scores.values())} for row, scores in references.items() if scores}
+    result = {"orders": perms, "seed": options.seed, "runs": runs, "table": table, "references": refs}
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "compare.json", json.dumps(result, indent=2) + "\n")
     lines = [f"Mean ± std over {n_orders} task order(s) (seed {options.seed}; order 0 is the stream as given), in %.", "",
              "| method | ACC | BWT | normalised ACC |", "|---|---|---|---|"]
+    names = {"pretrained": "pretrained (base + each task's head)", "individual": "individual fine-tunes"}
+    lines += [f"| {names[row]} | {100 * r['acc']:.2f} | – | {'100.00' if row == 'individual' else '–'} |" for row, r in refs.items()]
     lines += [f"| {t['method']} | {_fmt(*t['acc'])} | {_fmt(*t['bwt'], signed=True)} | {_fmt(*t['normalized_acc'])} |"
               for t in table]
     write_json_atomic(out / "compare.md", "\n".join(lines) + "\n")

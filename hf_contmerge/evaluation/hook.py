@@ -9,6 +9,13 @@ has none (evaluation started on a resume) is scored now from its folder, which i
 ``--eval-references`` adds the base (with each task's head) and each fine-tune alone, computed when
 the item arrives (it is at hand then) and carried in the record afterwards. The record goes into
 ``contmerge_state.json`` and the card; ``evaluation/`` holds FusionBench-style reports and the plots.
+
+``--eval-all`` also scores every step on the tasks of items not merged yet (forward transfer, the
+upper triangle of the matrix). An unseen classifier task is read through its fine-tune's own head:
+during a merge it is taken from the item in the stream's plan (a Hub item is downloaded then, not
+when its step comes) into a temporary folder, never into the step; ``hf-contmerge eval`` takes it
+from the newest complete step that carries it. A task whose head is nowhere at hand (``eval`` on an
+unfinished run) is left empty. ACC, BWT and normalised ACC count the seen tasks only either way.
 """
 
 from __future__ import annotations
@@ -16,13 +23,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from .._version import __version__
 from ..artifacts import layout
 from ..artifacts.folder import load_step, load_task_model, record_evaluation
-from ..artifacts.heads import head_dir, task_model
+from ..artifacts.heads import head_dir, task_model, write_head
 from ..artifacts.state import read_state, write_json_atomic
 from ..calibration.data import DataSpec
 from ..engine.executor import failpoint
@@ -58,6 +66,8 @@ class TaskEvaluationHook(StepHook):
         self.memory = memory or {}
         self.specs = task_specs(options, memory)
         self._prepared: dict[tuple[int, str], PreparedTask] = {}
+        self._heads: tempfile.TemporaryDirectory | None = None  # --eval-all: heads of items not merged yet
+        self._stream = None  # the stream's plan while a merge publishes a step (StepResult.stream)
         if options.quiet:  # every model load and dataset read would draw a bar
             from datasets.utils.logging import disable_progress_bar
             from transformers.utils import logging as hf_logging
@@ -88,9 +98,11 @@ class TaskEvaluationHook(StepHook):
 
     def before_publish(self, result: StepResult) -> StepResult:
         k = result.step
+        self._stream = result.stream
         prev_folder = layout.step_dir(self.options.out, k - 1) if k > 1 else None
         previous = Evaluation.parse(read_state(prev_folder).evaluation) if prev_folder else None
-        items = [i for i in range(1, k + 1) if self._spec(i, previous) is not None]
+        last = max(k, len(self.specs)) if self.options.eval_all else k
+        items = [i for i in range(1, last + 1) if self._spec(i, previous) is not None]
         harness = list(self.options.eval_harness)
         if not items and not harness:
             return result
@@ -160,15 +172,40 @@ class TaskEvaluationHook(StepHook):
         spec = self._spec(item, previous)
         key = (item, spec.data.text)
         if key not in self._prepared:
-            config = self._load_config(folder, state, item)
+            from transformers import AutoConfig
+
+            head = self._head(folder, state, item)
+            config = AutoConfig.from_pretrained(folder if head in (None, _NO_HEAD) else head, trust_remote_code=False)
+            if head is _NO_HEAD:  # read through the backbone, for its TaskInfo only: not kept
+                return prepare(spec, model_kind(config))
             self._prepared[key] = prepare(spec, model_kind(config))
         return self._prepared[key]
 
-    def _load_config(self, folder: Path, state, item: int):
-        from transformers import AutoConfig
+    def _head(self, folder: Path, state, item: int) -> Path | None:
+        """The folder of item ``item``'s head for scoring step ``folder``, or None when the item has none.
 
-        has_head = any(h.get("task") == item for h in state.heads)
-        return AutoConfig.from_pretrained(head_dir(folder, item) if has_head else folder, trust_remote_code=False)
+        A seen item's head is in the step. An unseen one's (``--eval-all``) comes from the newest complete
+        step that carries it, else from the stream's plan, written once into a temporary folder."""
+        if any(h.get("task") == item for h in state.heads):
+            return head_dir(folder, item)
+        if item <= state.step:
+            return None
+        for k in reversed(layout.complete_steps(self.options.out)):
+            if any(h.get("task") == item for h in read_state(layout.step_dir(self.options.out, k)).heads):
+                return head_dir(layout.step_dir(self.options.out, k), item)
+        if self._stream is None or item > len(self._stream.items):
+            return _NO_HEAD if state.heads else None  # a stream of heads: this one is not at hand
+        keys = self._stream.item_plans[item - 1].heads
+        if not keys:
+            return None
+        if self._heads is None:
+            self._heads = tempfile.TemporaryDirectory(prefix="hf-contmerge-heads-")
+        target = head_dir(Path(self._heads.name), item)
+        if not target.is_dir():
+            source = self._stream.items[item - 1]
+            source.ensure_local()
+            write_head(Path(self._heads.name), item, source, keys)
+        return target
 
     def _load_kwargs(self) -> dict[str, Any]:
         o = self.options
@@ -190,12 +227,13 @@ class TaskEvaluationHook(StepHook):
         shared = None  # a model without heads serves every task
         row: list[Score] = []
         for i in items:
-            if i > step:
+            head = self._head(folder, state, i) if i <= step or self.options.eval_all else _NO_HEAD
+            if head is _NO_HEAD:
                 row.append(None)
                 continue
             task = self._task(i, previous, folder, state)
-            if any(h.get("task") == i for h in state.heads):
-                model = self._place(load_task_model(folder, i, **self._load_kwargs()))
+            if head is not None:  # an unseen item's head (--eval-all) goes over this step's backbone too
+                model = self._place(load_task_model(folder, i, head=head, **self._load_kwargs()))
             else:
                 if shared is None:
                     shared = self._place(load_step(folder, **self._load_kwargs()))
@@ -210,7 +248,11 @@ class TaskEvaluationHook(StepHook):
         base_folder = result.base_folder
         bare = None  # the base without heads serves every task
         for i in items:
-            if i in old and previous.base is not None and previous.finetuned is not None:
+            if i > result.step:  # not merged yet (--eval-all): its references come with it
+                base_row.append(None)
+                ft_row.append(None)
+                continue
+            if i in old and i < result.step and previous.base is not None and previous.finetuned is not None:
                 base_row.append(previous.base[old[i]])
                 ft_row.append(previous.finetuned[old[i]])
                 continue
@@ -246,6 +288,9 @@ class TaskEvaluationHook(StepHook):
 
             return PeftModel.from_pretrained(load_step(base_folder, **self._load_kwargs()), item.folder).merge_and_unload()
         return load_step(item.folder, **self._load_kwargs())
+
+
+_NO_HEAD = Path("<no head at hand>")  # the item has a head, and it is not available to score this step with
 
 
 def _cached(model: tuple, task: PreparedTask, compute) -> Score:

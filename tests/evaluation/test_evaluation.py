@@ -111,6 +111,38 @@ def test_classifier_stream_scores_equal_direct_accuracies(tmp_path, cli):
         record.matrix[1][0])
 
 
+def test_eval_all_scores_unseen_tasks_with_their_own_heads(tmp_path, cli):
+    """--eval-all: the upper triangle is the step's backbone under the unseen item's head (taken from the
+    stream, never written into the step); the seen cells and ACC/BWT equal a run without it, and
+    `hf-contmerge eval --eval-all` afterwards (heads from the newest step) records the same."""
+    base, items, _ = classifier_stream(tmp_path, labels=(2, 3, 2))
+    texts = [sentences(10, seed=60 + i) for i in range(3)]
+    labels = [[j % n for j in range(10)] for n in (2, 3, 2)]
+    evals = [f"t{i}={_labelled(tmp_path / f'eval{i}.jsonl', texts[i], labels[i])}" for i in range(3)]
+    common = ["--base", base, "--stream", *items, "--method", "task_arithmetic", "--set", "scaling=0.5", "--eval",
+              "--eval-data", *evals, "--quiet"]
+    for name, extra in (("seen", []), ("all", ["--eval-all"])):
+        code, _, err = cli("merge", *common, "--out", tmp_path / name, *extra)
+        assert code == 0, err
+    read = lambda out, k: Evaluation.parse(json.loads((out / f"step-{k}" / "contmerge_state.json").read_text())["evaluation"])  # noqa: E731
+    seen, full = read(tmp_path / "seen", 3), read(tmp_path / "all", 3)
+    for k in range(1, 4):
+        for i in range(3):
+            if i < k:
+                assert full.matrix[k - 1][i] == seen.matrix[k - 1][i]
+            else:
+                assert seen.matrix[k - 1][i] is None
+                want = _direct_accuracy(tmp_path / "all" / f"step-{k}", items[i], base, texts[i], labels[i])
+                assert full.matrix[k - 1][i] == pytest.approx(want), (k, i)
+    assert full.summary == seen.summary
+    assert not (tmp_path / "all" / "step-1" / "task_heads" / "task-2").exists()
+    # at step 1, the unseen rows of the partial records match too (step 1 saw only its own item's head)
+    assert read(tmp_path / "all", 1).matrix[0] == full.matrix[0]
+    code, _, err = cli("eval", tmp_path / "seen", "--eval-data", *evals, "--eval-all", "--quiet")
+    assert code == 0, err
+    assert read(tmp_path / "seen", 3).matrix == full.matrix
+
+
 def test_evaluation_refusals_write_nothing(tmp_path, cli):
     base, items, data = classifier_stream(tmp_path, labels=(2, 3))
     out = tmp_path / "out"
@@ -300,6 +332,12 @@ def test_compare_over_three_orders_is_reproducible_and_resumes(tmp_path, cli, mo
     acc = [r["acc"] for r in result["runs"]]
     table = result["table"][0]
     assert table["acc"][0] == pytest.approx(sum(acc[:3]) / 3)
+    # the papers' reference rows: the mean over the tasks of the base (with each head) and of each fine-tune
+    first = Evaluation.parse(json.loads((Path(result["runs"][0]["out"]) / "step-3" / "contmerge_state.json").read_text())["evaluation"])
+    refs = result["references"]
+    assert refs["pretrained"]["acc"] == pytest.approx(sum(first.base) / 3)
+    assert refs["individual"]["acc"] == pytest.approx(sum(first.finetuned) / 3)
+    assert f"| individual fine-tunes | {100 * refs['individual']['acc']:.2f} |" in printed
     # killed in the middle of a run, then run again: the same tables
     env = {**os.environ, "HF_CONTMERGE_FAILPOINT": "step-2:publish"}
     proc = subprocess.run([sys.executable, "-m", "hf_contmerge.cli", *map(str, args), "--out", str(tmp_path / "b")], env=env,
