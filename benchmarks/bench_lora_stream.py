@@ -14,8 +14,6 @@ BWT and normalised ACC, with the pretrained and individual rows) goes into ``ben
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,6 +23,7 @@ from bench_stream import insert_section, machine
 
 from hf_contmerge.demo.experts import cache_root
 from hf_contmerge.demo.llm import PROMPTS, LoraTrainConfig, build_lora_experts, prompt_split, smollm2_folder
+from hf_contmerge.demo.run import saved_dataset
 from hf_contmerge.demo.tasks import load_tasks
 from hf_contmerge.evaluation.compare import compare
 from hf_contmerge.methods.registry import build_method, method_names
@@ -35,16 +34,7 @@ SECTION = "## The real LoRA benchmark: every method over task orders of a SmolLM
 
 def _split_folder(task, split: str) -> Path:
     """The task's prompt split as a ``save_to_disk`` folder, written once per machine."""
-    import hashlib
-
-    data = prompt_split(task, split)
-    digest = hashlib.sha256(json.dumps(data.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
-    folder = cache_root() / "demo-data" / f"lm-{task.name}-{split}-{digest}"
-    if not folder.is_dir():
-        tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
-        data.save_to_disk(str(tmp))
-        os.replace(tmp, folder)
-    return folder
+    return saved_dataset(prompt_split(task, split), f"lm-{task.name}-{split}")
 
 
 def main() -> None:

@@ -30,11 +30,15 @@ from .tasks import load_tasks
 def _split_folder(task, split: str) -> Path:
     """A split of the task (``train``: calibration data, ``test``: evaluation) as a ``save_to_disk`` folder,
     written once per machine."""
+    return saved_dataset(getattr(task, split), f"{task.name}{'' if split == 'train' else '-' + split}")
+
+
+def saved_dataset(data, name: str) -> Path:
+    """``data`` as a ``save_to_disk`` folder ``<cache>/demo-data/NAME-<content hash>``, written once per machine."""
     import hashlib
 
-    data = getattr(task, split)
     digest = hashlib.sha256(json.dumps(data.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
-    folder = cache_root() / "demo-data" / f"{task.name}{'' if split == 'train' else '-' + split}-{digest}"
+    folder = cache_root() / "demo-data" / f"{name}-{digest}"
     if not folder.is_dir():
         from datasets.utils.logging import disable_progress_bar
 
