@@ -128,7 +128,13 @@ def _evaluation(data: dict | None) -> tuple[dict | None, list[EvalResult]]:
         if ref is not None:
             vals = [v for v, c in zip(ref, counted) if c and v is not None]
             rows.append(row(name, ref, sum(vals) / len(vals) if vals else None))
-    rows += [row(f"merged, step {k + 1}", r, s["seen_average"][k]) for k, r in enumerate(data["matrix"])]
+    unseen = False
+    for k, r in enumerate(data["matrix"]):
+        name, cells, mean = row(f"merged, step {k + 1}", r, s["seen_average"][k])
+        for c, t in enumerate(tasks):  # --eval-all: a task whose item is not merged yet at step k + 1
+            if t["item"] > k + 1 and r[c] is not None:
+                cells[c], unseen = f"({cells[c]})", True
+        rows.append((name, cells, mean))
     parts = [f"ACC {_cell(s['acc'], 'accuracy')}"]
     if s.get("bwt") is not None:
         parts.append(f"BWT {100 * s['bwt']:+.2f}")
@@ -137,12 +143,14 @@ def _evaluation(data: dict | None) -> tuple[dict | None, list[EvalResult]]:
     kinds = [f"{t['name']}: {t['kind']} ({t['metric']}, {t['samples']} examples of `{t['data']}`)" for t in tasks]
     description = (f"Scores (%; perplexity as is) of the merged model after every step on the tasks seen so far, each "
                    f"with its own head when heads are kept apart. After step {data['step']}: {', '.join(parts)} "
-                   f"(over the tasks seen; BWT = mean over i < T of a[T][i] − a[i][i]). Tasks: " + "; ".join(kinds) + ".")
+                   f"(over the tasks seen; BWT = mean over i < T of a[T][i] − a[i][i]). Tasks: " + "; ".join(kinds) + "."
+                   + (" In parentheses: tasks whose item was not merged yet at that step (`--eval-all`), not in the means."
+                      if unseen else ""))
     view = {"description": description, "columns": [t["name"] for t in tasks], "rows": rows,
             "plots": [f"{EVAL_DIR}/matrix.png", f"{EVAL_DIR}/progress.png"]}
     results = [EvalResult(task_type=_TASK_TYPE.get(t["kind"], "text-classification"), dataset_type=t.get("dataset") or t["name"],
                           dataset_name=t["name"], metric_type=t["metric"], metric_value=round(v, 6))
-               for t, v in zip(tasks, data["matrix"][-1]) if v is not None]
+               for t, v in zip(tasks, data["matrix"][-1]) if v is not None and t["item"] <= data["step"]]
     return view, results
 
 

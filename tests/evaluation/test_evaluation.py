@@ -138,6 +138,10 @@ def test_eval_all_scores_unseen_tasks_with_their_own_heads(tmp_path, cli):
     assert not (tmp_path / "all" / "step-1" / "task_heads" / "task-2").exists()
     # at step 1, the unseen rows of the partial records match too (step 1 saw only its own item's head)
     assert read(tmp_path / "all", 1).matrix[0] == full.matrix[0]
+    # the card marks the unseen cells and leaves them out of model-index
+    card = ModelCard.load(tmp_path / "all" / "step-1" / "README.md")
+    assert [r.dataset_name for r in card.data.eval_results] == ["t0"]
+    assert f"({100 * full.matrix[0][1]:.2f})" in card.text and "not merged yet" in card.text
     code, _, err = cli("eval", tmp_path / "seen", "--eval-data", *evals, "--eval-all", "--quiet")
     assert code == 0, err
     assert read(tmp_path / "seen", 3).matrix == full.matrix
