@@ -98,6 +98,9 @@ class MergeOptions(BaseModel):
                                    "more per item)")
     max_memory: str | None = Field(None, description="with --device-map: memory per device, e.g. 0=20GiB,1=20GiB,cpu=64GiB")
     offload_folder: Path | None = Field(None, description="with --device-map: where weights that fit nowhere are offloaded")
+    cache_teachers: bool = Field(False, description="divmerge, trm: keep each fine-tune's outputs on its calibration "
+                                 "samples in HF_CONTMERGE_CACHE/teacher-outputs, so later runs over the same items "
+                                 "reuse them (compare turns it on; delete the folder to reclaim the space)")
     eval: bool = Field(False, description="score every step on the --eval-data tasks of the items seen so far, before it is "
                        "published; the accuracy matrix, ACC and BWT go into its state and card")
     eval_data: list[str] = Field(default_factory=list, description="evaluation task of each --stream item, in order: "

@@ -145,7 +145,12 @@ class DataCalibrator:
                 self.prepare({s: item}, base)
             samples = [sample_alone(b, i) for b in self.sets[s].batches for i in range(next(iter(b.values())).shape[0])]
             old = self._old_heads(previous_step, base) if not spec.all_items else []
-            tasks.append(Task(partial(self._task_model, item, base, key_map, placement), item.checkpoint, key_map, samples, old))
+            identity = None
+            if opts.cache_teachers:  # what the fine-tune's outputs depend on besides the samples: both models, where
+                # they run (a local checkpoint's digest not known yet reads its tensors now: opt-in, for compare)
+                identity = repr([base.fingerprint, item.fingerprint, str(self.device), sorted(map(str, placement.items()))])
+            tasks.append(Task(partial(self._task_model, item, base, key_map, placement), item.checkpoint, key_map, samples, old,
+                              identity))
         previous = Checkpoint.open(previous_step) if previous_step is not None else None
         buffer_in = previous_step / STATE_DIR / BUFFER if previous_step is not None else None
         models = Models(base.checkpoint, previous, lambda model: input_device(model, self.device), buffer_in, buffer)

@@ -20,7 +20,10 @@ teacher's weight shared among them) are run once per step, and their output dist
 on disk in the step's scratch folder (bounded by ``cache_bytes``; removed with the step's other
 calibration files): for a classifier the class distribution of every sample; for a causal LM the
 teacher's greedy continuation of ``gen_tokens`` tokens and its next-token distributions along it,
-the student being scored on the same tokens.
+the student being scored on the same tokens. The fine-tune's own outputs depend on nothing but the
+fine-tune (and the base, for an adapter), the samples and where they run, so they are also kept per
+machine (``HF_CONTMERGE_CACHE/teacher-outputs``, keyed by those) when the sources' fingerprints are
+known without reading them: every run and task order of a ``compare`` computes them once.
 
 A task is one stream item with its data: one for the continual forms, every item of the stream for
 DivMerge's all-at-once form (each with its own student, the directions shared). Objective, per
@@ -65,6 +68,7 @@ class Task:
     key_map: Mapping[str, str]  # item file name -> output name, for every merged tensor
     samples: list[dict[str, Tensor]]
     old_heads: list[OldHead] = field(default_factory=list)  # the merge so far has other outputs than this item
+    identity: str | None = None  # what its teacher's outputs depend on besides the samples (None: not cached)
 
 
 @dataclass
@@ -228,6 +232,53 @@ def _teacher_targets(model: nn.Module, samples: list[dict[str, Tensor]], spec: L
     return targets
 
 
+def _item_targets(task: Task, spec: LearnSpec, folder: Path, models: Models, task_id: int, scratch: Path) -> _Targets:
+    """The fine-tune's outputs on its samples, from the per-machine cache when it has them (see the module
+    docstring); stored with task id 0 and rewritten with ``task_id`` (the buffer keeps it)."""
+    import hashlib
+    import json
+    import os
+
+    from .._version import __version__
+    from ..io.fingerprints import cache_root
+
+    def compute() -> _Targets:
+        model = task.load(None, scratch / "teacher-model")
+        try:
+            return _teacher_targets(model, task.samples, spec, folder, models.input_device(model), task_id)
+        finally:
+            del model
+            shutil.rmtree(scratch / "teacher-model", ignore_errors=True)
+
+    if task.identity is None:
+        return compute()
+    digest = hashlib.sha256(json.dumps([__version__, task.identity, spec.gen_tokens]).encode())
+    for s in task.samples:
+        for k in sorted(s):
+            digest.update(k.encode() + str(tuple(s[k].shape)).encode() + s[k].contiguous().cpu().numpy().tobytes())
+    cached = cache_root() / "teacher-outputs" / digest.hexdigest()[:24]
+    if not cached.is_dir():
+        targets = compute()
+        tmp = cached.with_name(f".{cached.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for i in range(targets.count):
+            data = load_file(targets.folder / f"{i}.safetensors")
+            save_file({**data, "task": torch.tensor([0])}, tmp / f"{i}.safetensors")
+        try:
+            os.rename(tmp, cached)  # complete or absent; a concurrent run's copy wins alike
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return targets
+    stored = _Targets.open(cached)
+    targets = _Targets(folder)
+    for i in range(stored.count):
+        data = load_file(cached / f"{i}.safetensors")
+        save_file({**data, "task": torch.tensor([task_id])}, folder / f"{i}.safetensors")
+    targets.count = stored.count
+    return targets
+
+
 def cache_bytes(spec: LearnSpec, config: Mapping[str, Any], samples: int) -> int:
     """Bytes the teachers' cached outputs of one task take (float32 log-probabilities), from the item's
     ``config.json``: samples × continuation tokens × vocabulary for a causal LM, × labels otherwise."""
@@ -256,8 +307,7 @@ def _learn(spec: LearnSpec, tasks: Sequence[Task], models: Models, *, step: int,
     needs_previous = spec.anchor == "previous" or any("previous" in kind for _, kind, _ in spec.directions) or \
         any(t.teacher == "previous" for t in spec.terms)
     if needs_previous and models.previous is None:  # a first step: nothing to learn; its samples start the buffer
-        model = tasks[0].load(None, scratch / "teacher-model")
-        first = _teacher_targets(model, tasks[0].samples, spec, scratch / "teacher-0-item", models.input_device(model), step)
+        first = _item_targets(tasks[0], spec, scratch / "teacher-0-item", models, step, scratch)
         kept = _write_buffer(None, first, step, spec.buffer, models.buffer_out)
         return Learned({}, {"buffer": kept})
     # 1. teachers, once: their outputs cached on disk (bounded), and for TRM their Fishers
@@ -274,6 +324,9 @@ def _learn(spec: LearnSpec, tasks: Sequence[Task], models: Models, *, step: int,
         through_old = "previous" in scored and bool(task.old_heads)  # θ(t−1) scored through the heads it served
         fisher_of = spec.init_became and j == 0
         for teacher in [t for t in ("item", "previous") if fisher_of or (t in scored and not (t == "previous" and through_old))]:
+            if teacher == "item" and not fisher_of:
+                targets[j, teacher] = _item_targets(task, spec, scratch / f"teacher-{j}-{teacher}", models, step + j, scratch)
+                continue
             model = task.load(models.previous if teacher == "previous" else None, scratch / "teacher-model")
             if fisher_of:
                 fishers[teacher] = _fisher(model, task.samples, models)

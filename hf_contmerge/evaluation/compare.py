@@ -91,7 +91,7 @@ def compare(options, methods: list[str], n_orders: int, out: Path, quiet: bool =
         # named by the permutation, so a rerun with more orders reuses every run it already has
         run_out = out / "runs" / label.replace("/", "_").replace(":", "_") / ("order-" + "-".join(str(i + 1) for i in perm))
         values = {**options.model_dump(), "token": options.token, "method": method, "params": params, "out": run_out,
-                  "stream": [options.stream[i] for i in perm], "resume": True}
+                  "stream": [options.stream[i] for i in perm], "resume": True, "cache_teachers": True}
         for key in ("data", "eval_data"):
             if values.get(key):
                 values[key] = [options.model_dump()[key][i] for i in perm]

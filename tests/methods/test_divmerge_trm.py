@@ -252,6 +252,28 @@ def test_a_buffer_of_past_samples_is_carried_bounded_and_scored(tmp_path, cli):
     assert learned["previous_through_heads"] == [1, 2] and learned["buffer_used"] == 4
 
 
+def test_cached_teacher_outputs_are_reused_and_change_no_byte(tmp_path, cli, monkeypatch):
+    """--cache-teachers: a second run over the same items computes no fine-tune outputs (only θ(t−1)'s),
+    and every run, the buffer's task ids included, is bit-identical to one without the cache."""
+    from hf_contmerge.calibration import learned
+
+    monkeypatch.setenv("HF_CONTMERGE_CACHE", str(tmp_path / "cache"))
+    base, items, data = _llama_stream(tmp_path)
+    args = ["--data", *data, *FLAGS, "--set", "gen_tokens=3", "--set", "epochs=1", "--set", "buffer=4"]
+    assert merge(cli, base, items, tmp_path / "plain", *args, method="divmerge")[0] == 0
+    calls = []
+    real = learned._teacher_targets
+    monkeypatch.setattr(learned, "_teacher_targets", lambda *a, **k: calls.append(a[3].name) or real(*a, **k))
+    for run in ("cold", "warm"):
+        calls.clear()
+        assert merge(cli, base, items, tmp_path / run, *args, "--cache-teachers", method="divmerge")[0] == 0
+        item_calls = [c for c in calls if c.endswith("-item")]
+        assert item_calls == (["teacher-0-item", "teacher-0-item"] if run == "cold" else []), (run, calls)
+        for f in sorted(p.relative_to(tmp_path / "plain") for p in (tmp_path / "plain").rglob("*.safetensors")):
+            assert (tmp_path / run / f).read_bytes() == (tmp_path / "plain" / f).read_bytes(), (run, f)
+    assert len(list((tmp_path / "cache" / "teacher-outputs").iterdir())) == 2  # one per fine-tune
+
+
 def weights_model(folder):
     from transformers import LlamaForCausalLM
 
