@@ -46,6 +46,8 @@ def main() -> None:
     ap.add_argument("--eval-samples", type=int, default=100, help="test examples per task (a seeded sample)")
     ap.add_argument("--calib-samples", type=int, default=64, help="calibration prompts per item (data-dependent methods)")
     ap.add_argument("--out", type=Path, default=None, help="default: a folder in the cache, reused by reruns")
+    ap.add_argument("--keep-steps", choices=("all", "final"), default="final", help="as compare's (default: final, "
+                    "so the runs take one model each on disk)")
     ap.add_argument("--results", type=Path, default=Path(__file__).parent / "RESULTS.md")
     args = ap.parse_args()
     tasks = load_tasks(args.tasks)
@@ -58,7 +60,7 @@ def main() -> None:
                                   eval_samples=args.eval_samples, eval_max_length=256, calib_samples=args.calib_samples,
                                   eval_data=[f"{t.name}={_split_folder(t, 'test')}" for t in tasks],
                                   data=[str(_split_folder(t, "train")) for t in tasks] if needs_data else [])
-    result = compare(options, args.methods, args.orders, out, quiet=False)
+    result = compare(options, args.methods, args.orders, out, quiet=False, keep=args.keep_steps)
     orders = "; ".join(" → ".join(tasks[i].name for i in perm) for perm in result["orders"])
     sizes = ", ".join(f"{t.name} {len(t.labels)} label words / {min(len(t.test), args.eval_samples)} test" for t in tasks)
     cfg = LoraTrainConfig()

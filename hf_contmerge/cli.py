@@ -143,11 +143,11 @@ def cmd_compare(ns: argparse.Namespace) -> int:
     """Every --methods entry over --orders seeded task orders, into --out (see evaluation/compare.py)."""
     from .evaluation.compare import compare
 
-    methods, n_orders = ns.methods, ns.orders
-    del ns.methods, ns.orders
+    methods, n_orders, keep = ns.methods, ns.orders, ns.keep_steps
+    del ns.methods, ns.orders, ns.keep_steps
     ns.method = methods[0].partition(":")[0]  # each run is validated with its own method; these options are the template
     options = options_from_args(ns)
-    result = compare(options, methods, n_orders, options.out, quiet=options.quiet)
+    result = compare(options, methods, n_orders, options.out, quiet=options.quiet, keep=keep)
     print((Path(options.out) / "compare.md").read_text(), end="")
     return 0 if result["runs"] else 2
 
@@ -223,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "optional parameters, e.g. opcm magmax ties:k=0.2")
     comp.add_argument("--orders", type=int, default=3, help="task orders: the stream as given, then seeded permutations "
                       "(default: 3)")
+    comp.add_argument("--keep-steps", choices=("all", "final"), default="all", help="final: remove a run's earlier steps "
+                      "once its final one is complete (its record keeps every step's scores); default: all")
     _add_option_flags(comp, skip=("method", "params", "resume", "resume_from", "push_to", "private", "push_layout",
                                   "revision_prefix", "push_existing", "push_retries"))
     comp.set_defaults(func=cmd_compare)

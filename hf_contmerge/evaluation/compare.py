@@ -5,7 +5,10 @@ An item keeps its calibration data, its evaluation task and its head in every or
 their tasks). Each (method, order) is one ordinary ``merge --eval`` into ``OUT/runs/LABEL/order-P``
 (``P`` the permutation, items counted from 1),
 resumed where it stopped, so a killed compare continues and a finished run is not merged again;
-reference rows are cached per machine (``hook._cached``), so each is scored once for all runs.
+reference rows are cached per machine (``hook._cached``), so each is scored once for all runs, and so
+are the fine-tunes' teacher outputs of DivMerge and TRM (``--cache-teachers``). ``keep="final"``
+removes a run's earlier step folders once its final step is complete (the final record holds every
+step's row, so the tables lose nothing; a run keeps one model and its state instead of T of them).
 Written into ``OUT``: ``compare.json`` (every run's final ACC, BWT, normalised ACC and the
 permutation), ``compare.md`` (mean ± std over orders per method, population std; with
 ``--eval-references``, the pretrained model with each task's head and the individual fine-tunes as the
@@ -18,9 +21,10 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import statistics
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -70,7 +74,8 @@ def _fmt(mean: float | None, std: float | None, signed: bool = False) -> str:
     return f"{100 * mean:{'+' if signed else ''}.2f} ± {100 * std:.2f}"
 
 
-def compare(options, methods: list[str], n_orders: int, out: Path, quiet: bool = True) -> dict[str, Any]:
+def compare(options, methods: list[str], n_orders: int, out: Path, quiet: bool = True,
+            keep: Literal["all", "final"] = "all") -> dict[str, Any]:
     """Run and tabulate; ``options`` is the MergeOptions of order 0 (its ``method``/``out`` are replaced)."""
     from tqdm.auto import tqdm
 
@@ -96,9 +101,11 @@ def compare(options, methods: list[str], n_orders: int, out: Path, quiet: bool =
             if values.get(key):
                 values[key] = [options.model_dump()[key][i] for i in perm]
         opts = MergeOptions.create(**values)
-        done = layout.complete_steps(run_out)
-        if len(done) < len(perm):
+        if len(perm) not in layout.complete_steps(run_out):  # the final step: earlier ones may be gone (keep="final")
             Engine(opts, hooks=[TaskEvaluationHook(opts)], calibrator=make_calibrator(opts)).run()  # compare never pushes
+        if keep == "final":
+            for k in range(1, len(perm)):
+                shutil.rmtree(layout.step_dir(run_out, k), ignore_errors=True)
         record = Evaluation.parse(read_state(layout.step_dir(run_out, len(perm))).evaluation)
         for c, t in enumerate(record.tasks):
             if t.item > 0 and t.higher_is_better:

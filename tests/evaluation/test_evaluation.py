@@ -351,6 +351,17 @@ def test_compare_over_three_orders_is_reproducible_and_resumes(tmp_path, cli, mo
     again = json.loads((tmp_path / "b" / "compare.json").read_text())
     strip = lambda r: [{k: v for k, v in x.items() if k != "out"} for x in r["runs"]]  # noqa: E731
     assert strip(again) == strip(result) and again["table"] == result["table"]
+    # --keep-steps final: the finished runs are not merged again, lose their earlier steps, and tabulate the same
+    from hf_contmerge.engine.run import Engine
+
+    monkeypatch.setattr(Engine, "run", lambda self: pytest.fail("a finished run was merged again"))
+    for _ in range(2):
+        code, _, err = cli(*args, "--out", tmp_path / "b", "--keep-steps", "final")
+        assert code == 0, err
+        pruned = json.loads((tmp_path / "b" / "compare.json").read_text())
+        assert strip(pruned) == strip(result) and pruned["references"] == result["references"]
+    for r in pruned["runs"]:
+        assert sorted(p.name for p in Path(r["out"]).glob("step-*")) == ["step-3"]
 
 
 def test_exact_match_task_equals_one_prompt_at_a_time_generation(tmp_path, cli):
