@@ -48,21 +48,43 @@ def _pair_tokens(tokenizer, context: str, continuation: str) -> tuple[list[int],
 
 @torch.no_grad()
 def loglikelihoods(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int = 8, max_length: int = 2048) -> list[float]:
+    """``log p(continuation | context)`` of every pair. Pairs whose continuation is one token and whose
+    context tokens are the same share one forward pass of those tokens, as lm-eval groups multiple-choice
+    requests: the candidates of a choice or label-words task cost one pass, not one each."""
     device = input_device(model)
-    encoded = [_pair_tokens(tokenizer, c, x) for c, x in pairs]
-    out: list[float] = []
-    for start in range(0, len(encoded), batch_size):
-        chunk = [(ids[-max_length:], min(n, max_length - 1)) for ids, n in encoded[start:start + batch_size]]
-        width = max(len(ids) for ids, _ in chunk)
-        ids = torch.full((len(chunk), width), tokenizer.pad_token_id or 0, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for r, (row, _) in enumerate(chunk):
-            ids[r, : len(row)], mask[r, : len(row)] = torch.tensor(row), 1
-        logp = torch.log_softmax(model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float(), dim=-1).cpu()
+    encoded = [(ids[-max_length:], min(n, max_length - 1)) for ids, n in (_pair_tokens(tokenizer, c, x) for c, x in pairs)]
+    out: list[float | None] = [None] * len(encoded)
+    shared: dict[tuple[int, ...], list[int]] = {}  # context tokens -> pairs continued by one token
+    single = []
+    for i, (ids, n) in enumerate(encoded):
+        if n == 1 and len(ids) > 1:
+            shared.setdefault(tuple(ids[:-1]), []).append(i)
+        else:
+            single.append(i)
+    contexts = list(shared)
+    for start in range(0, len(contexts), batch_size):
+        rows = [list(c) for c in contexts[start:start + batch_size]]
+        logp = _forward(model, tokenizer, rows, device)
+        for r, row in enumerate(rows):
+            for i in shared[contexts[start + r]]:
+                out[i] = logp[r, len(row) - 1, encoded[i][0][-1]].item()
+    for start in range(0, len(single), batch_size):
+        chunk = [encoded[i] for i in single[start:start + batch_size]]
+        logp = _forward(model, tokenizer, [row for row, _ in chunk], device)
         for r, (row, n) in enumerate(chunk):
             positions = torch.arange(len(row) - n, len(row))
-            out.append(logp[r, positions - 1, ids[r, positions]].sum().item())
+            out[single[start + r]] = logp[r, positions - 1, torch.tensor(row)[positions]].sum().item()
     return out
+
+
+def _forward(model, tokenizer, rows: list[list[int]], device) -> torch.Tensor:
+    """Log-probabilities (float32, CPU) of right-padded token rows, padding masked out."""
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id or 0, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, row in enumerate(rows):
+        ids[r, : len(row)], mask[r, : len(row)] = torch.tensor(row), 1
+    return torch.log_softmax(model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float(), dim=-1).cpu()
 
 
 @torch.no_grad()
