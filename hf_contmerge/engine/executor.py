@@ -40,8 +40,12 @@ def failpoint(name: str) -> None:
     Points: ``step-T:tensor-N`` (the N-th tensor of a pass of step T is about to be computed; the
     first pass that reaches N), ``step-T:evaluate`` (``--eval``: scored, its files written in the
     partial step, its record not yet) and ``step-T:publish`` (everything written, just before the
-    rename that makes step T visible).
+    rename that makes step T visible). ``HF_CONTMERGE_FAILPOINT_RANK=R``: only rank ``R`` of a
+    multi-process run stops there.
     """
+    rank = os.environ.get("HF_CONTMERGE_FAILPOINT_RANK")
+    if rank is not None and os.environ.get("RANK", "0") != rank:
+        return
     if os.environ.get("HF_CONTMERGE_FAILPOINT") == name:
         os.kill(os.getpid(), signal.SIGKILL)
 

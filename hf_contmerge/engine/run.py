@@ -7,6 +7,10 @@ resume against what the last complete step recorded, and then, step by step: pla
 into a partial folder (``step.py``), completes the folder (side files, heads, state, card;
 ``artifacts/folder.py``), renames it into place (``artifacts/layout.py``) and runs the step hooks
 (evaluation, push; ``hooks.py``). It knows nothing about any particular method.
+
+Launched on several ranks (``torchrun`` / ``accelerate launch``; ``distributed.py``) every rank runs
+this loop on the same plans and writes its share of each step's tensors; rank 0 alone holds the lock,
+completes and publishes the folder and runs the hooks, and the step's state goes to every rank.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from ..options import MergeOptions
 from ..sources.preflight import StreamPlan, plan_stream
 from ..sources.resolve import ResolvedSource, resolve
 from .calibration import Calibrated, Calibrator
+from .distributed import World, on_main, world_from_env
 from .executor import failpoint
 from .hooks import StepHook
 from .plan import ModelFacts, StepPlan, plan_step
@@ -81,12 +86,21 @@ class Engine:
     ``calibrator`` answers the calibration requests of a data-dependent method.
     """
 
-    def __init__(self, options: MergeOptions, hooks: Sequence[StepHook] = (), calibrator: Calibrator | None = None):
+    def __init__(self, options: MergeOptions, hooks: Sequence[StepHook] = (), calibrator: Calibrator | None = None,
+                 world: World | None = None):
         self.options = options
-        self.hooks = list(hooks)
+        self.world = world or world_from_env(options.device, options.dist_timeout)
+        self.hooks = list(hooks) if self.world.main else []  # evaluation, push: rank 0's
         self.calibrator = calibrator
         self.method: Method = build_method(options.method, options.params)
         self.device = resolve_device(options.device)
+        if self.world.size > 1:
+            if self.device.type == "cuda":  # each rank on the GPU of its LOCAL_RANK
+                self.device = self.world.state.device
+            if self.method.calibration:
+                raise ContMergeError(f"Method {self.method.name!r} calibrates on data, which runs in one process for now: "
+                                     "launch it without torchrun / accelerate launch (its forward passes can still spread "
+                                     "over the GPUs with --device-map).")
         if self.method.calibration and calibrator is None:
             raise ContMergeError(
                 f"Method {self.method.name!r} needs calibration data at every step "
@@ -101,7 +115,10 @@ class Engine:
         self._check_out()
         if self.options.dry_run:
             return self._run()
-        with layout.exclusive(self.options.out):
+        with ExitStack() as stack:
+            with self.world.agree(f"taking --out {self.options.out}"):
+                if self.world.main:  # the ranks of one job are one run
+                    stack.enter_context(layout.exclusive(self.options.out))
             try:
                 return self._run()
             except OSError as e:  # a full disk, a read-only or unwritable --out, a failing device
@@ -128,7 +145,9 @@ class Engine:
         if not opts.stream:
             raise ContMergeError("No stream items: give at least one fine-tune with --stream (or `stream:` in the recipe).")
         if opts.resume_from and not opts.dry_run:
-            materialise(opts.resume_from, opts.out, opts.token_value(), check=self._check_resume)
+            with self.world.agree(f"fetching {opts.resume_from}"):
+                if self.world.main:
+                    materialise(opts.resume_from, opts.out, opts.token_value(), check=self._check_resume)
         done = layout.complete_steps(opts.out)
         if done and not (opts.resume or opts.resume_from):
             raise ContMergeError(
@@ -168,7 +187,9 @@ class Engine:
             base.ensure_local()  # every step reads it, and its config and tokenizer go into each step
             if self.method.calibration:  # every step's calibration data checked before the first step is written
                 self.calibrator.prepare({last + 1 + j: item for j, item in enumerate(items)}, base)
-            layout.claim(opts.out)
+            with self.world.agree(f"claiming --out {opts.out}"):
+                if self.world.main:
+                    layout.claim(opts.out)
             results = []
             for j in range(len(items)):
                 plan = plan_step(stream, j, last + 1 + j, previous, self.method, opts, facts)
@@ -280,69 +301,79 @@ class Engine:
         opts, method = self.options, self.method
         prev_folder = layout.step_dir(opts.out, previous.step) if previous else None
         item, item_plan = stream.items[plan.item_index], stream.item_plans[plan.item_index]
-        partial = layout.new_partial(opts.out, plan.step)
+        world = self.world
+        partial = on_main(world, f"starting step {plan.step}", lambda: layout.new_partial(opts.out, plan.step))
         try:
             calibrated = self._calibrate(plan, stream, item, prev_folder, partial / layout.CALIBRATION_DIR)
             writer = StepWriter(plan, stream, method, device=self.device, chunk_bytes=int(opts.chunk_mb * 2**20),
                                 shard_bytes=opts.shard_bytes, allow_nonfinite=opts.allow_nonfinite, quiet=opts.quiet,
-                                calibration=calibrated.tensors, calibration_scalars=calibrated.scalars)
+                                calibration=calibrated.tensors, calibration_scalars=calibrated.scalars, world=world)
             written = writer.write(partial, prev_folder, dict(previous.scalars) if previous else method.init_scalars())
-            step_folder.copy_side_files(stream.base.folder, partial, opts.dtype, adapter=plan.adapter is not None)
-            heads = step_folder.carry_heads(partial, prev_folder, previous.heads if previous else [], plan.step, item,
-                                            item_plan.heads)
-            after = Calibrated()
-            if method.after_slots:  # statistics of θ(t), the model just written (its task's head included), then a pass
-                after = self._calibrate(plan, stream, item, partial, partial / layout.CALIBRATION_DIR, when="after")
-                writer.write_after(partial, prev_folder, after.tensors, written.scalars)
-                for index in after.tensors.values():
-                    index.close()
-            record = {**calibrated.record, **after.record}
-            entry = {
-                **item.identity(),
-                "step": plan.step,
-                "alignment": item_plan.alignment.describe(),
-                "heads": item_plan.heads,
-                "kept_modules": item_plan.kept_modules,
-                "method": method.step_summary(written.scalars),
-                **({"calibration": record} if record else {}),
-            }
-            for index in calibrated.tensors.values():
-                index.close()
-            for name, folder in {**calibrated.keep, **after.keep}.items():  # what the method carries besides its slots
-                (partial / layout.STATE_DIR).mkdir(exist_ok=True)
-                os.replace(folder, layout.safe_relative(partial / layout.STATE_DIR, name))
-            shutil.rmtree(partial / layout.CALIBRATION_DIR, ignore_errors=True)  # statistics are not part of a step
-            state = StepState(
-                step=plan.step,
-                method=method.name,
-                params=method.params.model_dump(),
-                options=opts.recorded(),
-                base=stream.base.identity(),
-                stream=[*(previous.stream if previous else []), entry],
-                scalars=written.scalars,
-                slots=list(method.slots),
-                heads=heads,
-                lowrank=dict(written.ranks),
-                touched=sorted(plan.touched),
-                output=written.adapter.summary() if written.adapter else {"format": "full"},
-            )
-            if written.adapter is not None:
-                base_id = stream.base.identity()
-                written.adapter.write_config(partial, stream.base.config, base_id["source"], base_id.get("revision"))
-            if previous is not None and is_content_digest(previous.base["fingerprint"]):
-                self._check_base(previous, stream.base)  # the base was read whole by this step: its digest is complete
-            step_folder.write_state_and_card(partial, state)
-            staged = StepResult(plan.step, partial, state, base_folder=stream.base.folder, item=item, stream=stream)
-            for hook in self.hooks:  # e.g. evaluation: part of the step, so a crash here leaves no complete step
-                staged = hook.before_publish(staged)
-            state = staged.state
             final = layout.step_dir(opts.out, plan.step)
-            failpoint(f"step-{plan.step}:publish")
-            layout.publish(partial, final)
+            state = on_main(world, f"publishing step {plan.step}",
+                            lambda: self._finish_step(stream, plan, previous, prev_folder, item, item_plan, partial, calibrated,
+                                                      writer, written, final))
         except BaseException:
-            shutil.rmtree(partial, ignore_errors=True)
+            if world.main:
+                shutil.rmtree(partial, ignore_errors=True)
             raise
         return StepResult(plan.step, final, state)
+
+    def _finish_step(self, stream: StreamPlan, plan: StepPlan, previous: StepState | None, prev_folder: Path | None, item,
+                     item_plan, partial: Path, calibrated: Calibrated, writer: StepWriter, written, final: Path) -> StepState:
+        """Rank 0: side files, heads, state, card and the hooks' part into the partial folder, then publish it."""
+        opts, method = self.options, self.method
+        step_folder.copy_side_files(stream.base.folder, partial, opts.dtype, adapter=plan.adapter is not None)
+        heads = step_folder.carry_heads(partial, prev_folder, previous.heads if previous else [], plan.step, item,
+                                        item_plan.heads)
+        after = Calibrated()
+        if method.after_slots:  # statistics of θ(t), the model just written (its task's head included), then a pass
+            after = self._calibrate(plan, stream, item, partial, partial / layout.CALIBRATION_DIR, when="after")
+            writer.write_after(partial, prev_folder, after.tensors, written.scalars)
+            for index in after.tensors.values():
+                index.close()
+        record = {**calibrated.record, **after.record}
+        entry = {
+            **item.identity(),
+            "step": plan.step,
+            "alignment": item_plan.alignment.describe(),
+            "heads": item_plan.heads,
+            "kept_modules": item_plan.kept_modules,
+            "method": method.step_summary(written.scalars),
+            **({"calibration": record} if record else {}),
+        }
+        for index in calibrated.tensors.values():
+            index.close()
+        for name, folder in {**calibrated.keep, **after.keep}.items():  # what the method carries besides its slots
+            (partial / layout.STATE_DIR).mkdir(exist_ok=True)
+            os.replace(folder, layout.safe_relative(partial / layout.STATE_DIR, name))
+        shutil.rmtree(partial / layout.CALIBRATION_DIR, ignore_errors=True)  # statistics are not part of a step
+        state = StepState(
+            step=plan.step,
+            method=method.name,
+            params=method.params.model_dump(),
+            options=opts.recorded(),
+            base=stream.base.identity(),
+            stream=[*(previous.stream if previous else []), entry],
+            scalars=written.scalars,
+            slots=list(method.slots),
+            heads=heads,
+            lowrank=dict(written.ranks),
+            touched=sorted(plan.touched),
+            output=written.adapter.summary() if written.adapter else {"format": "full"},
+        )
+        if written.adapter is not None:
+            base_id = stream.base.identity()
+            written.adapter.write_config(partial, stream.base.config, base_id["source"], base_id.get("revision"))
+        if previous is not None and is_content_digest(previous.base["fingerprint"]):
+            self._check_base(previous, stream.base)  # the base was read whole by this step: its digest is complete
+        step_folder.write_state_and_card(partial, state)
+        staged = StepResult(plan.step, partial, state, base_folder=stream.base.folder, item=item, stream=stream)
+        for hook in self.hooks:  # e.g. evaluation: part of the step, so a crash here leaves no complete step
+            staged = hook.before_publish(staged)
+        failpoint(f"step-{plan.step}:publish")
+        layout.publish(partial, final)
+        return staged.state
 
     def _calibrate(self, plan: StepPlan, stream: StreamPlan, item: ResolvedSource, model_folder: Path | None,
                    scratch: Path, when: str = "before") -> Calibrated:

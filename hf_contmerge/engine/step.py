@@ -7,6 +7,11 @@ float32 on the device, calls the method's kernel with a :class:`~hf_contmerge.me
 adds its statistics in plan order, and queues what to write: the published weight (output dtype)
 and the new slots (float32). Two-pass methods write their first pass to a scratch area of the
 partial folder, then ``end_pass`` gives the new scalars, then the second pass finishes every tensor.
+
+With several ranks (``distributed.py``) each executes its run of every pass (``StepPlan.split``):
+planned files are shared (rank 0 creates them, each rank ``pwrite``s its tensors at their offsets),
+the factors of factored tensors go to rank 0, which writes them in plan order, and every unit's
+statistics are gathered and added in plan order, so the files and scalars are those of one process.
 """
 
 from __future__ import annotations
@@ -29,10 +34,11 @@ from ..artifacts.state import StepState
 from ..errors import ContMergeError
 from ..io.checkpoint import Checkpoint, TensorIndex
 from ..io.safetensors import SAFE_DTYPES, iter_row_chunks
-from ..io.writer import StreamingWriter
+from ..io.writer import Share, StreamingWriter
 from ..methods.base import LowRankInputs, Method, StepContext, StepStats, TensorInputs, TensorOutput
 from ..methods.lowrank import LowRank
 from ..sources.preflight import StreamPlan
+from .distributed import World
 from .executor import PIPELINE_CHUNKS, run_units
 from .plan import StepPlan, WorkUnit
 
@@ -70,12 +76,35 @@ def _factor_tensors(key: str, factors: LowRank) -> list[tuple[str, torch.Tensor]
     return [(key + LEFT, factors.left), (key + RIGHT, factors.right)]
 
 
+class _Deferred:
+    """An appended writer (factors) in a step of several ranks: what is written to it is gathered and
+    written by rank 0 in plan order (``real``, on rank 0 only)."""
+
+    def __init__(self, prefix: str, real: StreamingWriter | None):
+        self.prefix, self.real = prefix, real
+
+    def close(self) -> list[Path]:
+        return self.real.close() if self.real is not None else []
+
+
+class _Recorder:
+    """A unit's ``StepStats.add`` calls, kept to be added in plan order (:meth:`StepWriter._run`)."""
+
+    def __init__(self) -> None:
+        self.adds: list[tuple[str, TensorOutput]] = []
+
+    def add(self, key: str, out: TensorOutput) -> None:
+        self.adds.append((key, TensorOutput({}, {k: float(v) for k, v in out.stats.items()}, dict(out.notes))))
+
+
 class StepWriter:
     """Writes the tensors of one planned step into a partial step folder (``write``)."""
 
     def __init__(self, plan: StepPlan, stream: StreamPlan, method: Method, *, device: torch.device, chunk_bytes: int,
                  shard_bytes: int, allow_nonfinite: bool, quiet: bool,
-                 calibration: Mapping[str, TensorIndex] | None = None, calibration_scalars: Mapping[str, float] | None = None):
+                 calibration: Mapping[str, TensorIndex] | None = None, calibration_scalars: Mapping[str, float] | None = None,
+                 world: World | None = None):
+        self.world = world or World()
         self.plan, self.stream, self.method = plan, stream, method
         self.device, self.chunk_bytes, self.shard_bytes = device, chunk_bytes, shard_bytes
         self.allow_nonfinite, self.quiet = allow_nonfinite, quiet
@@ -100,32 +129,40 @@ class StepWriter:
                     if (factored := open_lowrank(prev_folder, slot)) is not None:
                         self.prev_lowrank[slot] = stack.enter_context(closing(factored))
                 self._check_previous(prev_folder)
-            weights = self._weights_writer(partial)
-            state = self._slot_writers(partial / STATE_DIR)
-            total = sum(math.prod(kp.shape) if kp.shape else 1 for kp in plan.keys)
+            world, last = self.world, len(plan.passes) - 1
+            mine = [plan.split(p, world.size)[world.rank] for p in range(len(plan.passes))]
+            with world.agree(f"creating the files of step {plan.step}"):
+                weights = self._weights_writer(partial, mine[last])
+                state = self._slot_writers(partial / STATE_DIR, mine[last])
+            total = sum(u.numel for u in mine[last]) if world.size > 1 else \
+                sum(math.prod(kp.shape) if kp.shape else 1 for kp in plan.keys)
             bar = tqdm(total=total * len(plan.passes), unit="el", unit_scale=True, desc=f"step {plan.step}",
-                       disable=self.quiet, leave=False)
+                       disable=self.quiet or not world.main, leave=False)
             with bar:
                 stats = StepStats()
                 if plan.two_pass:
-                    scratch = self._slot_writers(partial / PASS1_DIR, scratch=True)
-                    self._run(plan.passes[0], lambda u, raw: self._first_pass(ctx, stats, scratch, u, raw), bar, pass_index=0)
-                    for w in scratch.values():
-                        w.close()
+                    with world.agree(f"creating the first-pass files of step {plan.step}"):
+                        scratch = self._slot_writers(partial / PASS1_DIR, mine[0], scratch=True)
+                    with world.agree(f"the first pass of step {plan.step}"):
+                        done = self._run(0, mine[0], lambda u, raw, st: self._first_pass(ctx, st, scratch, u, raw), bar)
+                    self._combine(done, stats, scratch, f"the first pass of step {plan.step}")
                     ctx = replace(ctx, scalars=method.end_pass(ctx, stats))
                     for prefix in plan.slot_files:
                         self.first[prefix] = stack.enter_context(closing(Checkpoint.open(partial / PASS1_DIR, prefix=prefix)))
-                self._run(plan.passes[-1], lambda u, raw: self._final_pass(ctx, stats, weights, state, u, raw), bar,
-                          pass_index=len(plan.passes) - 1)
+                with world.agree(f"writing step {plan.step}"):
+                    done = self._run(last, mine[last], lambda u, raw, st: self._final_pass(ctx, st, weights, state, u, raw), bar)
+                    weights.close()
+                self._combine(done, stats, state, f"writing step {plan.step}")
             if plan.two_pass:
                 for ck in self.first.values():
                     ck.close()
-                shutil.rmtree(partial / PASS1_DIR)
+                if world.main:
+                    shutil.rmtree(partial / PASS1_DIR)
             else:
                 ctx = replace(ctx, scalars=method.end_pass(ctx, stats))
-            weights.close()
-            for w in state.values():
-                w.close()
+            if world.size > 1:  # the factored tensors' ranks, from every rank, for the state rank 0 writes
+                self.written.ranks = {k: r for ranks in world.gather(self.written.ranks) for k, r in ranks.items()}
+                self.written.ranks = {k: self.written.ranks[k] for k in plan.factored if k in self.written.ranks}
         self.written.scalars = dict(ctx.scalars)
         return self.written
 
@@ -176,34 +213,84 @@ class StepWriter:
                         "that step folder and resume from the one before, or start a new --out. Nothing was written."
                     )
 
-    def _run(self, units: tuple[WorkUnit, ...], handle, bar: tqdm, pass_index: int) -> None:
+    def _run(self, pass_index: int, units: tuple[WorkUnit, ...], handle, bar: tqdm) -> tuple[list, list]:
+        """Run this rank's ``units`` of a pass (no collective here: a failure must reach :meth:`World.agree`);
+        returns each unit's statistics and the factors for ``_Deferred`` writers, by plan position."""
         final = pass_index == len(self.plan.passes) - 1
+        position = {u: i for i, u in enumerate(self.plan.passes[pass_index])}
+        recorded: list[tuple[int, list]] = []
+        deferred: list[tuple[int, int, str, str, torch.Tensor]] = []
+
+        def tagged(u: WorkUnit, raw: dict[str, Any]) -> list:
+            rec = _Recorder()
+            out = handle(u, raw, rec)
+            recorded.append((position[u], rec.adds))
+            direct = []
+            for n, (w, name, t) in enumerate(out):
+                if isinstance(w, _Deferred):
+                    deferred.append((position[u], n, w.prefix, name, t.cpu()))
+                else:
+                    direct.append((w, name, t))
+            return direct
+
         # a factored tensor's elements count in pass 1, or through its rows
-        run_units(units, self._load, handle, step=self.plan.step, budget=PIPELINE_CHUNKS * self.chunk_bytes,
+        run_units(units, self._load, tagged, step=self.plan.step, budget=PIPELINE_CHUNKS * self.chunk_bytes,
                   progress=lambda u: bar.update(0 if u.form == "factored" and final else u.numel))
+        return recorded, deferred
+
+    def _combine(self, done: tuple[list, list], stats: StepStats, writers: Mapping[str, Any], what: str) -> None:
+        """After a pass on every rank: each unit's statistics added to ``stats`` in plan order (on every
+        rank: the scalars must agree), the factors written by rank 0 in plan order, the slot writers closed."""
+        recorded, deferred = done
+        world = self.world
+        everyone = world.gather(recorded) if world.size > 1 else [recorded]
+        for _, adds in sorted((r for rank in everyone for r in rank), key=lambda r: r[0]):
+            for key, out in adds:
+                stats.add(key, out)
+        factors = world.gather_to_main(deferred) if any(isinstance(w, _Deferred) for w in writers.values()) else None
+        with world.agree(what):
+            if factors is not None and world.main:
+                by_prefix = {w.prefix: w.real for w in writers.values() if isinstance(w, _Deferred)}
+                for _, _, prefix, name, t in sorted((d for rank in factors for d in rank), key=lambda d: d[:2]):
+                    by_prefix[prefix].write(name, t)
+            for w in writers.values():
+                w.close()
 
     # ------------------------------------------------------------------ writers
-    def _weights_writer(self, partial: Path) -> StreamingWriter:
+    def _share(self, keys: set[str]) -> Share | None:
+        """This rank's part of a shared planned writer (None with one process)."""
+        return Share(self.world.main, frozenset(keys)) if self.world.size > 1 else None
+
+    def _weights_writer(self, partial: Path, units: tuple[WorkUnit, ...]) -> StreamingWriter:
         """The published weights: model shards (full) or the adapter file (``--output-format adapter``)."""
         plan = self.plan
         if plan.adapter is None:
-            return StreamingWriter.planned(partial, plan.weight_specs, plan.weight_shards, WEIGHTS_PREFIX)
+            share = self._share({u.key for u in units if u.form != "factored"})
+            return StreamingWriter.planned(partial, plan.weight_specs, plan.weight_shards, WEIGHTS_PREFIX, share=share)
+        if self.world.size > 1:
+            raise ContMergeError("--output-format adapter is written by one process; launch this run without torchrun "
+                                 "or accelerate launch (or write --output-format full).")
         self.written.adapter = AdapterExport(plan.adapter)
         shapes = {plan.adapter.published_name(kp.key): kp.shape for kp in plan.keys
                   if kp.merged and kp.key in plan.adapter.dense_keys}
         return StreamingWriter.appended(partial, plan.adapter.names(), 2**62, ADAPTER_WEIGHTS_PREFIX, shapes=shapes)
 
-    def _slot_writers(self, folder: Path, scratch: bool = False) -> dict[str, StreamingWriter]:
+    def _slot_writers(self, folder: Path, units: tuple[WorkUnit, ...], scratch: bool = False) -> dict[str, Any]:
         """Writers of the carried slots: a planned writer per slot for the dense tensors, and an append
         writer per slot for the factored ones (ranks are known only once computed). The ``after_slots``
         are written by :meth:`write_after`; a first pass's ``scratch`` has them all."""
-        folder.mkdir()
-        plan = self.plan
+        plan, main = self.plan, self.world.main
+        if main:
+            folder.mkdir()
         slots = [s for s in plan.slots if scratch or s not in self.method.after_slots]
-        writers = {s: StreamingWriter.planned(folder, plan.state_specs, plan.state_shards[s], s) for s in slots}
+        share = self._share({u.key for u in units if u.form == "dense" and self.kp[u.key].merged})
+        writers: dict[str, Any] = {s: StreamingWriter.planned(folder, plan.state_specs, plan.state_shards[s], s, share=share)
+                                   for s in slots}
         if plan.factored:
             for s in plan.slots:
-                writers[LOWRANK_PREFIX + s] = StreamingWriter.appended(folder, plan.factor_names, self.shard_bytes, LOWRANK_PREFIX + s)
+                prefix = LOWRANK_PREFIX + s
+                real = StreamingWriter.appended(folder, plan.factor_names, self.shard_bytes, prefix) if main else None
+                writers[prefix] = real if self.world.size == 1 else _Deferred(prefix, real)
         return writers
 
     # ------------------------------------------------------------------ loading (reader thread)

@@ -14,6 +14,13 @@ must know the header before the data. Two cases, one writer:
   bytes, and :meth:`StreamingWriter.close` writes the real header into the reserved room, padded
   with spaces, which the format allows. Only the names written appear in the files.
 
+- **shared** (a planned writer of one rank of a multi-process merge, ``share=``): every rank knows
+  the same headers, so rank 0 creates each shard at its full size with its header, and each rank
+  writes its own tensors (whole ones, in any order) with ``pwrite`` at their planned offsets:
+  disjoint byte ranges, the same bytes as one process writing them all. Each rank fsyncs what it
+  wrote; rank 0 writes the index. (Disjoint ``pwrite`` ranges are safe on local and cluster
+  filesystems, where MPI-IO relies on the same; NFS's client caching is not, see the README.)
+
 Either way the files follow the transformers conventions: ``{prefix}.safetensors`` for one shard,
 else ``{prefix}-0000i-of-0000N.safetensors`` plus ``{prefix}.safetensors.index.json``
 (``metadata.total_size``, ``weight_map``), and ``{"format": "pt"}`` metadata. Every file is fsynced
@@ -36,6 +43,15 @@ from huggingface_hub import split_state_dict_into_shards_factory
 from .safetensors import DTYPE_NAMES, TensorSpec
 
 _ENTRY = len('"":{"dtype":"BF16","shape":[],"data_offsets":[,]},') + 2 * 20 + 4 * 21  # reserved per name
+
+
+@dataclass(frozen=True)
+class Share:
+    """A shared planned writer's part: whether this rank creates the files and writes the index
+    (rank 0), and the tensors it writes."""
+
+    main: bool
+    keys: frozenset[str]
 
 
 @dataclass(frozen=True)
@@ -109,6 +125,11 @@ class StreamingWriter:
         self._sequence: list[str] = []
         self._shard_of: dict[str, int] = {}
         self._next = 0  # index into _sequence of the next tensor to begin
+        # shared mode
+        self._share: Share | None = None
+        self._fds: dict[int, int] = {}
+        self._pos = 0  # file offset of the next byte of the tensor being written
+        self._done: set[str] = set()
         # appended mode
         self._names: set[str] | None = None
         self._shapes: dict[str, tuple[int, ...]] = {}
@@ -118,8 +139,10 @@ class StreamingWriter:
 
     @classmethod
     def planned(cls, folder: Path, specs: Sequence[TensorSpec], shards: Sequence[PlannedShard], prefix: str = "model",
-                metadata: dict[str, str] | None = None) -> StreamingWriter:
-        """Every tensor known in advance: ``specs`` (shapes, dtypes) cut into ``shards`` (:func:`plan_shards`)."""
+                metadata: dict[str, str] | None = None, share: Share | None = None) -> StreamingWriter:
+        """Every tensor known in advance: ``specs`` (shapes, dtypes) cut into ``shards`` (:func:`plan_shards`).
+        ``share``: this rank's part of a shared writer (rank 0 creates the files now; the others may write
+        once it has)."""
         w = cls(folder, prefix, metadata)
         w._specs = {s.key: s for s in specs}
         w._shards = list(shards)
@@ -127,6 +150,15 @@ class StreamingWriter:
         w._shard_of = {k: i for i, shard in enumerate(w._shards) for k in shard.keys}
         if sorted(w._sequence) != sorted(w._specs):
             raise RuntimeError("internal: the shard plan does not cover the tensor specs")
+        w._share = share
+        if share is not None:
+            w._headers = [w._planned_header(i) for i in range(len(w._shards))]
+            if share.main:
+                for shard, header in zip(w._shards, w._headers):
+                    blob = _header_blob(header)
+                    with open(w.folder / shard.name, "wb") as fh:
+                        fh.write(blob)
+                        fh.truncate(len(blob) + sum(w._specs[k].nbytes for k in shard.keys))
         return w
 
     @classmethod
@@ -158,11 +190,31 @@ class StreamingWriter:
         data = _tensor_bytes(chunk)
         if len(data) > self._current[1]:
             raise RuntimeError(f"internal: {name!r} got more bytes than its shape holds")
+        if self._share is not None:
+            fd = self._fds[self._shard_of[name]]
+            view = data
+            while len(view):  # pwrite may write less than asked
+                view = view[os.pwrite(fd, view, self._pos):]
+            self._pos += len(data)
+            self._current = (name, self._current[1] - len(data)) if len(data) < self._current[1] else None
+            return
         self._file.write(data)
         self._offset += len(data)
         self._current = (name, self._current[1] - len(data)) if len(data) < self._current[1] else None
 
     def _begin(self, name: str, chunk: torch.Tensor) -> None:
+        if self._share is not None:  # shared: one of this rank's tensors, once, at its planned offset
+            if name not in self._share.keys or name in self._done:
+                raise RuntimeError(f"internal: {name!r} is not this rank's to write, or was written twice")
+            spec, index = self._specs[name], self._shard_of[name]
+            if DTYPE_NAMES[chunk.dtype] != spec.dtype:
+                raise RuntimeError(f"internal: {name} chunk is {chunk.dtype}, planned {spec.dtype}")
+            if index not in self._fds:
+                self._fds[index] = os.open(self.folder / self._shards[index].name, os.O_WRONLY)
+            self._pos = len(_header_blob(self._headers[index])) + self._headers[index][name]["data_offsets"][0]
+            self._done.add(name)
+            self._current = (name, spec.nbytes) if spec.nbytes else None
+            return
         if self._names is None:  # planned: the next tensor of the sequence, in its planned dtype
             if self._next >= len(self._sequence) or self._sequence[self._next] != name:
                 raise RuntimeError(f"internal: wrote {name!r} out of the planned order")
@@ -184,15 +236,19 @@ class StreamingWriter:
                                        "data_offsets": [self._offset, self._offset + nbytes]}
         self._current = (name, nbytes) if nbytes else None
 
-    def _open_planned(self, index: int) -> None:
-        self._close_file()
-        shard = self._shards[index]
+    def _planned_header(self, index: int) -> dict[str, object]:
         header: dict[str, object] = {"__metadata__": self.metadata}
         offset = 0
-        for k in shard.keys:
+        for k in self._shards[index].keys:
             s = self._specs[k]
             header[k] = {"dtype": s.dtype, "shape": list(s.shape), "data_offsets": [offset, offset + s.nbytes]}
             offset += s.nbytes
+        return header
+
+    def _open_planned(self, index: int) -> None:
+        self._close_file()
+        shard = self._shards[index]
+        header = self._planned_header(index)
         self._start_file(self.folder / shard.name, _header_blob(header))
         self._headers.append(header)
         self.weight_map.update(dict.fromkeys(shard.keys, shard.name))
@@ -225,6 +281,24 @@ class StreamingWriter:
         """Finish the last shard, name the shards, write the index when sharded; the files written."""
         if self._current is not None:
             raise RuntimeError(f"internal: closed before {self._current[0]!r} was complete")
+        if self._share is not None:
+            missing = sorted(self._share.keys - self._done)
+            if missing:
+                raise RuntimeError(f"internal: closed before writing {missing[0]!r}")
+            for fd in self._fds.values():
+                os.fsync(fd)
+                os.close(fd)
+            self._fds.clear()
+            if not self._shards and self._share.main:
+                self._start_file(self.folder / f"{self.prefix}.safetensors", _header_blob({"__metadata__": self.metadata}))
+                self._close_file()
+            names = [shard.name for shard in self._shards] or [f"{self.prefix}.safetensors"]
+            self.weight_map = {k: shard.name for shard in self._shards for k in shard.keys}
+            total = sum(s.nbytes for s in self._specs.values())
+            self.files = [self.folder / name for name in names]
+            if len(names) > 1 and self._share.main:
+                self.files.append(self._write_index(total))
+            return self.files
         if self._names is None:
             if self._next != len(self._sequence):
                 raise RuntimeError(f"internal: closed before writing {self._sequence[self._next]!r}")
@@ -247,8 +321,11 @@ class StreamingWriter:
                         if k != "__metadata__")
         self.files = [self.folder / name for name in names]
         if len(names) > 1:
-            index = self.folder / f"{self.prefix}.safetensors.index.json"
-            index.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(self.weight_map.items()))},
-                                        indent=2) + "\n")
-            self.files.append(index)
+            self.files.append(self._write_index(total))
         return self.files
+
+    def _write_index(self, total: int) -> Path:
+        index = self.folder / f"{self.prefix}.safetensors.index.json"
+        index.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(self.weight_map.items()))},
+                                    indent=2) + "\n")
+        return index
