@@ -82,6 +82,8 @@ class MergeOptions(BaseModel):
     resume_from: str | None = Field(None, description="continue from a step published on the Hub, ORG/NAME[@REV] "
                                     "(e.g. @step-3); the --stream must start with the items that step holds")
     dry_run: bool = Field(False, description="run the pre-flight and print the plan; write nothing")
+    ranks: int | None = Field(None, ge=1, description="with --dry-run: how a job of N ranks (torchrun --nproc_per_node "
+                              "N) would share the next step: tensors, elements, bytes written and cost per rank")
     seed: int = Field(0, description="random seed (recorded; used by data-dependent methods)", json_schema_extra=_recorded("same"))
     data: list[str] = Field(default_factory=list, description="calibration data of data-dependent methods, one SPEC per "
                             "--stream item, in order: a dataset folder (save_to_disk)[@split], data files (.csv, .json, "
@@ -242,6 +244,8 @@ class MergeOptions(BaseModel):
             raise ValueError("--eval-harness applies with --eval only")
         if self.eval_all and not self.eval:
             raise ValueError("--eval-all applies with --eval only")
+        if self.ranks is not None and not self.dry_run:
+            raise ValueError("--ranks applies with --dry-run only (a job takes its ranks from torchrun or accelerate launch)")
         if self.eval_data and not self.eval:
             raise ValueError("--eval-data is given without --eval: add --eval to score every step")
         if self.eval_references and not self.eval:

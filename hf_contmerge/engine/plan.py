@@ -122,6 +122,27 @@ class StepPlan:
         return [tuple(r) for r in runs]
 
 
+def share_report(plan: StepPlan, workers: int) -> str:
+    """How ``workers`` ranks would share each pass of ``plan`` (``merge --dry-run --ranks N``): per rank
+    the tensors, the float32 elements its kernels touch, the bytes it writes (weights in their output
+    dtype, float32 carried slots) and its share of the cost model's total."""
+    shapes = {kp.key: kp.shape for kp in plan.keys}
+    itemsize = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}
+    lines = [f"step {plan.step} on {workers} ranks (cost model: elements, m·n·min(m, n) per SVD, (m + n)·r² per factored kernel):"]
+    for p, _ in enumerate(plan.passes):
+        runs = plan.split(p, workers)
+        costs = [sum(unit_cost(u, shapes[u.key], plan.factored.get(u.key, 0)) for u in run) for run in runs]
+        total = sum(costs) or 1.0
+        name = "merge" if len(plan.passes) == 1 else ("first pass" if p == 0 else "finish")
+        for r, (run, cost) in enumerate(zip(runs, costs)):
+            written = sum(u.numel * (itemsize.get(plan.out_dtype[u.key], 4) + (4 * len(plan.slots) if u.form == "dense" else 0))
+                          for u in run if u.form != "factored") if p == len(plan.passes) - 1 else \
+                sum(4 * len(plan.slots) * u.numel for u in run if u.form == "dense")
+            lines.append(f"  {name}, rank {r}: {len({u.key for u in run})} tensors, {sum(u.numel for u in run) / 1e6:.1f}M "
+                         f"elements, writes {written / 1e9:.2f} GB, {100 * cost / total:.1f}% of the cost")
+    return "\n".join(lines)
+
+
 def numel(shape: tuple[int, ...], rows: tuple[int, int] | None) -> int:
     """Elements of a tensor of ``shape``, or of its dim-0 rows ``rows``."""
     n = math.prod(shape) if shape else 1

@@ -41,7 +41,7 @@ from .calibration import Calibrated, Calibrator
 from .distributed import World, on_main, world_from_env
 from .executor import failpoint
 from .hooks import StepHook
-from .plan import ModelFacts, StepPlan, plan_step
+from .plan import ModelFacts, StepPlan, plan_step, share_report
 from .step import StepResult, StepWriter
 
 logger = logging.getLogger(__name__)
@@ -177,6 +177,9 @@ class Engine:
                 hook.check(todo)
             if opts.dry_run:
                 logger.info(stream.report())
+                ranks = opts.ranks or self.world.size
+                if ranks > 1 and len(todo):
+                    logger.info(share_report(plan_step(stream, 0, todo[0], previous, self.method, opts, facts), ranks))
                 logger.info(f"dry run: would write {', '.join(f'step-{t}' for t in todo) or 'nothing'} in {opts.out}")
                 return []
             for hook in self.hooks:

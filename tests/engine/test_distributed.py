@@ -119,3 +119,20 @@ def test_data_methods_refuse_several_ranks_for_now(tmp_path, stream):
     data.write_text('{"text": "a b c"}\n')
     run = ranks(2, "--base", base, "--stream", *items, "--method", "fisher", "--data", *([data] * 3), "--out", tmp_path / "o")
     assert run.returncode != 0 and "runs in one process for now" in run.stderr
+
+
+def test_dry_run_shows_how_ranks_would_share_a_step(tmp_path, stream, cli):
+    """--dry-run --ranks N: per rank its tensors, elements, bytes and cost share; the shares cover the step."""
+    import re
+
+    base, items = stream
+    code, _, err = cli("merge", "--base", base, "--stream", *items, "--method", "opcm", "--out", tmp_path / "o", "--dry-run",
+                       "--ranks", "3")
+    assert code == 0, err
+    rows = re.findall(r"(first pass|finish), rank (\d): (\d+) tensors, .*?, ([\d.]+)% of the cost", err)
+    assert [r[1] for r in rows] == ["0", "1", "2"] * 2
+    for name in ("first pass", "finish"):
+        assert abs(sum(float(r[3]) for r in rows if r[0] == name) - 100) < 0.5
+    assert not (tmp_path / "o").exists()
+    code, _, err = cli("merge", "--base", base, "--stream", *items, "--method", "opcm", "--out", tmp_path / "o", "--ranks", "2")
+    assert code == 2 and "--ranks applies with --dry-run" in err
