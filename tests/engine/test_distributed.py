@@ -136,3 +136,64 @@ def test_dry_run_shows_how_ranks_would_share_a_step(tmp_path, stream, cli):
     assert not (tmp_path / "o").exists()
     code, _, err = cli("merge", "--base", base, "--stream", *items, "--method", "opcm", "--out", tmp_path / "o", "--ranks", "2")
     assert code == 2 and "--ranks applies with --dry-run" in err
+
+
+def _sparse_llama_7b(folder: Path, depth: int = 2) -> Path:
+    """Headers of a Llama-2-7B-shaped checkpoint cut to ``depth`` layers (bf16), data left sparse: a plan
+    reads headers only, so this costs no disk."""
+    import json
+    import struct
+
+    h, i, v = 4096, 11008, 32000
+    shapes = [("model.embed_tokens.weight", (v, h))]
+    for layer in range(depth):
+        p = f"model.layers.{layer}."
+        shapes += [(p + "input_layernorm.weight", (h,)), (p + "post_attention_layernorm.weight", (h,))]
+        shapes += [(p + f"self_attn.{n}.weight", (h, h)) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        shapes += [(p + "mlp.gate_proj.weight", (i, h)), (p + "mlp.up_proj.weight", (i, h)), (p + "mlp.down_proj.weight", (h, i))]
+    shapes += [("model.norm.weight", (h,)), ("lm_head.weight", (v, h))]
+    header, offset = {}, 0
+    for name, shape in shapes:
+        n = 2 * shape[0] * (shape[1] if len(shape) > 1 else 1)
+        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    folder.mkdir(parents=True)
+    with open(folder / "model.safetensors", "wb") as fh:
+        fh.write(struct.pack("<Q", len(blob)) + blob)
+        fh.truncate(8 + len(blob) + offset)
+    (folder / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": h, "intermediate_size": i,
+        "num_attention_heads": 32, "num_key_value_heads": 32, "num_hidden_layers": depth, "vocab_size": v,
+        "tie_word_embeddings": False, "torch_dtype": "bfloat16", "rms_norm_eps": 1e-5, "max_position_embeddings": 4096}))
+    return folder
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "opcm"])
+def test_the_cost_split_balances_a_7b_shaped_step(tmp_path, method):
+    """Each rank's share of a pass's cost is within 1/N plus the largest single tensor's share (whole
+    tensors are never cut across ranks), and within 1/N + 5% on this plan."""
+    from hf_contmerge.engine.plan import ModelFacts, plan_step, unit_cost
+    from hf_contmerge.engine.run import Engine
+    from hf_contmerge.options import MergeOptions
+    from hf_contmerge.sources.preflight import plan_stream
+    from hf_contmerge.sources.resolve import resolve
+
+    base, item = _sparse_llama_7b(tmp_path / "base"), _sparse_llama_7b(tmp_path / "ft")
+    opts = MergeOptions.create(base=str(base), stream=[str(item)], method=method, out=tmp_path / "o")
+    engine = Engine(opts)
+    b = resolve(str(base), role="base", lazy=True)
+    stream = plan_stream(b, [resolve(str(item), role="stream item", base=b, lazy=True)])
+    plan = plan_step(stream, 0, 1, None, engine.method, opts, engine._model_facts(b) if engine.method.needs_module_types else ModelFacts())
+    shapes = {kp.key: kp.shape for kp in plan.keys}
+    for p in range(len(plan.passes)):
+        costs = {}
+        for u in plan.passes[p]:
+            costs[u.key] = costs.get(u.key, 0.0) + unit_cost(u, shapes[u.key], 0)
+        total, largest = sum(costs.values()), max(costs.values())
+        for n in (2, 3, 4):
+            shares = [sum(unit_cost(u, shapes[u.key], 0) for u in run) / total for run in plan.split(p, n)]
+            assert abs(sum(shares) - 1) < 1e-9
+            assert max(shares) <= 1 / n + largest / total + 1e-9, (p, n, shares)
+            assert max(shares) <= 1 / n + 0.05, (method, p, n, shares)
