@@ -192,9 +192,9 @@ class StreamingWriter:
             raise RuntimeError(f"internal: {name!r} got more bytes than its shape holds")
         if self._share is not None:
             fd = self._fds[self._shard_of[name]]
-            view = data
-            while len(view):  # pwrite may write less than asked
-                view = view[os.pwrite(fd, view, self._pos):]
+            done = 0
+            while done < len(data):  # pwrite may write less than asked (Linux: at most 2 GiB a call)
+                done += os.pwrite(fd, data[done:], self._pos + done)
             self._pos += len(data)
             self._current = (name, self._current[1] - len(data)) if len(data) < self._current[1] else None
             return

@@ -148,3 +148,38 @@ def test_content_digest_equals_a_direct_hash_however_the_tensors_are_read(tmp_pa
     tensors["b"][6, 4] += 1
     save_file(tensors, tmp_path / "model.safetensors")
     assert Checkpoint.open(tmp_path).fingerprinted().digest.hexdigest() != expected
+
+
+def test_shared_planned_writers_write_the_bytes_of_one_writer(tmp_path, monkeypatch):
+    """Two ranks' shared writers (tensors in any order, a pwrite that writes 13 bytes a call) produce
+    the files, index included, of one sequential writer."""
+    import os
+
+    from hf_contmerge.io.writer import Share
+
+    specs = [TensorSpec(f"t{i}", (7, 5), "F32") for i in range(6)]
+    shards = plan_shards(specs, 300)
+    assert len(shards) > 1
+    torch.manual_seed(0)
+    tensors = {s.key: torch.randn(7, 5) for s in specs}
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    one = StreamingWriter.planned(tmp_path / "one", specs, shards)
+    for k, t in tensors.items():
+        one.write(k, t)
+    one.close()
+    real = os.pwrite
+    monkeypatch.setattr(os, "pwrite", lambda fd, data, offset: real(fd, bytes(data[:13]), offset))
+    main = StreamingWriter.planned(tmp_path / "two", specs, shards, share=Share(True, frozenset({"t0", "t3"})))
+    other = StreamingWriter.planned(tmp_path / "two", specs, shards, share=Share(False, frozenset({"t1", "t2", "t4", "t5"})))
+    for k in ("t3", "t0"):
+        main.write(k, tensors[k])
+    for k in ("t5", "t1", "t4", "t2"):
+        other.write(k, tensors[k][:3])  # a tensor in two chunks
+        other.write(k, tensors[k][3:])
+    main.close()
+    other.close()
+    files = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "two").iterdir())
+    for name in files:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
