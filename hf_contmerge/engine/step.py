@@ -243,7 +243,7 @@ class StepWriter:
         rank: the scalars must agree), the factors written by rank 0 in plan order, the slot writers closed."""
         recorded, deferred = done
         world = self.world
-        everyone = world.gather(recorded) if world.size > 1 else [recorded]
+        everyone = world.gather(recorded)
         for _, adds in sorted((r for rank in everyone for r in rank), key=lambda r: r[0]):
             for key, out in adds:
                 stats.add(key, out)

@@ -130,6 +130,7 @@ class StreamingWriter:
         self._fds: dict[int, int] = {}
         self._pos = 0  # file offset of the next byte of the tensor being written
         self._done: set[str] = set()
+        self._data_start: list[int] = []  # per shard: the file offset of its data (after the header)
         # appended mode
         self._names: set[str] | None = None
         self._shapes: dict[str, tuple[int, ...]] = {}
@@ -153,9 +154,10 @@ class StreamingWriter:
         w._share = share
         if share is not None:
             w._headers = [w._planned_header(i) for i in range(len(w._shards))]
+            blobs = [_header_blob(header) for header in w._headers]
+            w._data_start = [len(blob) for blob in blobs]
             if share.main:
-                for shard, header in zip(w._shards, w._headers):
-                    blob = _header_blob(header)
+                for shard, blob in zip(w._shards, blobs):
                     with open(w.folder / shard.name, "wb") as fh:
                         fh.write(blob)
                         fh.truncate(len(blob) + sum(w._specs[k].nbytes for k in shard.keys))
@@ -211,7 +213,7 @@ class StreamingWriter:
                 raise RuntimeError(f"internal: {name} chunk is {chunk.dtype}, planned {spec.dtype}")
             if index not in self._fds:
                 self._fds[index] = os.open(self.folder / self._shards[index].name, os.O_WRONLY)
-            self._pos = len(_header_blob(self._headers[index])) + self._headers[index][name]["data_offsets"][0]
+            self._pos = self._data_start[index] + self._headers[index][name]["data_offsets"][0]
             self._done.add(name)
             self._current = (name, spec.nbytes) if spec.nbytes else None
             return
