@@ -101,7 +101,8 @@ class MergeOptions(BaseModel):
     max_memory: str | None = Field(None, description="with --device-map: memory per device, e.g. 0=20GiB,1=20GiB,cpu=64GiB")
     offload_folder: Path | None = Field(None, description="with --device-map: where weights that fit nowhere are offloaded")
     dist_timeout: float = Field(1800, gt=0, description="launched on several ranks (torchrun, accelerate launch): "
-                                "seconds a rank waits for the others at any point before the run fails")
+                                "seconds a rank waits for the others at any point before the run fails (while rank 0 works alone, "
+                                "calibrating, evaluating or publishing, the others wait as long as it keeps answering)")
     cache_teachers: bool = Field(False, description="divmerge, trm: keep each fine-tune's outputs on its calibration "
                                  "samples in HF_CONTMERGE_CACHE/teacher-outputs, so later runs over the same items "
                                  "reuse them (compare turns it on; delete the folder to reclaim the space)")

@@ -94,10 +94,27 @@ class AdapterExport:
     """The adapter being written in one step: its plan, and what the written factors add up to."""
 
     plan: AdapterPlan
-    ranks: dict[str, int] = field(default_factory=dict)  # module -> published rank
-    energy: float = 0.0
-    dropped: float = 0.0
-    worst: float = 0.0  # largest per-weight relative Frobenius error of the truncation
+    # weight key -> (its module and published rank, or None if its delta is zero; its energy; the energy dropped),
+    # in the order the weights were written (plan order: the sums below do not depend on the number of ranks)
+    parts: dict[str, tuple[tuple[str, int] | None, float, float]] = field(default_factory=dict)
+
+    @property
+    def ranks(self) -> dict[str, int]:
+        """module -> published rank."""
+        return dict(p[0] for p in self.parts.values() if p[0] is not None)
+
+    @property
+    def energy(self) -> float:
+        return sum(p[1] for p in self.parts.values())
+
+    @property
+    def dropped(self) -> float:
+        return sum(p[2] for p in self.parts.values())
+
+    @property
+    def worst(self) -> float:
+        """The largest per-weight relative Frobenius error of the truncation."""
+        return max((math.sqrt(d / e) for _, e, d in self.parts.values() if e > 0), default=0.0)
 
     def lora_tensors(self, key: str, delta: LowRank, dtype: torch.dtype) -> list[tuple[str, torch.Tensor]]:
         """``lora_A`` and ``lora_B`` of one factored weight (none if its delta is zero), truncation recorded."""
@@ -105,10 +122,7 @@ class AdapterExport:
         exact, _ = delta.compressed()
         energy = exact.norm_sq_of_svd_form()
         kept, dropped = exact.compressed(max_rank) if max_rank is not None and exact.rank > max_rank else (exact, 0.0)
-        self.energy += energy
-        self.dropped += dropped
-        if energy > 0:
-            self.worst = max(self.worst, math.sqrt(dropped / energy))
+        self.parts[key] = (None, energy, dropped)
         if kept.rank == 0:
             return []
         # balance the singular values over both factors (the same range in bf16/fp16)
@@ -120,7 +134,7 @@ class AdapterExport:
         else:
             lora_b, lora_a = left, right
         module = _module(layout.to_memory[key])
-        self.ranks[module] = left.shape[1]
+        self.parts[key] = ((module, left.shape[1]), energy, dropped)
         return [(f"{PREFIX}{module}.lora_A.weight", lora_a.contiguous().to(dtype)),
                 (f"{PREFIX}{module}.lora_B.weight", lora_b.contiguous().to(dtype))]
 

@@ -8,6 +8,9 @@ written once: the lock, the partial folder's side files, state and card, the hoo
 publishing rename. ``torch.distributed`` collectives carry the few objects that cross ranks (the
 partial folder's name, each unit's statistics, the factors of factored tensors); they wait at most
 ``--dist-timeout`` seconds, so a rank that stops answering fails the others instead of hanging them.
+Work that rank 0 does alone (:func:`on_main`: calibration, evaluation, publishing) may take longer
+than that: rank 0 sends a heartbeat every few seconds meanwhile (on a gloo group of its own), so the
+others wait as long as rank 0 is alive and fail within ``--dist-timeout`` once it stops answering.
 
 :meth:`World.agree` ends every phase: each rank says whether it failed, and if any did, all raise
 (the failed rank its own error, the others one naming it), so no rank goes on to a step the others
@@ -17,6 +20,7 @@ abandoned and no partial step is published.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -45,14 +49,14 @@ class World:
         """Every rank's ``obj``, in rank order, on rank 0 (None elsewhere)."""
         return [obj]
 
-    def broadcast(self, obj: T | None) -> T:
-        """Rank 0's ``obj`` on every rank."""
-        return obj
-
     @contextmanager
     def agree(self, what: str) -> Iterator[None]:
         """Run a phase on every rank; afterwards every rank raises if any rank failed in it."""
         yield
+
+    def on_main(self, what: str, fn: Callable[[], T]) -> T:
+        """``fn()`` on rank 0, its (picklable) result on every rank; a failure there fails every rank."""
+        return fn()
 
 
 class DistributedWorld(World):
@@ -66,6 +70,12 @@ class DistributedWorld(World):
         if self.size < 2:
             raise ContMergeError(f"WORLD_SIZE is {os.environ.get('WORLD_SIZE')} but Accelerate found {self.size} process: "
                                  "launch with torchrun or accelerate launch, on the machines the job names.")
+        import torch.distributed as dist
+
+        self.timeout_s = timeout_s
+        self.beat_s = min(HEARTBEAT_S, timeout_s / 4)
+        # rank 0's heartbeats: gloo whatever the main backend (NCCL would tie them to a CUDA stream)
+        self._beats = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
 
     def gather(self, obj: Any) -> list[Any]:
         import torch.distributed as dist
@@ -80,13 +90,6 @@ class DistributedWorld(World):
         out: list[Any] | None = [None] * self.size if self.main else None
         dist.gather_object(obj, out, dst=0)
         return out
-
-    def broadcast(self, obj: T | None) -> T:
-        import torch.distributed as dist
-
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
 
     @contextmanager
     def agree(self, what: str) -> Iterator[None]:
@@ -105,6 +108,63 @@ class DistributedWorld(World):
                                  "Nothing of that step was published; rerun with --resume to finish.")
 
 
+    def on_main(self, what: str, fn: Callable[[], T]) -> T:
+        import torch.distributed as dist
+
+        def say(message: tuple) -> None:
+            dist.broadcast_object_list([message], src=0, group=self._beats)
+
+        if not self.main:
+            while True:
+                box: list[Any] = [None]
+                try:
+                    dist.broadcast_object_list(box, src=0, group=self._beats)
+                except RuntimeError as e:  # gloo's timeout or a closed connection: rank 0 hung or gone
+                    raise ContMergeError(f"rank 0 of {self.size} stopped answering while {what} (no heartbeat within "
+                                         f"--dist-timeout {self.timeout_s:g} s, or its connection closed: {e}); this "
+                                         "rank stopped too. Nothing of that step was published; rerun with --resume.") from None
+                kind, payload = box[0]
+                if kind == "done":
+                    return payload
+                if kind == "failed":
+                    raise ContMergeError(f"rank 0 of {self.size} failed while {what} ({payload}); this rank stopped too. "
+                                         "Nothing of that step was published; rerun with --resume to finish.")
+        # fn runs in this (main) thread, as it would alone (signals, KeyboardInterrupt); a thread beats meanwhile
+        stop = threading.Event()
+        beat_error: list[BaseException] = []
+
+        def beat() -> None:
+            try:
+                while not stop.wait(self.beat_s):
+                    say(("working", None))
+            except BaseException as e:  # a rank gone: rank 0 learns it when fn is done
+                beat_error.append(e)
+
+        beater = threading.Thread(target=beat, name="hf-contmerge-heartbeat", daemon=True)
+        beater.start()
+        try:
+            result = fn()
+        except BaseException as e:
+            stop.set()
+            beater.join()
+            if not beat_error:
+                try:
+                    say(("failed", f"{type(e).__name__}: {e}"))
+                except Exception:  # the others gone too: this rank's own error is the one to show
+                    pass
+            raise
+        stop.set()
+        beater.join()
+        if beat_error:
+            raise ContMergeError(f"rank 0 lost the other ranks while {what} ({beat_error[0]}); nothing of that step was "
+                                 "published. Rerun with --resume to finish.") from None
+        say(("done", result))
+        return result
+
+
+HEARTBEAT_S = 5.0  # how often rank 0 tells the others, during its own work, that it is alive
+
+
 def world_from_env(device: str, timeout_s: float) -> World:
     """The job this process belongs to: :class:`DistributedWorld` under a launcher (``WORLD_SIZE > 1``)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -113,9 +173,5 @@ def world_from_env(device: str, timeout_s: float) -> World:
 
 
 def on_main(world: World, what: str, fn: Callable[[], T]) -> T:
-    """``fn()`` on rank 0, its result on every rank; a failure there fails every rank."""
-    result = None
-    with world.agree(what):
-        if world.main:
-            result = fn()
-    return world.broadcast(result)
+    """``fn()`` on rank 0, its result on every rank; a failure there fails every rank (:meth:`World.on_main`)."""
+    return world.on_main(what, fn)

@@ -22,6 +22,7 @@ import os
 import shutil
 from collections.abc import Sequence
 from contextlib import ExitStack
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -31,7 +32,7 @@ from ..artifacts import layout
 from ..artifacts.state import StepState, read_state
 from ..errors import ContMergeError
 from ..hub.resume import materialise
-from ..io.checkpoint import is_content_digest, legacy_fingerprint
+from ..io.checkpoint import Checkpoint, is_content_digest, legacy_fingerprint
 from ..methods.base import Method
 from ..methods.registry import build_method
 from ..options import MergeOptions
@@ -94,13 +95,8 @@ class Engine:
         self.calibrator = calibrator
         self.method: Method = build_method(options.method, options.params)
         self.device = resolve_device(options.device)
-        if self.world.size > 1:
-            if self.device.type == "cuda":  # each rank on the GPU of its LOCAL_RANK
-                self.device = self.world.state.device
-            if self.method.calibration:
-                raise ContMergeError(f"Method {self.method.name!r} calibrates on data, which runs in one process for now: "
-                                     "launch it without torchrun / accelerate launch (its forward passes can still spread "
-                                     "over the GPUs with --device-map).")
+        if self.world.size > 1 and self.device.type == "cuda":  # each rank on the GPU of its LOCAL_RANK
+            self.device = self.world.state.device
         if self.method.calibration and calibrator is None:
             raise ContMergeError(
                 f"Method {self.method.name!r} needs calibration data at every step "
@@ -189,7 +185,8 @@ class Engine:
                 return []
             base.ensure_local()  # every step reads it, and its config and tokenizer go into each step
             if self.method.calibration:  # every step's calibration data checked before the first step is written
-                self.calibrator.prepare({last + 1 + j: item for j, item in enumerate(items)}, base)
+                steps = {last + 1 + j: item for j, item in enumerate(items)}
+                on_main(self.world, "checking the calibration data", lambda: self.calibrator.prepare(steps, base))
             with self.world.agree(f"claiming --out {opts.out}"):
                 if self.world.main:
                     layout.claim(opts.out)
@@ -307,34 +304,44 @@ class Engine:
         world = self.world
         partial = on_main(world, f"starting step {plan.step}", lambda: layout.new_partial(opts.out, plan.step))
         try:
-            calibrated = self._calibrate(plan, stream, item, prev_folder, partial / layout.CALIBRATION_DIR)
-            writer = StepWriter(plan, stream, method, device=self.device, chunk_bytes=int(opts.chunk_mb * 2**20),
-                                shard_bytes=opts.shard_bytes, allow_nonfinite=opts.allow_nonfinite, quiet=opts.quiet,
-                                calibration=calibrated.tensors, calibration_scalars=calibrated.scalars, world=world)
-            written = writer.write(partial, prev_folder, dict(previous.scalars) if previous else method.init_scalars())
+            with ExitStack() as stack:
+                calibrated = self._calibrate(plan, stream, item, prev_folder, partial / layout.CALIBRATION_DIR)
+                for index in calibrated.tensors.values():
+                    stack.callback(index.close)
+                writer = StepWriter(plan, stream, method, device=self.device, chunk_bytes=int(opts.chunk_mb * 2**20),
+                                    shard_bytes=opts.shard_bytes, allow_nonfinite=opts.allow_nonfinite, quiet=opts.quiet,
+                                    calibration=calibrated.tensors, calibration_scalars=calibrated.scalars, world=world)
+                written = writer.write(partial, prev_folder, dict(previous.scalars) if previous else method.init_scalars())
+            heads = on_main(world, f"completing step {plan.step}", lambda: self._side_files(
+                stream, plan, previous, prev_folder, item, item_plan, partial))
+            after = Calibrated()
+            if method.after_slots:  # statistics of θ(t), the model just written (its task's head included), then a pass
+                with ExitStack() as stack:
+                    after = self._calibrate(plan, stream, item, partial, partial / layout.CALIBRATION_DIR, when="after")
+                    for index in after.tensors.values():
+                        stack.callback(index.close)
+                    writer.write_after(partial, prev_folder, after.tensors, written.scalars)
             final = layout.step_dir(opts.out, plan.step)
             state = on_main(world, f"publishing step {plan.step}",
-                            lambda: self._finish_step(stream, plan, previous, prev_folder, item, item_plan, partial, calibrated,
-                                                      writer, written, final))
+                            lambda: self._finish_step(stream, plan, previous, item, item_plan, partial, heads,
+                                                      calibrated, after, written, final))
         except BaseException:
             if world.main:
                 shutil.rmtree(partial, ignore_errors=True)
             raise
         return StepResult(plan.step, final, state)
 
-    def _finish_step(self, stream: StreamPlan, plan: StepPlan, previous: StepState | None, prev_folder: Path | None, item,
-                     item_plan, partial: Path, calibrated: Calibrated, writer: StepWriter, written, final: Path) -> StepState:
-        """Rank 0: side files, heads, state, card and the hooks' part into the partial folder, then publish it."""
+    def _side_files(self, stream: StreamPlan, plan: StepPlan, previous: StepState | None, prev_folder: Path | None, item,
+                    item_plan, partial: Path) -> list:
+        """Rank 0: the base's side files and every head so far into the partial folder; the heads' record."""
+        step_folder.copy_side_files(stream.base.folder, partial, self.options.dtype, adapter=plan.adapter is not None)
+        return step_folder.carry_heads(partial, prev_folder, previous.heads if previous else [], plan.step, item,
+                                       item_plan.heads)
+
+    def _finish_step(self, stream: StreamPlan, plan: StepPlan, previous: StepState | None, item, item_plan, partial: Path,
+                     heads: list, calibrated: Calibrated, after: Calibrated, written, final: Path) -> StepState:
+        """Rank 0: state, card and the hooks' part into the partial folder, then publish it."""
         opts, method = self.options, self.method
-        step_folder.copy_side_files(stream.base.folder, partial, opts.dtype, adapter=plan.adapter is not None)
-        heads = step_folder.carry_heads(partial, prev_folder, previous.heads if previous else [], plan.step, item,
-                                        item_plan.heads)
-        after = Calibrated()
-        if method.after_slots:  # statistics of θ(t), the model just written (its task's head included), then a pass
-            after = self._calibrate(plan, stream, item, partial, partial / layout.CALIBRATION_DIR, when="after")
-            writer.write_after(partial, prev_folder, after.tensors, written.scalars)
-            for index in after.tensors.values():
-                index.close()
         record = {**calibrated.record, **after.record}
         entry = {
             **item.identity(),
@@ -345,8 +352,6 @@ class Engine:
             "method": method.step_summary(written.scalars),
             **({"calibration": record} if record else {}),
         }
-        for index in calibrated.tensors.values():
-            index.close()
         for name, folder in {**calibrated.keep, **after.keep}.items():  # what the method carries besides its slots
             (partial / layout.STATE_DIR).mkdir(exist_ok=True)
             os.replace(folder, layout.safe_relative(partial / layout.STATE_DIR, name))
@@ -381,7 +386,9 @@ class Engine:
     def _calibrate(self, plan: StepPlan, stream: StreamPlan, item: ResolvedSource, model_folder: Path | None,
                    scratch: Path, when: str = "before") -> Calibrated:
         """The statistics the method asks for at this step: ``before`` its tensor pass (of θt, or of
-        θ(t−1) in ``model_folder``), or ``after`` it (of θ(t), the partial step in ``model_folder``)."""
+        θ(t−1) in ``model_folder``), or ``after`` it (of θ(t), the partial step in ``model_folder``).
+        With several ranks rank 0 calibrates (its forward passes may spread over the node's GPUs with
+        ``--device-map``) into the partial folder, and every rank opens what it wrote."""
         requests = tuple(r for r in self.method.calibration if r.from_step <= plan.step <= (r.to_step or plan.step)
                          and (r.model == "merged") == (when == "after"))
         if not requests:
@@ -393,5 +400,18 @@ class Engine:
         if any(r.learn is not None and r.learn.all_items for r in requests):  # learned over every item still to merge
             more["later"] = tuple((plan.step + j - plan.item_index, stream.items[j], key_map(j))
                                   for j in range(plan.item_index + 1, len(stream.items)))
-        return self.calibrator.calibrate(plan.step, requests, base=stream.base, item=item, previous_step=model_folder,
-                                         key_map=key_map(plan.item_index), scratch=scratch, **more)
+        def calibrate() -> Calibrated:
+            return self.calibrator.calibrate(plan.step, requests, base=stream.base, item=item, previous_step=model_folder,
+                                             key_map=key_map(plan.item_index), scratch=scratch, **more)
+
+        if self.world.size == 1:
+            return calibrate()
+
+        def shared() -> Calibrated:  # its statistics by folder: open files do not cross processes
+            done = calibrate()
+            for index in done.tensors.values():
+                index.close()
+            return replace(done, tensors={name: index.folder for name, index in done.tensors.items()})
+
+        done = on_main(self.world, f"calibrating step {plan.step}", shared)
+        return replace(done, tensors={name: Checkpoint.open(folder) for name, folder in done.tensors.items()})

@@ -10,8 +10,9 @@ partial folder, then ``end_pass`` gives the new scalars, then the second pass fi
 
 With several ranks (``distributed.py``) each executes its run of every pass (``StepPlan.split``):
 planned files are shared (rank 0 creates them, each rank ``pwrite``s its tensors at their offsets),
-the factors of factored tensors go to rank 0, which writes them in plan order, and every unit's
-statistics are gathered and added in plan order, so the files and scalars are those of one process.
+the factors of factored tensors (and an adapter's tensors, one file) go to rank 0, which writes them
+in plan order, and every unit's statistics are gathered and added in plan order, so the files and
+scalars are those of one process. A method's ``after_slots`` pass is split the same way as its final pass.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def _factor_tensors(key: str, factors: LowRank) -> list[tuple[str, torch.Tensor]
 
 
 class _Deferred:
-    """An appended writer (factors) in a step of several ranks: what is written to it is gathered and
+    """An appended writer (factors, an adapter) in a step of several ranks: what is written to it is gathered and
     written by rank 0 in plan order (``real``, on rank 0 only)."""
 
     def __init__(self, prefix: str, real: StreamingWriter | None):
@@ -151,8 +152,10 @@ class StepWriter:
                         self.first[prefix] = stack.enter_context(closing(Checkpoint.open(partial / PASS1_DIR, prefix=prefix)))
                 with world.agree(f"writing step {plan.step}"):
                     done = self._run(last, mine[last], lambda u, raw, st: self._final_pass(ctx, st, weights, state, u, raw), bar)
-                    weights.close()
-                self._combine(done, stats, state, f"writing step {plan.step}")
+                    if not isinstance(weights, _Deferred):
+                        weights.close()
+                self._combine(done, stats, {**state, ADAPTER_WEIGHTS_PREFIX: weights} if isinstance(weights, _Deferred)
+                              else state, f"writing step {plan.step}")
             if plan.two_pass:
                 for ck in self.first.values():
                     ck.close()
@@ -163,6 +166,9 @@ class StepWriter:
             if world.size > 1:  # the factored tensors' ranks, from every rank, for the state rank 0 writes
                 self.written.ranks = {k: r for ranks in world.gather(self.written.ranks) for k, r in ranks.items()}
                 self.written.ranks = {k: self.written.ranks[k] for k in plan.factored if k in self.written.ranks}
+                if (export := self.written.adapter) is not None:  # what its weights add up to, in plan order
+                    parts = {k: p for rank in world.gather(export.parts) for k, p in rank.items()}
+                    export.parts = {u.key: parts[u.key] for u in plan.passes[last] if u.key in parts}
         self.written.scalars = dict(ctx.scalars)
         return self.written
 
@@ -170,22 +176,31 @@ class StepWriter:
                     scalars: dict[str, Any]) -> None:
         """The ``after_slots`` of every merged tensor, once the merged model's statistics (``extras``) are
         known: dim-0 slices of at most ``chunk_bytes`` (float32), in the planned order of the state."""
-        plan, method = self.plan, self.method
+        plan, method, world = self.plan, self.method, self.world
         ctx = StepContext(plan.step, scalars, self.device, self.calibration_scalars)
+        last = len(plan.passes) - 1
+        # each rank the tensors of its run of the final pass; a state tensor in no run (none today) is rank 0's
+        runs, keys = [{u.key for u in run} for run in plan.split(last, world.size)], {s.key for s in plan.state_specs}
+        mine = keys & runs[world.rank] | (keys - set().union(*runs) if world.main else set())
         with ExitStack() as stack:
             prev = {s: stack.enter_context(closing(open_slot(prev_folder, s))) for s in method.after_slots} if prev_folder else {}
-            writers = {s: StreamingWriter.planned(partial / STATE_DIR, plan.state_specs, plan.state_shards[s], s)
-                       for s in method.after_slots}
-            for spec in plan.state_specs:
-                for rows in iter_row_chunks(spec.shape, 4, self.chunk_bytes):
-                    extra = {n: idx.read(spec.key, rows).to(self.device, torch.float32) for n, idx in extras.items() if spec.key in idx}
-                    old = {s: p.read(spec.key, rows).to(self.device, torch.float32) for s, p in prev.items()} if prev else None
-                    shape = spec.shape if rows is None else (rows[1] - rows[0], *spec.shape[1:])
-                    new = method.after(ctx, spec.key, shape, old, extra)
-                    for s, w in writers.items():
-                        w.write(spec.key, self._checked(spec.key, new[s], torch.float32, slot=s).cpu())
-            for w in writers.values():
-                w.close()
+            with world.agree(f"creating the files of step {plan.step}'s after pass"):
+                writers = {s: StreamingWriter.planned(partial / STATE_DIR, plan.state_specs, plan.state_shards[s], s,
+                                                      share=self._share(mine)) for s in method.after_slots}
+            with world.agree(f"the after pass of step {plan.step}"):
+                for spec in plan.state_specs:
+                    if spec.key not in mine:
+                        continue
+                    for rows in iter_row_chunks(spec.shape, 4, self.chunk_bytes):
+                        extra = {n: idx.read(spec.key, rows).to(self.device, torch.float32) for n, idx in extras.items()
+                                 if spec.key in idx}
+                        old = {s: p.read(spec.key, rows).to(self.device, torch.float32) for s, p in prev.items()} if prev else None
+                        shape = spec.shape if rows is None else (rows[1] - rows[0], *spec.shape[1:])
+                        new = method.after(ctx, spec.key, shape, old, extra)
+                        for s, w in writers.items():
+                            w.write(spec.key, self._checked(spec.key, new[s], torch.float32, slot=s).cpu())
+                for w in writers.values():
+                    w.close()
 
     def _check_previous(self, prev_folder: Path) -> None:
         """Every merged tensor's carried slots must be in the previous step, float32, in this plan's shapes
@@ -267,13 +282,12 @@ class StepWriter:
         if plan.adapter is None:
             share = self._share({u.key for u in units if u.form != "factored"})
             return StreamingWriter.planned(partial, plan.weight_specs, plan.weight_shards, WEIGHTS_PREFIX, share=share)
-        if self.world.size > 1:
-            raise ContMergeError("--output-format adapter is written by one process; launch this run without torchrun "
-                                 "or accelerate launch (or write --output-format full).")
         self.written.adapter = AdapterExport(plan.adapter)
         shapes = {plan.adapter.published_name(kp.key): kp.shape for kp in plan.keys
                   if kp.merged and kp.key in plan.adapter.dense_keys}
-        return StreamingWriter.appended(partial, plan.adapter.names(), 2**62, ADAPTER_WEIGHTS_PREFIX, shapes=shapes)
+        real = StreamingWriter.appended(partial, plan.adapter.names(), 2**62, ADAPTER_WEIGHTS_PREFIX, shapes=shapes) \
+            if self.world.main else None
+        return real if self.world.size == 1 else _Deferred(ADAPTER_WEIGHTS_PREFIX, real)  # one file, written by rank 0
 
     def _slot_writers(self, folder: Path, units: tuple[WorkUnit, ...], scratch: bool = False) -> dict[str, Any]:
         """Writers of the carried slots: a planned writer per slot for the dense tensors, and an append

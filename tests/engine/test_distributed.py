@@ -8,6 +8,7 @@ so ranks share files and write their tensors into them at the planned offsets.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -17,9 +18,11 @@ from pathlib import Path
 import pytest
 
 from hf_contmerge.artifacts.layout import LOWRANK_PREFIX
-from support.tiny_models import make_stream
+from support.tiny_models import classifier_stream, make_stream
 
 SMALL_SHARDS = ["--shard-size", "40KB", "--quiet"]
+DATA_FLAGS = ["--calib-samples", "6", "--calib-batch-size", "3", "--max-length", "16"]
+PROBE = Path(__file__).parents[1] / "support" / "world_probe.py"
 
 
 def _free_port() -> int:
@@ -113,18 +116,74 @@ def test_a_rank_that_raises_fails_every_rank_with_its_message(tmp_path, stream):
     assert not list(out.glob("step-*"))
 
 
-def test_data_methods_refuse_several_ranks_for_now(tmp_path, stream):
-    base, items = stream
-    data = tmp_path / "d.jsonl"
-    data.write_text('{"text": "a b c"}\n')
-    run = ranks(2, "--base", base, "--stream", *items, "--method", "fisher", "--data", *([data] * 3), "--out", tmp_path / "o")
-    assert run.returncode != 0 and "runs in one process for now" in run.stderr
+@pytest.fixture(scope="module")
+def classifiers(tmp_path_factory):
+    return classifier_stream(tmp_path_factory.mktemp("cls"), labels=(2, 3, 2), scale=0.05)
+
+
+@pytest.mark.parametrize("method", ["fisher", "became", "divmerge"])
+def test_data_methods_on_two_ranks_write_what_one_process_writes(tmp_path, classifiers, method):
+    """Rank 0 calibrates (Fishers, learned coefficients) into the partial step; both ranks merge, and
+    BECAME's after pass (the accumulated Fisher, from θ(t)'s) is split as well. (TRM learns its
+    coefficients through DivMerge's path, ``calibration/learned.py``; it was checked by hand.)"""
+    base, items, data = classifiers
+    args = ["--base", base, "--stream", *items, "--data", *data, *DATA_FLAGS, "--method", method, *SMALL_SHARDS]
+    single = one_process(*args, "--out", tmp_path / "one")
+    assert single.returncode == 0, single.stderr[-3000:]
+    double = ranks(2, *args, "--out", tmp_path / "two")
+    assert double.returncode == 0, double.stderr[-3000:]
+    assert_same(tmp_path / "one", tmp_path / "two")
+    if method == "became":
+        assert len(list((tmp_path / "two" / "step-3" / "contmerge_state").glob("fisher_bar-*.safetensors"))) > 1
+
+
+def test_two_ranks_write_the_adapter_one_process_writes(tmp_path, lora_stream):
+    """--output-format adapter: one adapter file, its tensors gathered to rank 0 and written in plan order;
+    its truncation summary added up in plan order."""
+    base, adapters, _ = lora_stream
+    args = ["--base", base, "--stream", *adapters, "--method", "opcm", "--output-format", "adapter", "--max-rank", "6",
+            *SMALL_SHARDS]
+    single = one_process(*args, "--out", tmp_path / "one")
+    assert single.returncode == 0, single.stderr[-3000:]
+    double = ranks(2, *args, "--out", tmp_path / "two")
+    assert double.returncode == 0, double.stderr[-3000:]
+    ta, tb = tree(tmp_path / "one"), tree(tmp_path / "two")
+    assert "step-3/adapter_model.safetensors" in ta and ta == tb
+
+
+def _probe(mode: str, launcher: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([*launcher, str(PROBE), mode], env=_env(), capture_output=True, text=True, timeout=120)
+
+
+def test_rank_0_working_alone_longer_than_the_timeout_keeps_the_others_waiting(tmp_path):
+    """World.on_main: rank 0 works 6 s with a 2 s --dist-timeout (calibrating, evaluating a 7B model
+    takes longer than any fixed bound); its heartbeats keep rank 1 waiting, and both get its result."""
+    run = _probe("slow", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                          "127.0.0.1", "--master_port", str(_free_port())])
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "rank 0: got 42" in run.stdout and "rank 1: got 42" in run.stdout
+
+
+def test_a_hung_rank_0_fails_the_others_within_the_timeout():
+    """Rank 0 stops (SIGSTOP) while working alone: no heartbeat comes, and rank 1 fails with a message
+    naming rank 0 within about --dist-timeout (2 s), instead of hanging. Launched without torchrun,
+    whose agent would stop the other ranks itself."""
+    env = _env(WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    rank0 = subprocess.Popen([sys.executable, str(PROBE), "hang"], env={**env, "RANK": "0", "LOCAL_RANK": "0"},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        rank1 = subprocess.run([sys.executable, str(PROBE), "hang"], env={**env, "RANK": "1", "LOCAL_RANK": "1"},
+                               capture_output=True, text=True, timeout=120)
+    finally:
+        rank0.kill()
+        rank0.wait()
+    assert rank1.returncode == 3, rank1.stderr[-3000:]
+    waited = float(re.search(r"failed after ([\d.]+) s", rank1.stdout).group(1))
+    assert "rank 0 of 2 stopped answering while probing" in rank1.stdout and 1.5 < waited < 30
 
 
 def test_dry_run_shows_how_ranks_would_share_a_step(tmp_path, stream, cli):
     """--dry-run --ranks N: per rank its tensors, elements, bytes and cost share; the shares cover the step."""
-    import re
-
     base, items = stream
     code, _, err = cli("merge", "--base", base, "--stream", *items, "--method", "opcm", "--out", tmp_path / "o", "--dry-run",
                        "--ranks", "3")
