@@ -28,6 +28,11 @@ method, a base plus ``--items`` fine-tunes are merged one step per ``hf-contmerg
   once closed, so the copy needs 2 GiB of disk. Nothing is dropped from the page cache before
   either; running the copy second means it reads inputs the merge has just read, which can only
   favour the copy (conservative for the merge/copy ratio).
+- **floor copy**: the least a continual step must move, copied plainly right after: read the base's,
+  the new item's and the previous step's published weight files, write as many bytes as the step's
+  published model (fsynced). ``merge ÷ floor copy`` is the step's time over it (issue 15's target:
+  ≤ 1.5), and ``written ÷ published`` what the step wrote over its published model (target ≤ 2).
+  Bytes read are the engine's own count (``--verbose``) where the measured version has it.
 - **ratio** = merge throughput / copy throughput, both (read + written) bytes per second.
 - **flatness**: merge time of step T / step 2; the same ratio for the copies (steps t ≥ 2 move
   identical bytes, so it is the machine's own drift: load, disk); and the first divided by the
@@ -52,6 +57,7 @@ import argparse
 import datetime as dt
 import os
 import platform
+import re
 import shlex
 import shutil
 import subprocess
@@ -120,6 +126,13 @@ class StepRow:
     rss_kib: int
     cpu_s: float
     load1: float
+    floor_s: float = float("nan")  # the plain copy of what a continual step must move at the least
+    published: int = 0  # bytes of the step's published model files
+
+    @property
+    def floor_ratio(self) -> float:
+        """Merge time over the floor copy's time (target ≤ 1.5)."""
+        return self.merge_s / self.floor_s
 
     @property
     def merge_gbps(self) -> float:
@@ -149,6 +162,7 @@ class Code:
 
     path: Path
     source: str
+    verbose: bool = False  # the snapshot's merge has --verbose (reports the bytes a step read)
 
     def env(self) -> dict[str, str]:
         return {"PYTHONPATH": str(self.path)}
@@ -172,7 +186,8 @@ def snapshot_package(ref: str, scratch: Path) -> Code:
         subject = git("log", "-1", "--format=%s", ref)
         source = f"commit {git('rev-parse', '--short', ref)} ({subject[:90] + ('…' if len(subject) > 90 else '')})"
     (dest / "model_cards").rename(dest / "hf_contmerge" / "model_cards")  # where the installed package has it
-    return Code(dest, source)
+    verbose = "verbose: bool" in (dest / "hf_contmerge" / "options.py").read_text()
+    return Code(dest, source, verbose)
 
 
 def engine_defaults(code: Code, scratch: Path) -> str:
@@ -183,12 +198,15 @@ def engine_defaults(code: Code, scratch: Path) -> str:
     return f"`{out.stdout.strip()}`" if out.returncode == 0 else "unknown"
 
 
-def run_measured(cmd: list[str], env: dict[str, str], cwd: Path) -> tuple[float, int, float]:
-    """Run ``cmd`` under a fresh measuring process; its wall seconds, peak RSS (KiB), CPU seconds."""
+def run_measured(cmd: list[str], env: dict[str, str], cwd: Path, output: list[str] | None = None) -> tuple[float, int, float]:
+    """Run ``cmd`` under a fresh measuring process; its wall seconds, peak RSS (KiB), CPU seconds (and its
+    output appended to ``output``)."""
     proc = subprocess.run([sys.executable, "-c", MEASURE, *cmd], capture_output=True, text=True, cwd=cwd,
                           env={**os.environ, **env})
     if proc.returncode != 0:
         raise RuntimeError(f"{shlex.join(cmd)} failed with {proc.returncode}:\n{proc.stderr}")
+    if output is not None:
+        output.append(proc.stderr)
     wall, rss, cpu = proc.stdout.split()
     return float(wall), int(rss), float(cpu)
 
@@ -275,17 +293,27 @@ def bench_method(depth: int, method: str, variant: Variant, folders: list[Path],
         if t > 1:
             inputs += weight_files(prev / "contmerge_state")
         cmd = [sys.executable, "-m", "hf_contmerge.cli", "merge", "--base", str(base), "--stream", *map(str, items[:t]),
-               "--method", method, "--out", str(run), "--resume", "--quiet", *variant.args]
+               "--method", method, "--out", str(run), "--resume", *variant.args,
+               "--quiet", *(["--verbose"] if code.verbose else [])]
         load1 = os.getloadavg()[0]
-        wall, rss, cpu = run_measured(cmd, {**code.env(), **dict(variant.env)}, scratch)
-        written = folder_bytes(run / f"step-{t}")
-        read = sum(p.stat().st_size for p in inputs)
+        output: list[str] = []
+        wall, rss, cpu = run_measured(cmd, {**code.env(), **dict(variant.env)}, scratch, output)
+        step = run / f"step-{t}"
+        written, published = folder_bytes(step), sum(p.stat().st_size for p in weight_files(step))
+        # what the engine read, as it reports it (--verbose); an older engine: the files it reads whole
+        said = re.search(rf"step {t}: read ([\d.]+) GB", output[0])
+        read = round(float(said.group(1)) * GB) if said else sum(p.stat().st_size for p in inputs)
         copy_s, copy_bytes = timed_copy(inputs, written, scratch)
+        # the least a continual step moves: read the base, the new model and the previous published model, write one
+        floor_s, _ = timed_copy(weight_files(base) + weight_files(items[t - 1]) + (weight_files(prev) if t > 1 else []),
+                                published, scratch)
         if t > 1:
             shutil.rmtree(prev)  # a resume needs only the last step; keeps the disk to two steps
-        row = StepRow(depth, method, variant.name, t, read, written, wall, copy_s, copy_bytes, rss, cpu, load1)
+        row = StepRow(depth, method, variant.name, t, read, written, wall, copy_s, copy_bytes, rss, cpu, load1, floor_s,
+                      published)
         log(f"  d{depth} {method} {variant.name} step {t}: merge {wall:.1f}s {row.merge_gbps:.3f} GB/s, copy {copy_s:.1f}s "
-            f"{row.copy_gbps:.3f} GB/s, ratio {row.ratio:.2f}, RSS {rss / 2**20:.2f} GiB, CPU {cpu:.1f}s, load {load1:.1f}")
+            f"{row.copy_gbps:.3f} GB/s, ratio {row.ratio:.2f}, floor copy {floor_s:.1f}s ({row.floor_ratio:.2f}×), "
+            f"written/published {written / published:.2f}, RSS {rss / 2**20:.2f} GiB, CPU {cpu:.1f}s, load {load1:.1f}")
         rows.append(row)
     check_merge(method, base, items, run / f"step-{len(items)}")
     shutil.rmtree(run)
@@ -311,17 +339,20 @@ def machine() -> str:
 
 
 def step_table(rows: list[StepRow]) -> str:
-    head = ("| depth | method | variant | step | read GB | written GB | merge s | merge GB/s | copy s | copy GB/s | "
-            "merge/copy | peak RSS GiB | CPU s | load (1 min) |\n" + "|---" * 14 + "|\n")
+    head = ("| depth | method | variant | step | read GB | written GB | written ÷ published | merge s | merge GB/s | "
+            "copy s | copy GB/s | merge/copy | floor copy s | merge ÷ floor copy | peak RSS GiB | CPU s | load (1 min) |\n"
+            + "|---" * 17 + "|\n")
     return head + "".join(
-        f"| {r.depth} | {r.method} | {r.variant} | {r.step} | {r.read / GB:.2f} | {r.written / GB:.2f} | {r.merge_s:.1f} | "
-        f"{r.merge_gbps:.3f} | {r.copy_s:.1f} | {r.copy_gbps:.3f} | {r.ratio:.2f} | {r.rss_kib / 2**20:.2f} | "
-        f"{r.cpu_s:.1f} | {r.load1:.1f} |\n" for r in rows)
+        f"| {r.depth} | {r.method} | {r.variant} | {r.step} | {r.read / GB:.2f} | {r.written / GB:.2f} | "
+        f"{r.written / r.published:.2f} | {r.merge_s:.1f} | {r.merge_gbps:.3f} | {r.copy_s:.1f} | {r.copy_gbps:.3f} | "
+        f"{r.ratio:.2f} | {r.floor_s:.1f} | {r.floor_ratio:.2f} | {r.rss_kib / 2**20:.2f} | {r.cpu_s:.1f} | {r.load1:.1f} |\n"
+        for r in rows)
 
 
 def summary_table(rows: list[StepRow]) -> str:
     head = ("| depth | model GB | method | variant | merge GB/s | copy GB/s | merge/copy (≥ 0.7) | max peak RSS GiB (< 2) | "
-            "step 2 s | step T s | T/2 (within ±15 %) | copy T/2 | T/2 ÷ copy T/2 |\n" + "|---" * 13 + "|\n")
+            "step 2 s | step T s | T/2 (within ±15 %) | copy T/2 | T/2 ÷ copy T/2 | steps ÷ floor copies (≤ 1.5) | "
+            "max written ÷ published (≤ 2) |\n" + "|---" * 15 + "|\n")
     out = []
     for depth, method, variant in dict.fromkeys((r.depth, r.method, r.variant) for r in rows):
         rs = [r for r in rows if (r.depth, r.method, r.variant) == (depth, method, variant)]
@@ -331,7 +362,8 @@ def summary_table(rows: list[StepRow]) -> str:
         c2, ct = rs[1].copy_s if len(rs) > 1 else float("nan"), rs[-1].copy_s
         out.append(f"| {depth} | {make_synthetic.model_bytes(depth) / GB:.2f} | {method} | {variant} | {merge:.3f} | {copy:.3f} | "
                    f"{merge / copy:.2f} | {max(r.rss_kib for r in rs) / 2**20:.2f} | {s2:.1f} | {st:.1f} | {st / s2:.2f} | "
-                   f"{ct / c2:.2f} | {st / s2 / (ct / c2):.2f} |")
+                   f"{ct / c2:.2f} | {st / s2 / (ct / c2):.2f} | {sum(r.merge_s for r in rs) / sum(r.floor_s for r in rs):.2f} | "
+                   f"{max(r.written / r.published for r in rs):.2f} |")
     return head + "\n".join(out) + "\n"
 
 

@@ -106,7 +106,8 @@ def cmd_merge(ns: argparse.Namespace) -> int:
         from huggingface_hub.utils import disable_progress_bars
 
         disable_progress_bars()
-        logging.getLogger("hf_contmerge").setLevel(logging.WARNING)
+        if not options.verbose:  # --quiet --verbose: no progress bars, the step reports still
+            logging.getLogger("hf_contmerge").setLevel(logging.WARNING)
     Engine(options, hooks=step_hooks(options), calibrator=make_calibrator(options)).run()
     return 0
 

@@ -133,6 +133,8 @@ class MergeOptions(BaseModel):
     allow_nonfinite: bool = Field(False, description="write NaN/Inf values (in the base, an item, or a merged tensor) "
                                   "instead of refusing the step")
     quiet: bool = Field(False, description="no progress bars")
+    verbose: bool = Field(False, description="after each step, report the bytes it read and wrote, its time and its "
+                          "throughput")
     push_to: str | None = Field(None, description="Hub repo ORG/NAME to push every step to as it completes "
                                 "(with --push-layout per-step: a name template containing {step})")
     private: bool = Field(False, description="create the --push-to repo as private")

@@ -230,8 +230,11 @@ def test_damaged_state_refused_on_resume(cli, opcm_step, edit, needles):
 
 
 def test_state_tensor_missing_or_of_the_wrong_shape(cli, opcm_step):
+    """The tiny models are float32, so the carried ``merged`` slot is the published weights themselves
+    (``artifacts/compact.py``): damaging those damages the state."""
     base, items, out, _ = opcm_step
-    path = out / "step-1" / "contmerge_state" / "merged.safetensors"
+    assert Q not in load_file(out / "step-1" / "contmerge_state" / "merged.safetensors")
+    path = out / "step-1" / "model.safetensors"
     slot = load_file(path)
     saved = dict(slot)
     slot[Q] = slot[Q][:, :5].contiguous()

@@ -22,6 +22,7 @@ from ..io.remote import SourceSpec
 from ..sources.architecture import architecture_class
 from ..sources.resolve import ResolvedSource
 from .card import render_card
+from .compact import CompactSlot
 from .heads import copy_heads, head_dir, task_model, write_head
 from .layout import (
     ADAPTER_CONFIG,
@@ -83,10 +84,10 @@ def write_state_and_card(target: Path, state: StepState) -> None:
 # ------------------------------------------------------------------ reading a step back
 
 
-def open_slot(step_folder: Path, slot: str) -> Checkpoint:
-    """The carried tensors of ``slot`` written with a step."""
-    folder = Path(step_folder) / STATE_DIR
-    return Checkpoint.open(folder, prefix=slot, label=f"carried state {slot!r} of {step_folder}")
+def open_slot(step_folder: Path, slot: str, weight_slot: str | None = None) -> CompactSlot:
+    """The carried tensors of ``slot`` written with a step, float32 (``weight_slot``: the slot its
+    state records as carried over the published weights; see ``compact.py``)."""
+    return CompactSlot(Path(step_folder), slot, is_weight=slot == weight_slot)
 
 
 def open_lowrank(step_folder: Path, slot: str) -> Checkpoint | None:

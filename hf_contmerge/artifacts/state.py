@@ -22,12 +22,16 @@ from typing import Any
 from .._version import __version__
 from ..errors import ContMergeError
 from ..io import schemas
+from .compact import LOW16_PREFIX, TIES_PREFIX
 from .layout import STATE_DIR, STATE_FILE
 
 FORMAT = "hf-contmerge/state"
 # 2: factored slots (``lowrank-{slot}``) are kept in the method's canonical form from step 1 on
 # (OPCM: SVD form); format-1 factors, from development versions only, may not be.
-FORMAT_VERSION = 2
+# 3: the method's weight slot (``weight_slot``) is carried over the published weights
+# (``artifacts/compact.py``: nothing more for float32 weights, int16 low bits for bfloat16 ones);
+# format-2 steps, float32 throughout, are read as before.
+FORMAT_VERSION = 3
 
 
 @dataclass
@@ -44,6 +48,7 @@ class StepState:
     lowrank: dict[str, int] = field(default_factory=dict)  # tensors carried as factors -> their rank
     touched: list[str] = field(default_factory=list)  # tensors some item so far changed (non-zero task vector)
     output: dict[str, Any] = field(default_factory=lambda: {"format": "full"})  # what the step publishes
+    weight_slot: str | None = None  # the slot carried over the published weights (format 3)
     evaluation: dict[str, Any] | None = None
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
@@ -51,7 +56,10 @@ class StepState:
 
     def to_json(self) -> str:
         data = asdict(self)
-        data["tensors"] = {"dir": STATE_DIR, "dtype": "float32", "slots": self.slots}
+        data["tensors"] = {"dir": STATE_DIR, "dtype": "float32", "slots": self.slots,
+                           **({"compact": f"{self.weight_slot}: the published weights, plus {LOW16_PREFIX}{self.weight_slot} "
+                                          f"(int16 low bits) and {TIES_PREFIX}{self.weight_slot} for bfloat16 ones"}
+                              if self.weight_slot else {})}
         return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
     @classmethod

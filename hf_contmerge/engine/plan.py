@@ -26,10 +26,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from ..artifacts.adapter import AdapterPlan
+from ..artifacts.compact import LOW16_PREFIX
 from ..artifacts.layout import LEFT, LOWRANK_PREFIX, RIGHT, WEIGHTS_PREFIX
 from ..io.safetensors import TensorSpec, iter_row_chunks
 from ..io.writer import PlannedShard, plan_shards
-from ..methods.base import KeyInfo, Method
+from ..methods.base import ELEMENT_COST, KeyInfo, Method
 from ..methods.lowrank import worth_factoring
 from ..sources.preflight import KeyPlan, StreamPlan
 
@@ -81,7 +82,13 @@ class StepPlan:
     weight_specs: tuple[TensorSpec, ...]  # full output: every published tensor
     weight_shards: tuple[PlannedShard, ...]
     state_specs: tuple[TensorSpec, ...]  # dense carried tensors of each slot (float32)
-    state_shards: Mapping[str, tuple[PlannedShard, ...]]  # slot -> its cut of state_specs
+    state_shards: Mapping[str, tuple[PlannedShard, ...]]  # slot -> its cut of state_specs (first pass, after pass)
+    # the final state's planned files: prefix -> (specs, shards); the weight slot's compact tensors are
+    # left out of its float32 file and, for bfloat16 weights, go to LOW16_PREFIX + slot (int16)
+    state_files: Mapping[str, tuple[tuple[TensorSpec, ...], tuple[PlannedShard, ...]]]
+    compact: Mapping[str, str]  # the weight slot's dense tensors -> "weight" (float32) or "low16" (bfloat16)
+    weight_slot: str | None  # the slot carried over the published weights (Method.carried_weight_slot), if any
+    whole_costs: Mapping[str, float]  # tensors merged whole (not sliced) -> their kernel's cost (Method.whole_cost)
     factor_names: tuple[str, ...]  # KEY::left / KEY::right of the factored tensors
     adapter: AdapterPlan | None  # --output-format adapter
 
@@ -99,6 +106,13 @@ class StepPlan:
         adapter publishes LoRA targets as factors and untouched tensors not at all)."""
         return key if self.adapter is None else self.adapter.published_name(key)
 
+    def cost(self, pass_index: int, unit: WorkUnit) -> float:
+        """The cost model's work of ``unit`` in pass ``pass_index`` (:func:`unit_cost`): a tensor merged whole
+        as its method counts it, except in a two-pass method's finish, which is elementwise."""
+        finish = self.two_pass and pass_index == len(self.passes) - 1
+        return unit_cost(unit, self.info[unit.key].shape, self.factored.get(unit.key, 0),
+                         None if finish else self.whole_costs.get(unit.key))
+
     def split(self, pass_index: int, workers: int) -> list[tuple[WorkUnit, ...]]:
         """Pass ``pass_index`` cut into ``workers`` contiguous runs of whole tensors, balanced by :func:`unit_cost`.
 
@@ -111,8 +125,7 @@ class StepPlan:
                 groups[-1].append(u)
             else:
                 groups.append([u])
-        shapes = {kp.key: kp.shape for kp in self.keys}
-        costs = [sum(unit_cost(u, shapes[u.key], self.factored.get(u.key, 0)) for u in g) for g in groups]
+        costs = [sum(self.cost(pass_index, u) for u in g) for g in groups]
         total, done, runs = sum(costs), 0.0, [[] for _ in range(max(1, workers))]
         for group, cost in zip(groups, costs):
             # the run whose share of the total the middle of this tensor falls in
@@ -125,19 +138,24 @@ class StepPlan:
 def share_report(plan: StepPlan, workers: int) -> str:
     """How ``workers`` ranks would share each pass of ``plan`` (``merge --dry-run --ranks N``): per rank
     the tensors, the float32 elements its kernels touch, the bytes it writes (weights in their output
-    dtype, float32 carried slots) and its share of the cost model's total."""
-    shapes = {kp.key: kp.shape for kp in plan.keys}
+    dtype, carried slots as stored: float32, or compact) and its share of the cost model's total."""
     itemsize = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}
-    lines = [f"step {plan.step} on {workers} ranks (cost model: elements, m·n·min(m, n) per SVD, (m + n)·r² per factored kernel):"]
+    carried = {sp.key for sp in plan.state_specs}
+    final_state = {k: sum(0 if s == plan.weight_slot and plan.compact.get(k) == "weight" else
+                          2 if s == plan.weight_slot and plan.compact.get(k) == "low16" else 4 for s in plan.slots)
+                   for k in carried}
+    lines = [f"step {plan.step} on {workers} ranks (cost model: multiply-adds; {ELEMENT_COST:g} per element of a memory-bound "
+             "pass, the method's count for a tensor merged whole (OPCM: ≈5.6·m·n·k per SVD, m·n·k + 4.6·k³ per Gram "
+             "kernel), (m + n)·r² per factored kernel):"]
     for p, _ in enumerate(plan.passes):
         runs = plan.split(p, workers)
-        costs = [sum(unit_cost(u, shapes[u.key], plan.factored.get(u.key, 0)) for u in run) for run in runs]
+        costs = [sum(plan.cost(p, u) for u in run) for run in runs]
         total = sum(costs) or 1.0
         name = "merge" if len(plan.passes) == 1 else ("first pass" if p == 0 else "finish")
         for r, (run, cost) in enumerate(zip(runs, costs)):
-            written = sum(u.numel * (itemsize.get(plan.out_dtype[u.key], 4) + (4 * len(plan.slots) if u.form == "dense" else 0))
+            written = sum(u.numel * (itemsize.get(plan.out_dtype[u.key], 4) + (final_state.get(u.key, 0) if u.form == "dense" else 0))
                           for u in run if u.form != "factored") if p == len(plan.passes) - 1 else \
-                sum(4 * len(plan.slots) * u.numel for u in run if u.form == "dense")
+                sum(4 * len(plan.slots) * u.numel for u in run if u.form == "dense" and u.key in carried)
             lines.append(f"  {name}, rank {r}: {len({u.key for u in run})} tensors, {sum(u.numel for u in run) / 1e6:.1f}M "
                          f"elements, writes {written / 1e9:.2f} GB, {100 * cost / total:.1f}% of the cost")
     return "\n".join(lines)
@@ -149,14 +167,15 @@ def numel(shape: tuple[int, ...], rows: tuple[int, int] | None) -> int:
     return n if rows is None or not shape or shape[0] == 0 else n // shape[0] * (rows[1] - rows[0])
 
 
-def unit_cost(unit: WorkUnit, shape: tuple[int, ...], rank: int) -> float:
-    """Work of a unit, in multiply-adds, for balancing: elements for memory-bound units,
-    m·n·min(m, n) for a whole-matrix dense kernel (an SVD), (m + n)·q² for a factored one."""
+def unit_cost(unit: WorkUnit, shape: tuple[int, ...], rank: int, whole: float | None = None) -> float:
+    """Work of a unit, in float32 multiply-adds of a matrix product, for balancing ranks
+    (``methods.base.ELEMENT_COST``): ``whole`` (the method's ``whole_cost``) for a tensor merged whole,
+    (m + n)·q² for a factored kernel of bound q, ``ELEMENT_COST`` per element of a memory-bound unit."""
     if unit.form == "factored":
-        return float((shape[0] + shape[1]) * max(rank, 1) ** 2) if len(shape) == 2 else float(unit.numel)
-    if unit.heavy and len(shape) == 2:
-        return float(unit.numel) * min(shape)
-    return float(unit.numel)
+        return float((shape[0] + shape[1]) * max(rank, 1) ** 2) if len(shape) == 2 else ELEMENT_COST * unit.numel
+    if whole is not None and unit.rows is None:
+        return whole
+    return ELEMENT_COST * unit.numel
 
 
 def out_dtype(kp: KeyPlan, dtype: str) -> str:
@@ -229,6 +248,17 @@ def plan_step(stream: StreamPlan, item_index: int, step: int, previous: StepStat
     passes.append(tuple(final))
 
     state_specs = tuple(TensorSpec(kp.key, kp.shape, "F32") for kp in merged if kp.key not in factored)
+    # the weight slot over the published weights (compact.py): only a full output publishes them, and a
+    # non-finite value allowed through (--allow-nonfinite) has no bit relation to its rounding
+    slot = method.carried_weight_slot() if adapter is None and not options.allow_nonfinite else None
+    compact = {} if slot is None else {sp.key: {"F32": "weight", "BF16": "low16"}[dtypes[sp.key]] for sp in state_specs
+                                       if dtypes[sp.key] in ("F32", "BF16")}
+    state_files = {}
+    for s in method.slots:
+        specs = tuple(sp for sp in state_specs if s != slot or sp.key not in compact)
+        state_files[s] = (specs, tuple(plan_shards(specs, options.shard_bytes, s)))
+    if low := tuple(TensorSpec(sp.key, sp.shape, "I16") for sp in state_specs if compact.get(sp.key) == "low16"):
+        state_files[LOW16_PREFIX + slot] = (low, tuple(plan_shards(low, options.shard_bytes, LOW16_PREFIX + slot)))
     return StepPlan(
         step=step,
         item_index=item_index,
@@ -243,6 +273,10 @@ def plan_step(stream: StreamPlan, item_index: int, step: int, previous: StepStat
         weight_shards=weight_shards,
         state_specs=state_specs,
         state_shards={s: tuple(plan_shards(state_specs, options.shard_bytes, s)) for s in method.slots},
+        state_files=state_files,
+        compact=compact,
+        weight_slot=slot if compact else None,
+        whole_costs={kp.key: method.whole_cost(info[kp.key]) for kp in merged if not method.can_slice(info[kp.key])},
         factor_names=tuple(n for key in factored for n in (key + LEFT, key + RIGHT)),
         adapter=adapter,
     )

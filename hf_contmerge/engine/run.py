@@ -20,6 +20,7 @@ import errno
 import logging
 import os
 import shutil
+import time
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import replace
@@ -33,6 +34,7 @@ from ..artifacts.state import StepState, read_state
 from ..errors import ContMergeError
 from ..hub.resume import materialise
 from ..io.checkpoint import Checkpoint, is_content_digest, legacy_fingerprint
+from ..io.safetensors import bytes_read
 from ..methods.base import Method
 from ..methods.registry import build_method
 from ..options import MergeOptions
@@ -193,14 +195,29 @@ class Engine:
             results = []
             for j in range(len(items)):
                 plan = plan_step(stream, j, last + 1 + j, previous, self.method, opts, facts)
+                started, read_before = time.perf_counter(), bytes_read()
                 result = self.write_step(stream, plan, previous)
                 logger.info(f"wrote {result.folder}")
+                if opts.verbose:
+                    self._report(result.folder, time.perf_counter() - started, bytes_read() - read_before)
                 for hook in self.hooks:
                     result = hook.after_step(result)
                 previous = result.state
                 results.append(result)
                 release_freed_memory()
             return results
+
+    def _report(self, folder: Path, seconds: float, read: int) -> None:
+        """``--verbose``: what a step moved (every rank's reads; the folder's files) and how fast."""
+        read = sum(self.world.gather(read))
+        if not self.world.main:
+            return
+        sizes = {p: p.stat().st_size for p in folder.rglob("*") if p.is_file()}
+        state = sum(n for p, n in sizes.items() if layout.STATE_DIR in p.relative_to(folder).parts)
+        written = sum(sizes.values())
+        logger.info(f"step {folder.name.removeprefix('step-')}: read {read / 1e9:.6f} GB, wrote {written / 1e9:.6f} GB "
+                    f"({(written - state) / 1e9:.6f} GB model, {state / 1e9:.6f} GB carried state) in {seconds:.1f} s: "
+                    f"{(read + written) / 1e9 / max(seconds, 1e-9):.3f} GB/s")
 
     def _model_facts(self, base: ResolvedSource) -> ModelFacts:
         """The base's module facts the plan needs: linear weights (methods that ask), file layout (adapters)."""
@@ -311,7 +328,8 @@ class Engine:
                 writer = StepWriter(plan, stream, method, device=self.device, chunk_bytes=int(opts.chunk_mb * 2**20),
                                     shard_bytes=opts.shard_bytes, allow_nonfinite=opts.allow_nonfinite, quiet=opts.quiet,
                                     calibration=calibrated.tensors, calibration_scalars=calibrated.scalars, world=world)
-                written = writer.write(partial, prev_folder, dict(previous.scalars) if previous else method.init_scalars())
+                written = writer.write(partial, prev_folder, dict(previous.scalars) if previous else method.init_scalars(),
+                                       prev_weight_slot=previous.weight_slot if previous else None)
             heads = on_main(world, f"completing step {plan.step}", lambda: self._side_files(
                 stream, plan, previous, prev_folder, item, item_plan, partial))
             after = Calibrated()
@@ -369,6 +387,7 @@ class Engine:
             lowrank=dict(written.ranks),
             touched=sorted(plan.touched),
             output=written.adapter.summary() if written.adapter else {"format": "full"},
+            weight_slot=plan.weight_slot,
         )
         if written.adapter is not None:
             base_id = stream.base.identity()

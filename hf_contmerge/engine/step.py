@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..artifacts.adapter import AdapterExport
+from ..artifacts.compact import LOW16_PREFIX, TIES_PREFIX, encode_low16, pack_ties
 from ..artifacts.folder import open_lowrank, open_slot
 from ..artifacts.layout import ADAPTER_WEIGHTS_PREFIX, LEFT, LOWRANK_PREFIX, PASS1_DIR, RIGHT, STATE_DIR, WEIGHTS_PREFIX
 from ..artifacts.state import StepState
@@ -117,16 +118,21 @@ class StepWriter:
         self.prev_lowrank: dict[str, TensorIndex] = {}
         self.first: dict[str, TensorIndex] = {}
         self.factors: tuple[str, dict[str, LowRank]] | None = None  # final factors of the key being written
+        self._ties: dict[str, list[torch.Tensor]] = {}  # a compact tensor's ties so far, by its slices
+        # the base is read for its bytes' fingerprint too: skipped only once that is known (cache or commit)
+        self.skip_base = not method.needs_base and stream.base.fingerprint_ready
         self.written = TensorsWritten({})
 
     # ------------------------------------------------------------------ the step
-    def write(self, partial: Path, prev_folder: Path | None, scalars: dict[str, Any]) -> TensorsWritten:
+    def write(self, partial: Path, prev_folder: Path | None, scalars: dict[str, Any],
+              prev_weight_slot: str | None = None) -> TensorsWritten:
+        """``prev_weight_slot``: the slot the previous step carries over its published weights (its state's)."""
         plan, method = self.plan, self.method
         ctx = StepContext(plan.step, scalars, self.device, self.calibration_scalars)
         with ExitStack() as stack:
             if prev_folder is not None:
                 for slot in method.slots:
-                    self.prev[slot] = stack.enter_context(closing(open_slot(prev_folder, slot)))
+                    self.prev[slot] = stack.enter_context(closing(open_slot(prev_folder, slot, prev_weight_slot)))
                     if (factored := open_lowrank(prev_folder, slot)) is not None:
                         self.prev_lowrank[slot] = stack.enter_context(closing(factored))
                 self._check_previous(prev_folder)
@@ -297,14 +303,25 @@ class StepWriter:
         if main:
             folder.mkdir()
         slots = [s for s in plan.slots if scratch or s not in self.method.after_slots]
-        share = self._share({u.key for u in units if u.form == "dense" and self.kp[u.key].merged})
-        writers: dict[str, Any] = {s: StreamingWriter.planned(folder, plan.state_specs, plan.state_shards[s], s, share=share)
-                                   for s in slots}
+        mine = {u.key for u in units if u.form == "dense" and self.kp[u.key].merged}
+
+        def appended(prefix: str, names) -> Any:
+            real = StreamingWriter.appended(folder, names, self.shard_bytes, prefix) if main else None
+            return real if self.world.size == 1 else _Deferred(prefix, real)
+
+        if scratch:  # the first pass's slots, float32 throughout
+            files = {s: (plan.state_specs, plan.state_shards[s]) for s in slots}
+        else:  # as the state is carried (compact.py): the weight slot's compact tensors apart
+            files = {p: f for p, f in plan.state_files.items() if p.removeprefix(LOW16_PREFIX) in slots}
+        writers: dict[str, Any] = {p: StreamingWriter.planned(folder, specs, shards, p,
+                                                              share=self._share(mine & {sp.key for sp in specs}))
+                                   for p, (specs, shards) in files.items()}
+        if not scratch and LOW16_PREFIX + str(plan.weight_slot) in writers:  # the exact ties, per tensor (few)
+            writers[TIES_PREFIX + plan.weight_slot] = appended(TIES_PREFIX + plan.weight_slot,
+                                                               [k for k, e in plan.compact.items() if e == "low16"])
         if plan.factored:
             for s in plan.slots:
-                prefix = LOWRANK_PREFIX + s
-                real = StreamingWriter.appended(folder, plan.factor_names, self.shard_bytes, prefix) if main else None
-                writers[prefix] = real if self.world.size == 1 else _Deferred(prefix, real)
+                writers[LOWRANK_PREFIX + s] = appended(LOWRANK_PREFIX + s, plan.factor_names)
         return writers
 
     # ------------------------------------------------------------------ loading (reader thread)
@@ -319,13 +336,14 @@ class StepWriter:
             tau = LowRank.zeros(kp.shape) if ikey is None else LowRank(*self.item.checkpoint.low_rank_delta(ikey))
             prev = {s: _read_lowrank(self.prev_lowrank[s], kp.key) for s in slots} if self.prev else None
             return {"tau": tau, "prev": prev, "extra": self._extra(kp.key, None)}
-        raw: dict[str, Any] = {"base": self.stream.base.checkpoint.read(kp.key, rows)}
+        ikey = kp.item_keys[self.plan.item_index] if kp.merged else None
+        skip = self.skip_base and kp.merged and u.form == "dense" and not self.first and ikey is not None
+        raw: dict[str, Any] = {} if skip else {"base": self.stream.base.checkpoint.read(kp.key, rows)}
         if not kp.merged or u.form == "rows":
             return raw
         if self.first:
             raw["first"] = {s: self.first[s].read(kp.key, rows) for s in slots}
             return raw
-        ikey = kp.item_keys[self.plan.item_index]
         raw["item"] = None if ikey is None else self.item.checkpoint.read(ikey, rows)
         raw["prev"] = {s: self._read_prev(s, kp.key, rows) for s in slots} if self.prev else None
         raw["extra"] = self._extra(kp.key, rows)
@@ -386,14 +404,39 @@ class StepWriter:
             slots = method.finish(ctx, base, {s: t.to(self.device, torch.float32) for s, t in raw["first"].items()})
         else:
             base, slots = self._merge_dense(ctx, stats, u, raw)  # converts the base once, itself
-        out = [(state[s], key, self._checked(key, slots[s], torch.float32, slot=s)) for s in plan.slots if s in state]
+        compact = plan.compact.get(key)
+        out = [(state[s], key, self._checked(key, slots[s], torch.float32, slot=s)) for s in plan.slots
+               if s in state and not (compact and s == plan.weight_slot)]
         weight = self._checked(key, method.weight(ctx, base, slots), out_dtype)
+        if compact is not None:  # the weight slot, carried over the weight just computed (compact.py)
+            out += self._compact(key, u, self._checked(key, slots[plan.weight_slot], torch.float32, slot=plan.weight_slot),
+                                 weight, state)
         if name is None:  # an adapter leaves this tensor at the base: it must be the base, bit for bit
             if not torch.equal(weight, base.to(out_dtype)):
                 raise ContMergeError(f"internal: {key!r} changed although no adapter touched it; use --output-format full "
                                      "and report this.")
             return out
         return [*out, (weights, name, weight)]
+
+    def _compact(self, key: str, u: WorkUnit, value: torch.Tensor, weight: torch.Tensor, state: dict) -> list:
+        """The weight slot's ``value`` over the published ``weight`` (one unit): nothing for a float32 weight,
+        its int16 low bits for a bfloat16 one, and at the tensor's last slice the flat indices of its ties."""
+        plan, slot = self.plan, self.plan.weight_slot
+        if plan.compact[key] == "weight":
+            if not torch.equal(weight, value):
+                raise RuntimeError(f"internal: the published {key!r} is not the carried slot {slot!r}")
+            return []
+        shape = self.kp[key].shape
+        rows = u.rows if u.rows is not None and shape else (0, shape[0] if shape else 1)
+        per_row = math.prod(shape[1:]) if len(shape) > 1 else 1
+        low, ties = encode_low16(value, weight, rows[0] * per_row)
+        self._ties.setdefault(key, []).append(ties.cpu())
+        out = [(state[LOW16_PREFIX + slot], key, low)]
+        if not shape or rows[1] == shape[0]:  # the tensor is complete: its ties, if any, in one tensor
+            found = torch.cat(self._ties.pop(key))
+            if found.numel():
+                out.append((state[TIES_PREFIX + slot], key, pack_ties(found, math.prod(shape))))
+        return out
 
     def _checked(self, key: str, value: torch.Tensor, dtype: torch.dtype, slot: str | None = None) -> torch.Tensor:
         """``value`` in ``dtype``, refused when a value is not finite (unless --allow-nonfinite): the inputs
@@ -427,8 +470,8 @@ class StepWriter:
             return t.to(self.device, torch.float32)
 
         # pop: the stored-dtype buffers go as soon as their float32 copies exist (whole 32000 x 4096 lm_head)
-        base = f32(raw.pop("base"))
-        if not self.allow_nonfinite and not finite(base):
+        base = f32(raw.pop("base")) if "base" in raw else None  # None: a method that does not read it (needs_base)
+        if base is not None and not self.allow_nonfinite and not finite(base):
             raise ContMergeError(
                 f"the base {self.stream.base.spec.text!r} has NaN or Inf values in tensor {u.key!r}, which would reach every "
                 f"step. Step {self.plan.step} was not written. Use a base without them, or pass --allow-nonfinite."

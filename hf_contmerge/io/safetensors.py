@@ -16,6 +16,7 @@ import json
 import math
 import os
 import struct
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,6 +128,15 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     return tensors, metadata
 
 
+_READ = [0]  # tensor bytes this process has read from safetensors files (``--verbose`` reports a step's)
+_READ_LOCK = threading.Lock()  # the engine reads in a reader thread
+
+
+def bytes_read() -> int:
+    """Tensor bytes read by :meth:`SafetensorsFile.read` in this process so far."""
+    return _READ[0]
+
+
 class SafetensorsFile:
     """One safetensors file, validated on open; tensors are read on demand, rows at a time."""
 
@@ -144,7 +154,8 @@ class SafetensorsFile:
         return self._fd
 
     def read(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        """Tensor ``key`` (or its rows ``[a, b)`` along dim 0) in its stored dtype, freshly allocated."""
+        """Tensor ``key`` (or its rows ``[a, b)`` along dim 0) in its stored dtype, freshly allocated (counted
+        in :func:`bytes_read`)."""
         info = self.tensors[key]
         shape, start, nbytes = info.shape, info.start, info.nbytes
         if rows is not None and shape:
@@ -159,6 +170,8 @@ class SafetensorsFile:
             if got <= 0:
                 raise _corrupt(self.path, f"read of {key!r} stopped after {done} of {nbytes} bytes")
             done += got
+        with _READ_LOCK:
+            _READ[0] += nbytes
         return buf.view(SAFE_DTYPES[info.dtype]).reshape(shape)
 
     def close(self) -> None:

@@ -182,6 +182,7 @@ class StateFile(_Schema):
     lowrank: dict[str, NonNegInt] = {}
     touched: list[str] = []
     output: dict[str, Any] = {"format": "full"}
+    weight_slot: str | None = None
     evaluation: dict[str, Any] | None = None
     tool_version: str = ""
 

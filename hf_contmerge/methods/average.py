@@ -17,6 +17,7 @@ class Average(Method):
     name = "average"
     summary = "running mean of the fine-tunes: θ(t) = ((t−1)·θ(t−1) + θt)/t"
     reference = "Wortsman et al. 2022 (model soups); continual form as in Tang et al. 2025, arXiv 2501.09522"
+    needs_base = False  # the base contributes nothing: a step reads the new model and the carried mean
 
     def merge(self, ctx: StepContext, x: TensorInputs) -> TensorOutput:
         if x.prev is None:

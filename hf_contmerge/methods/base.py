@@ -55,6 +55,7 @@ them. That is what lets a new method be one small file (registered by one line i
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
@@ -71,6 +72,12 @@ class MethodParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
+
+# The ranks' cost model (``engine/plan.unit_cost``) counts work in float32 multiply-adds of a matrix
+# product (about 86 ps each on one core of the machine of benchmarks/RESULTS.md, "Several ranks");
+# one element of a memory-bound pass (read the inputs, merge, convert, write) costs about 250 of them
+# there (a task-arithmetic step: ~21 ns per parameter).
+ELEMENT_COST = 250.0
 
 @dataclass(frozen=True)
 class CalibrationRequest:
@@ -122,7 +129,7 @@ class TensorInputs:
     key: str
     shape: tuple[int, ...]  # the whole tensor's shape
     rows: tuple[int, int] | None  # the slice being merged, None for the whole tensor
-    base: Tensor
+    base: Tensor | None  # None only for a method that declares needs_base = False (and may still get it)
     item: Tensor
     prev: dict[str, Tensor] | None
     linear: bool = False
@@ -183,6 +190,15 @@ class Method:
     # (requests with ``model="merged"``): ``after`` gives each tensor's new value. The tensor passes
     # do not write them (a two-pass method may use their names for its first-pass scratch).
     after_slots: ClassVar[tuple[str, ...]] = ()
+    # The slot whose value the published weight is (``weight`` returns it unchanged; the writer rounds it
+    # to the output dtype): carried in a compact exact form over the published weights
+    # (``artifacts/compact.py``). None: ``carried_weight_slot`` decides (``merged`` when ``weight`` is
+    # not overridden).
+    weight_slot: ClassVar[str | None] = None
+    # Whether ``merge`` and ``weight`` read ``x.base`` / ``base``. When not, the engine reads the base only
+    # where it must (the item lacks the tensor, or the base's fingerprint is still to be computed from
+    # its bytes) and passes None otherwise.
+    needs_base: ClassVar[bool] = True
     # Set when the implementation is an interpretation of the paper; shown in --help and the card.
     interpretation: ClassVar[str | None] = None
     experimental: ClassVar[bool] = False
@@ -193,6 +209,20 @@ class Method:
     def can_slice(self, info: KeyInfo) -> bool:
         """Whether a tensor may be merged a dim-0 slice at a time (elementwise kernels)."""
         return self.elementwise
+
+    def carried_weight_slot(self) -> str | None:
+        """The slot the published weight is (``weight_slot``), if any: by default ``merged`` when the
+        method has it and keeps the default ``weight``; None when ``weight`` computes something else."""
+        if self.weight_slot is not None:
+            return self.weight_slot
+        return "merged" if "merged" in self.slots and type(self).weight is Method.weight else None
+
+    def whole_cost(self, info: KeyInfo) -> float:
+        """Work of merging one tensor this method does not slice (``can_slice`` False), in the units of the
+        ranks' cost model (``engine/plan.unit_cost``: one element of a memory-bound pass counts
+        ``ELEMENT_COST``): by default such a pass over the whole tensor (a per-tensor statistic, e.g.
+        TIES's magnitude threshold)."""
+        return ELEMENT_COST * math.prod(info.shape) if info.shape else ELEMENT_COST
 
     @property
     def whole_stream(self) -> bool:

@@ -59,6 +59,7 @@ class Became(Method):
     # pass 1 keeps its scratch in the slot files: "merged" holds δ, "fisher_bar" holds θ(t−1) (see finish)
     slots = ("merged", "fisher_bar")
     after_slots = ("fisher_bar",)
+    weight_slot = "merged"  # weight() publishes θ(t) as it is
 
     @property
     def calibration(self) -> tuple[CalibrationRequest, ...]:  # type: ignore[override]

@@ -97,6 +97,16 @@ class OPCM(Method):
     def can_slice(self, info: KeyInfo) -> bool:
         return not info.linear  # an SVD needs the whole matrix; the plain rule is elementwise
 
+    def whole_cost(self, info: KeyInfo) -> float:
+        """The projection's cost in multiply-adds, as measured on one core (benchmarks/RESULTS.md, "Several
+        ranks": 4096² by SVD 32.8 s; 11008×4096 and 32000×4096 by Gram 43.3 s and 73.7 s): a thin SVD
+        ≈ 5.6·m·n·k, the Gram kernel ≈ m·n·k + 4.6·k³ (k = min(m, n)), plus the pass over its elements."""
+        if len(info.shape) != 2:
+            return super().whole_cost(info)
+        (m, n), k = info.shape, min(info.shape)
+        gram = self.params.kernel == "gram" or (self.params.kernel == "auto" and gram_preferred(info.shape))
+        return (m * n * k + 4.6 * k**3 if gram else 5.6 * m * n * k) + super().whole_cost(info)
+
     def init_scalars(self) -> dict[str, Any]:
         # constant in T: the running sum of task-vector norms and their count give A = mean(norms)
         return {"lambda": 1.0, "norm_sum": 0.0, "count": 0, "projected": []}

@@ -233,7 +233,7 @@ def _sparse_llama_7b(folder: Path, depth: int = 2) -> Path:
 def test_the_cost_split_balances_a_7b_shaped_step(tmp_path, method):
     """Each rank's share of a pass's cost is within 1/N plus the largest single tensor's share (whole
     tensors are never cut across ranks), and within 1/N + 5% on this plan."""
-    from hf_contmerge.engine.plan import ModelFacts, plan_step, unit_cost
+    from hf_contmerge.engine.plan import ModelFacts, plan_step
     from hf_contmerge.engine.run import Engine
     from hf_contmerge.options import MergeOptions
     from hf_contmerge.sources.preflight import plan_stream
@@ -245,14 +245,13 @@ def test_the_cost_split_balances_a_7b_shaped_step(tmp_path, method):
     b = resolve(str(base), role="base", lazy=True)
     stream = plan_stream(b, [resolve(str(item), role="stream item", base=b, lazy=True)])
     plan = plan_step(stream, 0, 1, None, engine.method, opts, engine._model_facts(b) if engine.method.needs_module_types else ModelFacts())
-    shapes = {kp.key: kp.shape for kp in plan.keys}
     for p in range(len(plan.passes)):
         costs = {}
         for u in plan.passes[p]:
-            costs[u.key] = costs.get(u.key, 0.0) + unit_cost(u, shapes[u.key], 0)
+            costs[u.key] = costs.get(u.key, 0.0) + plan.cost(p, u)
         total, largest = sum(costs.values()), max(costs.values())
         for n in (2, 3, 4):
-            shares = [sum(unit_cost(u, shapes[u.key], 0) for u in run) / total for run in plan.split(p, n)]
+            shares = [sum(plan.cost(p, u) for u in run) / total for run in plan.split(p, n)]
             assert abs(sum(shares) - 1) < 1e-9
             assert max(shares) <= 1 / n + largest / total + 1e-9, (p, n, shares)
             assert max(shares) <= 1 / n + 0.05, (method, p, n, shares)

@@ -17,7 +17,7 @@ from peft import LoraConfig
 from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 
-from support.tiny_models import llama, perturb, save, save_lora, weights
+from support.tiny_models import carried, llama, perturb, save, save_lora, weights
 
 PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RANK = 4
@@ -80,7 +80,7 @@ def test_factored_equals_dense_and_densifies_when_factors_stop_being_smaller(tmp
     assert s3["lowrank"]["model.layers.1.self_attn.q_proj.weight"] == 3 * RANK
 
     state_dir = tmp_path / "lr/step-3/contmerge_state"
-    factors, dense = load_file(state_dir / "lowrank-merged.safetensors"), load_file(state_dir / "merged.safetensors")
+    factors, dense = load_file(state_dir / "lowrank-merged.safetensors"), carried(tmp_path / "lr/step-3", "merged")
     assert set(factors) == {k + s for k in (linear | {embed}) - kv for s in ("::left", "::right")}
     assert not (linear - kv) & set(dense) and kv <= set(dense)
     # the carried factors are the merged task vector: θ(3) − θ0 = L @ R
@@ -115,7 +115,9 @@ def test_factors_of_an_older_state_format_are_refused(tmp_path, cli, adapters):
     base, items, _ = adapters
     _run(cli, base, items[:1], tmp_path / "o")
     path = tmp_path / "o/step-1/contmerge_state.json"
-    path.write_text(path.read_text().replace('"format_version": 2', '"format_version": 1'))
+    text = path.read_text()
+    assert '"format_version": 3' in text
+    path.write_text(text.replace('"format_version": 3', '"format_version": 1'))
     code, _, err = cli("merge", "--base", base, "--stream", *items[:2], "--method", "opcm", "--out", tmp_path / "o",
                        "--quiet", "--resume", "--dtype", "float32")
     assert code == 2 and "state format 1" in err and not (tmp_path / "o/step-2").exists()

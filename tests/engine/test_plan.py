@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from hf_contmerge.artifacts.state import StepState
-from hf_contmerge.engine.plan import CHUNK_ITEMSIZE, ModelFacts, StepPlan, plan_step, unit_cost
+from hf_contmerge.engine.plan import CHUNK_ITEMSIZE, ModelFacts, StepPlan, plan_step
 from hf_contmerge.io.writer import plan_shards
 from hf_contmerge.methods.registry import build_method
 from hf_contmerge.options import MergeOptions
@@ -149,7 +149,7 @@ def test_split_for_one_and_two_workers_covers_the_same_units_in_order(llama_stre
         halves = plan.split(p, 2)
         assert len(halves) == 2 and halves[0] + halves[1] == units and all(halves)
         assert not {u.key for u in halves[0]} & {u.key for u in halves[1]}  # a tensor is never cut between workers
-        costs = [sum(unit_cost(u, shapes[u.key], 0) for u in h) for h in halves]
-        biggest = max(sum(unit_cost(u, shapes[u.key], 0) for u in units if u.key == k) for k in shapes)
+        costs = [sum(plan.cost(p, u) for u in h) for h in halves]
+        biggest = max(sum(plan.cost(p, u) for u in units if u.key == k) for k in shapes)
         assert max(costs) <= sum(costs) / 2 + biggest  # balanced up to one tensor
         assert sum(map(len, plan.split(p, 5))) == len(units) and sum(plan.split(p, 5), ()) == units

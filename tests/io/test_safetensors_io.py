@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from hf_contmerge.io.safetensors import SafetensorsFile, TensorSpec, iter_row_chunks
 from hf_contmerge.io.writer import StreamingWriter, plan_shards
-from support.tiny_models import weights
+from support.tiny_models import carried, weights
 
 
 def test_sharded_writer_round_trip(tmp_path):
@@ -98,14 +98,18 @@ def test_sharded_output_loads_with_transformers(tmp_path, streams, cli):
     ref = {k: sum(weights(i)[k] for i in items) / 3 for k in weights(base)}
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, ref[k])
-    # the carried state is sharded the same way and reads back as the published weights (float32)
-    assert (step / "contmerge_state" / "merged.safetensors.index.json").is_file()
-    carried = {}
-    for f in (step / "contmerge_state").glob("merged-*.safetensors"):
-        carried.update(load_file(f))
-    assert carried.keys() == ref.keys()
-    for k, v in weights(step).items():
-        assert torch.equal(carried[k], v), k  # float32 model: state and weights are the same numbers
+    # float32 model: the carried state is the published weights themselves (compact.py), nothing beside them
+    assert not load_file(step / "contmerge_state" / "merged.safetensors")
+    state = carried(step, "merged")
+    assert state.keys() == ref.keys() and all(torch.equal(state[k], v) for k, v in weights(step).items())
+    # bfloat16: the low bits are sharded like any planned file, and give the float32 state back
+    code, _, err = cli("merge", "--base", base, "--stream", *items, "--method", "average", "--shard-size", "30KB",
+                       "--dtype", "bfloat16", "--out", tmp_path / "bf16", "--quiet")
+    assert code == 0, err
+    low = tmp_path / "bf16" / "step-3" / "contmerge_state"
+    assert (low / "low16-merged.safetensors.index.json").is_file() and len(list(low.glob("low16-merged-*"))) > 1
+    exact = carried(tmp_path / "bf16" / "step-3", "merged")
+    assert all(torch.equal(exact[k], v) for k, v in state.items())  # the same float32 run, bit for bit
 
 
 def test_sharded_input_is_read(tmp_path, streams, cli):

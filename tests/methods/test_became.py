@@ -10,7 +10,7 @@ import torch
 from hf_contmerge.calibration.data import DataSpec, load_calibration
 from support.reference import fisher_batch
 from support.refusal import merge
-from support.tiny_models import classifier_stream, weights
+from support.tiny_models import carried, classifier_stream, weights
 
 FLAGS = ["--calib-samples", "6", "--calib-batch-size", "3", "--max-length", "16"]
 
@@ -78,7 +78,7 @@ def test_became_equals_the_reference_and_lambda_minimises_the_surrogate(tmp_path
     from safetensors.torch import load_file
 
     fbar = load_file(out / "step-3" / "contmerge_state" / "fisher_bar.safetensors")  # the carried accumulated Fisher
-    assert fbar.keys() == load_file(out / "step-3" / "contmerge_state" / "merged.safetensors").keys()
+    assert fbar.keys() == carried(out / "step-3", "merged").keys()
     assert all(bool((v >= 0).all()) for v in fbar.values()) and any(float(v.max()) > 0 for v in fbar.values())
     assert not (out / "step-3" / "_calibration").exists()
 

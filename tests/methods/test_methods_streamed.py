@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from support.reference import DATA_FREE, REFERENCES, set_flags
 from support.tiny_models import FAMILIES, weights
+from support.tiny_models import carried as carried_slot
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -42,7 +42,7 @@ def test_bf16_stream_carries_float32_state(tmp_path, streams, cli, method, param
     ref = REFERENCES[method](weights(base), [weights(i) for i in items], **params)[-1]
     final = out / "step-4"
     slot = "tau_max" if method == "magmax" else "merged"
-    carried = load_file(final / "contmerge_state" / f"{slot}.safetensors")
+    carried = carried_slot(final, slot)
     got = weights(final)
     base_sd = weights(base)
     for k, v in ref.items():

@@ -121,6 +121,20 @@ def weights(folder: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+def carried(step_folder: Path, slot: str) -> dict[str, torch.Tensor]:
+    """A step's carried slot, float32, by tensor name, however it is stored (``artifacts/compact.py``)."""
+    import json
+
+    from hf_contmerge.artifacts.folder import open_slot
+
+    state = json.loads((Path(step_folder) / "contmerge_state.json").read_text())
+    index = open_slot(step_folder, slot, state.get("weight_slot"))
+    try:
+        return {k: index.read(k) for k in index.keys()}
+    finally:
+        index.close()
+
+
 def save_lora(base: torch.nn.Module, config, seed: int, folder: Path, scale: float) -> Path:
     """A PEFT LoRA adapter of ``base`` (``config``: a ``peft.LoraConfig``) with seeded N(0, scale²)
     trainable tensors, saved by PEFT itself; ``base`` is not modified."""

@@ -1,0 +1,152 @@
+"""The compact carried state (state format 3): exact for every float32 value, and what a step writes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from hf_contmerge.artifacts.compact import TIE, decode_low16, encode_low16, pack_ties, ties_between
+from support.tiny_models import carried, weights
+
+
+def _values() -> torch.Tensor:
+    """Random float32 of many magnitudes and signs, plus the hard cases: both kinds of exact tie,
+    values that round across a power of two, zeros, subnormals, the largest bfloat16-safe values."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4096, generator=g) * torch.logspace(-30, 30, 4096).float()
+    hard = torch.tensor([0x3F808000, 0x3F818000, 0xBF808000, 0xBF818000,  # ties: even (down) and odd (up) high halves
+                         0x3F7FFFFF, 0x407FFF80, 0x00000000, 0x80000000, 0x00000001, 0x807FFFFF, 0x7F7F7FFF, 0xFF7F0000],
+                        dtype=torch.int64).to(torch.int32).view(torch.float32)
+    return torch.cat([x, hard])
+
+
+def test_low_bits_over_the_rounded_weight_give_back_every_float32_bit():
+    x = _values()
+    published = x.to(torch.bfloat16)
+    low, ties = encode_low16(x, published)
+    assert low.dtype == torch.int16 and ties.dtype == torch.int64
+    assert torch.equal(decode_low16(published, low, ties).view(torch.int32), x.view(torch.int32))
+    bits = x.view(torch.int32)
+    tie_down = [i for i in range(len(x)) if (int(bits[i]) & 0xFFFF) == 0x8000 and not (int(bits[i]) >> 16) & 1]
+    assert ties.tolist() == tie_down and len(tie_down) == 2  # the two even-high ties of the hard cases
+    assert all(int(low[i]) == TIE for i in tie_down)
+    # the ties rounded up share the code and are not listed
+    assert {int(low[4096 + 1]), int(low[4096 + 3])} == {TIE} and not {4096 + 1, 4096 + 3} & set(ties.tolist())
+
+
+def test_slices_decode_alone_with_their_offset():
+    x = _values()[:4100].reshape(41, 100)
+    x.view(-1)[[250, 2501]] = torch.tensor([0x3F808000, 0x40008000], dtype=torch.int32).view(torch.float32)  # ties down
+    published = x.to(torch.bfloat16)
+    parts = [encode_low16(x[a:b], published[a:b], a * 100) for a, b in ((0, 10), (10, 30), (30, 41))]
+    ties = torch.cat([t for _, t in parts])
+    assert ties.tolist() == [250, 2501, 4096, 4098]  # and the hard cases' two ties rounded down
+    low = torch.cat([lo for lo, _ in parts])
+    for a, b in ((0, 41), (2, 3), (25, 26), (24, 41)):
+        inside = ties[(ties >= a * 100) & (ties < b * 100)] - a * 100
+        assert torch.equal(decode_low16(published[a:b], low[a:b], inside).view(torch.int32), x[a:b].view(torch.int32))
+
+
+@pytest.mark.parametrize("count", [3, 400])
+def test_ties_are_kept_as_indices_while_few_and_as_a_bitmask_else(count):
+    numel = 1000 * 7 + 3
+    found = torch.randperm(numel, generator=torch.Generator().manual_seed(count))[:count].sort().values
+    stored = pack_ties(found, numel)
+    assert stored.dtype == (torch.int64 if count == 3 else torch.uint8)
+    if stored.dtype == torch.uint8:
+        assert stored.numel() == -(-numel // 8)
+    for start, stop in ((0, numel), (5, 13), (999, 4004), (numel - 1, numel), (8, 8)):
+        want = found[(found >= start) & (found < stop)] - start
+        assert torch.equal(ties_between(stored, start, stop), want), (start, stop)
+
+
+def test_a_weight_that_is_not_the_rounded_slot_is_caught():
+    x = _values()[:100]
+    with pytest.raises(RuntimeError, match="not the carried slot rounded"):
+        encode_low16(x, (x * 1.5).to(torch.bfloat16))
+
+
+def _merge(cli, base, items, out, method, *flags):
+    code, _, err = cli("merge", "--base", base, "--stream", *items, "--method", method, "--out", out, "--quiet", *flags)
+    assert code == 0, err
+
+
+def _bytes(folder):
+    return sum(p.stat().st_size for p in folder.rglob("*.safetensors"))
+
+
+@pytest.mark.parametrize("method", ["average", "task_arithmetic"])
+def test_a_bf16_stream_carries_its_state_exactly_in_four_bytes_a_parameter(tmp_path, streams, cli, method):
+    """bf16 in and out over 4 steps: the carried float32 state, read back from the published weights and
+    their low bits, is bit for bit the state of the same run published in float32 (where the state is
+    the weights themselves); each step writes at most 2× its published weights. ``average`` of bfloat16
+    values makes many exact ties, so the tie list is exercised."""
+    base, items = streams("llama", n=4, dtype=torch.bfloat16)
+    _merge(cli, base, items, tmp_path / "bf16", method)
+    _merge(cli, base, items, tmp_path / "f32", method, "--dtype", "float32")
+    for t in range(1, 5):
+        step, wide = tmp_path / f"bf16/step-{t}", tmp_path / f"f32/step-{t}"
+        state = json.loads((step / "contmerge_state.json").read_text())
+        assert state["format_version"] == 3 and state["weight_slot"] == "merged"
+        assert not load_file(step / "contmerge_state" / "merged.safetensors")  # nothing float32 beside the weights
+        assert not load_file(wide / "contmerge_state" / "merged.safetensors") and not list(
+            (wide / "contmerge_state").glob("low16-*"))
+        exact, published = carried(step, "merged"), weights(step)
+        reference = weights(wide)
+        assert exact.keys() == {k for k, v in reference.items() if v.is_floating_point()}
+        for k, v in exact.items():
+            assert v.dtype == torch.float32 and torch.equal(v.view(torch.int32), reference[k].view(torch.int32)), (t, k)
+            assert torch.equal(published[k], v.to(torch.bfloat16)), (t, k)
+        model = _bytes(step) - _bytes(step / "contmerge_state")
+        headers = 4096 * (1 + len(list((step / "contmerge_state").glob("*.safetensors"))))
+        # ties as a bitmask (1/8 byte a parameter, 1/16 of the bf16 model) where they abound: the mean of two bf16 models
+        assert _bytes(step) <= 2 * model * (1.0625 if (method, t) == ("average", 2) else 1) + headers, (t, _bytes(step), model)
+    if method == "average":
+        ties = load_file(tmp_path / "bf16/step-2/contmerge_state/ties-merged.safetensors")
+        assert any(v.dtype == torch.uint8 for v in ties.values())
+
+
+def test_a_format_2_step_is_read_and_continued_bit_identically(tmp_path, streams, cli):
+    """A step written before the compact state (float32 slot file, format 2) is resumed as before."""
+    base, items = streams("llama", n=3, dtype=torch.bfloat16)
+    _merge(cli, base, items, tmp_path / "whole", "task_arithmetic")
+    _merge(cli, base, items[:2], tmp_path / "old", "task_arithmetic")
+    step = tmp_path / "old/step-2"
+    dense = carried(step, "merged")
+    for p in (step / "contmerge_state").iterdir():
+        p.unlink()
+    save_file(dense, step / "contmerge_state" / "merged.safetensors")
+    state = json.loads((step / "contmerge_state.json").read_text())
+    state["format_version"], _ = 2, state.pop("weight_slot")
+    (step / "contmerge_state.json").write_text(json.dumps(state))
+    shutil.rmtree(tmp_path / "old/step-1")
+    _merge(cli, base, items, tmp_path / "old", "task_arithmetic", "--resume")
+    new, ref = tmp_path / "old/step-3", tmp_path / "whole/step-3"
+    for p in sorted(ref.rglob("*.safetensors")):
+        assert p.read_bytes() == (new / p.relative_to(ref)).read_bytes(), p
+
+
+def test_verbose_reports_what_a_step_moved_and_average_skips_the_base(tmp_path, streams, cli):
+    """--verbose: each step's bytes read (every tensor the engine read) and written. ``average`` reads
+    no base tensor once the base's fingerprint is known (step 2 on: the reads of step 1 computed it),
+    so its step 2 reads one model less than task arithmetic's, and publishes the same kind of folder."""
+    import re
+
+    base, items = streams("llama", n=2, dtype=torch.bfloat16)
+    read = {}
+    for method in ("average", "task_arithmetic"):
+        code, _, err = cli("merge", "--base", base, "--stream", *items, "--method", method, "--out", tmp_path / method,
+                           "--quiet", "--verbose")
+        assert code == 0, err
+        found = {s: (float(r), float(w)) for s, r, w in re.findall(r"step (\d): read ([\d.]+) GB, wrote ([\d.]+) GB", err)}
+        assert found.keys() == {"1", "2"}, err
+        step2 = tmp_path / method / "step-2"
+        assert found["2"][1] * 1e9 == pytest.approx(sum(p.stat().st_size for p in step2.rglob("*") if p.is_file()), abs=1e3)
+        read[method] = found["2"][0] * 1e9
+    model = sum(p.stat().st_size for p in Path(base).glob("*.safetensors"))
+    assert read["task_arithmetic"] - read["average"] == pytest.approx(model, rel=0.05)
