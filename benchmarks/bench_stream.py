@@ -292,6 +292,8 @@ def bench_method(depth: int, method: str, variant: Variant, folders: list[Path],
         inputs = weight_files(base) + weight_files(items[t - 1])
         if t > 1:
             inputs += weight_files(prev / "contmerge_state")
+            if '"weight_slot": "' in (prev / "contmerge_state.json").read_text():  # format 3: read over the weights
+                inputs += weight_files(prev)
         cmd = [sys.executable, "-m", "hf_contmerge.cli", "merge", "--base", str(base), "--stream", *map(str, items[:t]),
                "--method", method, "--out", str(run), "--resume", *variant.args,
                "--quiet", *(["--verbose"] if code.verbose else [])]
