@@ -39,25 +39,41 @@ TIES_PREFIX = "ties-"
 TIE = -32768  # the int16 code shared by the two exact ties (see the module docstring)
 
 
+CHUNK = 1 << 22  # elements per block: int32 temporaries of 16 MB, not of a whole 32000 x 4096 lm_head
+
+
 def encode_low16(state: torch.Tensor, published: torch.Tensor, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """``state`` (float32) against ``published`` (its bfloat16 rounding): the int16 difference of their
     bit patterns and the flat indices (plus ``offset``, the slice's first element in its tensor) of the
     ties rounded down. Raises if ``published`` is not ``state`` rounded (a method's broken promise)."""
-    d = state.contiguous().view(torch.int32) - (published.contiguous().view(torch.int16).to(torch.int32) << 16)
-    if d.numel() and (int(d.min()) < -32768 or int(d.max()) > 32768):
-        raise RuntimeError("internal: the published weight is not the carried slot rounded to bfloat16")
-    down = d == 32768
-    ties = down.flatten().nonzero().flatten() + offset
-    return torch.where(down, TIE, d).to(torch.int16), ties
+    bits, top = state.contiguous().view(torch.int32).reshape(-1), published.contiguous().view(torch.int16).reshape(-1)
+    low = torch.empty(bits.shape, dtype=torch.int16, device=bits.device)
+    ties = []
+    for a in range(0, bits.numel(), CHUNK):
+        d = top[a : a + CHUNK].to(torch.int32).bitwise_left_shift_(16)
+        torch.sub(bits[a : a + CHUNK], d, out=d)
+        if int(d.min()) < -32768 or int(d.max()) > 32768:
+            raise RuntimeError("internal: the published weight is not the carried slot rounded to bfloat16")
+        down = d == 32768
+        if bool(down.any()):
+            ties.append(down.nonzero().flatten() + (a + offset))
+            d.masked_fill_(down, TIE)
+        low[a : a + CHUNK] = d
+    found = torch.cat(ties) if ties else torch.zeros(0, dtype=torch.int64, device=bits.device)
+    return low.view(state.shape), found
 
 
 def decode_low16(published: torch.Tensor, low: torch.Tensor, ties: torch.Tensor) -> torch.Tensor:
     """The float32 state from the published bfloat16 tensor, its int16 low bits and the flat indices
     (in this slice) of its ties rounded down."""
-    bits = (published.contiguous().view(torch.int16).to(torch.int32) << 16) + low.to(torch.int32)
+    top, rest = published.contiguous().view(torch.int16).reshape(-1), low.reshape(-1)
+    bits = torch.empty(top.shape, dtype=torch.int32)
+    for a in range(0, top.numel(), CHUNK):
+        block = bits[a : a + CHUNK]
+        block.copy_(top[a : a + CHUNK]).bitwise_left_shift_(16).add_(rest[a : a + CHUNK])
     if ties.numel():
-        bits.view(-1)[ties] += 65536
-    return bits.view(torch.float32)
+        bits[ties] += 65536
+    return bits.view(torch.float32).view(published.shape)
 
 
 def pack_ties(indices: torch.Tensor, numel: int) -> torch.Tensor:

@@ -420,7 +420,7 @@ class StepWriter:
 
     def _compact(self, key: str, u: WorkUnit, value: torch.Tensor, weight: torch.Tensor, state: dict) -> list:
         """The weight slot's ``value`` over the published ``weight`` (one unit): nothing for a float32 weight,
-        its int16 low bits for a bfloat16 one, and at the tensor's last slice the flat indices of its ties."""
+        its int16 low bits for a bfloat16 one, and at the tensor's last slice its ties (``pack_ties``)."""
         plan, slot = self.plan, self.plan.weight_slot
         if plan.compact[key] == "weight":
             if not torch.equal(weight, value):

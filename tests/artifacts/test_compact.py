@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from hf_contmerge.artifacts import compact
 from hf_contmerge.artifacts.compact import TIE, decode_low16, encode_low16, pack_ties, ties_between
 from support.tiny_models import carried, weights
 
@@ -25,7 +26,11 @@ def _values() -> torch.Tensor:
     return torch.cat([x, hard])
 
 
-def test_low_bits_over_the_rounded_weight_give_back_every_float32_bit():
+@pytest.mark.parametrize("block", [None, 7])
+def test_low_bits_over_the_rounded_weight_give_back_every_float32_bit(monkeypatch, block):
+    """Exact for every value; ``block`` 7: the same in blocks that cut the tensor anywhere."""
+    if block:
+        monkeypatch.setattr(compact, "CHUNK", block)
     x = _values()
     published = x.to(torch.bfloat16)
     low, ties = encode_low16(x, published)

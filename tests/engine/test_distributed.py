@@ -76,6 +76,21 @@ def test_two_ranks_write_what_one_process_writes(tmp_path, stream, method):
     assert_same(tmp_path / "one", tmp_path / "two")
 
 
+def test_two_ranks_carry_the_same_compact_bf16_state(tmp_path):
+    """bf16 weights: the low bits are shared planned files, the ties (abundant in the mean of two bf16
+    models, so some tensors keep a bitmask) go to rank 0; tensors are sliced, so ties span slices."""
+    import torch
+
+    base, items = make_stream(tmp_path / "bf16", "llama", n=3, dtype=torch.bfloat16)
+    args = ["--base", base, "--stream", *items, "--method", "average", "--chunk-mb", "0.002", *SMALL_SHARDS]
+    assert one_process(*args, "--out", tmp_path / "one").returncode == 0
+    double = ranks(2, *args, "--out", tmp_path / "two")
+    assert double.returncode == 0, double.stderr[-3000:]
+    state = tmp_path / "one" / "step-2" / "contmerge_state"
+    assert list(state.glob("low16-merged-*")) and list(state.glob("ties-merged*"))
+    assert_same(tmp_path / "one", tmp_path / "two")
+
+
 def test_two_ranks_on_a_lora_stream_carry_the_same_factors(tmp_path, lora_stream):
     """OPCM's factored kernel: the factors are gathered to rank 0 and written in plan order."""
     base, adapters, _ = lora_stream
