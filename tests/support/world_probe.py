@@ -10,6 +10,8 @@ import signal
 import sys
 import time
 
+import torch.distributed as dist
+
 from hf_contmerge.engine.distributed import DistributedWorld
 from hf_contmerge.errors import ContMergeError
 
@@ -31,3 +33,5 @@ try:
 except (ContMergeError, ValueError) as e:
     print(f"rank {world.rank}: failed after {time.monotonic() - start:.1f} s: {e}", flush=True)
     sys.exit(3)
+finally:  # gloo's threads stopped before the interpreter ends (else an abort at exit, seen once)
+    dist.destroy_process_group()
