@@ -26,6 +26,7 @@ throughout) is read as before.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -98,7 +99,8 @@ def ties_between(stored: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     return stored[lo:hi] - start
 
 
-def _open(folder: Path, prefix: str, label: str) -> Checkpoint | None:
+def open_optional(folder: Path, prefix: str, label: str) -> Checkpoint | None:
+    """The checkpoint ``{prefix}.safetensors`` (or its index) in ``folder``, or None when there is none."""
     if (folder / f"{prefix}.safetensors").is_file() or (folder / f"{prefix}.safetensors.index.json").is_file():
         return Checkpoint.open(folder, prefix=prefix, label=label)
     return None
@@ -112,12 +114,12 @@ class CompactSlot(TensorIndex):
     def __init__(self, step_folder: Path, slot: str, is_weight: bool):
         folder, label = Path(step_folder) / STATE_DIR, f"carried state {slot!r} of {step_folder}"
         self.full = Checkpoint.open(folder, prefix=slot, label=label)
-        self.low = _open(folder, LOW16_PREFIX + slot, label) if is_weight else None
-        self.ties = _open(folder, TIES_PREFIX + slot, label) if is_weight else None
+        self.low = open_optional(folder, LOW16_PREFIX + slot, label) if is_weight else None
+        self.ties = open_optional(folder, TIES_PREFIX + slot, label) if is_weight else None
         self.weights = Checkpoint.open(Path(step_folder), label=f"published weights of {step_folder}") if is_weight else None
         self._info = dict(self.full._info)
         self._encoding: dict[str, str] = {}
-        factored = _open(folder, LOWRANK_PREFIX + slot, label) if is_weight else None
+        factored = open_optional(folder, LOWRANK_PREFIX + slot, label) if is_weight else None
         apart = set(factored.keys()) if factored is not None else set()  # KEY::left of the tensors carried as factors
         if factored is not None:
             factored.close()
@@ -126,7 +128,7 @@ class CompactSlot(TensorIndex):
             if key in self._info or key + LEFT in apart or not (info.dtype == "F32" or (self.low is not None and key in self.low)):
                 continue
             self._encoding[key] = "low16" if self.low is not None and key in self.low else "weight"
-            self._info[key] = TensorInfo("F32", tuple(info.shape), 0, 4 * _numel(tuple(info.shape)))
+            self._info[key] = TensorInfo("F32", tuple(info.shape), 0, 4 * math.prod(tuple(info.shape)))
         self._tie_cache: tuple[str, torch.Tensor] | None = None
 
     def encoding(self, key: str) -> str:
@@ -140,8 +142,8 @@ class CompactSlot(TensorIndex):
         if kind == "weight":
             return published.to(torch.float32)
         shape = self._info[key].shape
-        per_row = _numel(shape[1:]) if len(shape) > 1 else 1
-        start, stop = (0, _numel(shape)) if rows is None or not shape else (rows[0] * per_row, rows[1] * per_row)
+        per_row = math.prod(shape[1:]) if len(shape) > 1 else 1
+        start, stop = (0, math.prod(shape)) if rows is None or not shape else (rows[0] * per_row, rows[1] * per_row)
         return decode_low16(published, self.low.read(key, rows), ties_between(self._ties(key), start, stop))
 
     def _ties(self, key: str) -> torch.Tensor:
@@ -154,10 +156,3 @@ class CompactSlot(TensorIndex):
         for ck in (self.full, self.low, self.ties, self.weights):
             if ck is not None:
                 ck.close()
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n

@@ -22,7 +22,7 @@ from ..io.remote import SourceSpec
 from ..sources.architecture import architecture_class
 from ..sources.resolve import ResolvedSource
 from .card import render_card
-from .compact import CompactSlot
+from .compact import CompactSlot, open_optional
 from .heads import copy_heads, head_dir, task_model, write_head
 from .layout import (
     ADAPTER_CONFIG,
@@ -92,11 +92,8 @@ def open_slot(step_folder: Path, slot: str, weight_slot: str | None = None) -> C
 
 def open_lowrank(step_folder: Path, slot: str) -> Checkpoint | None:
     """The factored tensors of ``slot`` (``KEY::left``, ``KEY::right``), or None if the step has none."""
-    folder = Path(step_folder) / STATE_DIR
-    prefix = LOWRANK_PREFIX + slot
-    if not ((folder / f"{prefix}.safetensors").is_file() or (folder / f"{prefix}.safetensors.index.json").is_file()):
-        return None
-    return Checkpoint.open(folder, prefix=prefix, label=f"carried low-rank state {slot!r} of {step_folder}")
+    return open_optional(Path(step_folder) / STATE_DIR, LOWRANK_PREFIX + slot,
+                         f"carried low-rank state {slot!r} of {step_folder}")
 
 
 def record_evaluation(step_folder: Path, evaluation: dict[str, Any]) -> StepState:
