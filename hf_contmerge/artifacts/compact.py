@@ -27,6 +27,7 @@ throughout) is read as before.
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -41,38 +42,48 @@ TIE = -32768  # the int16 code shared by the two exact ties (see the module docs
 
 
 CHUNK = 1 << 22  # elements per block: int32 temporaries of 16 MB, not of a whole 32000 x 4096 lm_head
+# where a float32's low and high 16-bit halves lie when it is viewed as two int16s
+_LOW, _HIGH = (0, 1) if sys.byteorder == "little" else (1, 0)
+_BIT = torch.arange(8, dtype=torch.uint8)  # bit i of a tie bitmask's byte j is element 8j + i
 
 
 def encode_low16(state: torch.Tensor, published: torch.Tensor, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """``state`` (float32) against ``published`` (its bfloat16 rounding): the int16 difference of their
-    bit patterns and the flat indices (plus ``offset``, the slice's first element in its tensor) of the
-    ties rounded down. Raises if ``published`` is not ``state`` rounded (a method's broken promise)."""
-    bits, top = state.contiguous().view(torch.int32).reshape(-1), published.contiguous().view(torch.int16).reshape(-1)
-    low = torch.empty(bits.shape, dtype=torch.int16, device=bits.device)
-    ties = []
-    for a in range(0, bits.numel(), CHUNK):
-        d = top[a : a + CHUNK].to(torch.int32).bitwise_left_shift_(16)
-        torch.sub(bits[a : a + CHUNK], d, out=d)
-        if int(d.min()) < -32768 or int(d.max()) > 32768:
-            raise RuntimeError("internal: the published weight is not the carried slot rounded to bfloat16")
-        down = d == 32768
-        if bool(down.any()):
-            ties.append(down.nonzero().flatten() + (a + offset))
-            d.masked_fill_(down, TIE)
-        low[a : a + CHUNK] = d
-    found = torch.cat(ties) if ties else torch.zeros(0, dtype=torch.int64, device=bits.device)
-    return low.view(state.shape), found
+    """``state`` (float32) against ``published``, its bfloat16 rounding to nearest (the caller checks that
+    ``published`` is ``state.to(torch.bfloat16)``): the int16 ``low16`` code and the flat indices (plus
+    ``offset``, the slice's first element in its tensor) of the ties rounded down.
+
+    The code is the low half of the float32's bits as it stands: ``bits(state) − bits(float32(published))``
+    is that half when rounding went down, and that half minus 65536 when it went up, which is what the half
+    reads as int16 in both cases (a value rounds up exactly when its low half is 0x8000 or more, the tie
+    0x8000 aside). So encoding is one strided copy, plus a look at the tie candidates (code −32768)."""
+    halves = state.contiguous().view(torch.int16).view(-1, 2)
+    low = halves[:, _LOW].clone()
+    top = published.contiguous().view(torch.int16).reshape(-1)
+    at_tie = low == TIE
+    count = int(torch.count_nonzero(at_tie))  # (a bool .sum() is ten times slower)
+    # a tie rounded down keeps the high half: published == high there. Few ties (random low bits: one in
+    # 65536) are looked at one by one; many (a mean of bfloat16 values: half of all) in one pass
+    if count * 16 < low.numel():
+        candidates = at_tie.nonzero().flatten()
+        ties = candidates[top[candidates] == halves[:, _HIGH][candidates]]
+    else:
+        ties = at_tie.logical_and_(top == halves[:, _HIGH]).nonzero().flatten()
+    ties += offset
+    return low.view(state.shape), ties
 
 
 def decode_low16(published: torch.Tensor, low: torch.Tensor, ties: torch.Tensor) -> torch.Tensor:
-    """The float32 state from the published bfloat16 tensor, its int16 low bits and the flat indices
-    (in this slice) of its ties rounded down."""
+    """The float32 state from the published bfloat16 tensor, its int16 low bits and its ties rounded down:
+    their flat indices in this slice (int64), or a 0/1 mask of the slice (uint8, where ties abound)."""
     top, rest = published.contiguous().view(torch.int16).reshape(-1), low.reshape(-1)
+    mask = ties.reshape(-1) if ties.dtype == torch.uint8 else None
     bits = torch.empty(top.shape, dtype=torch.int32)
     for a in range(0, top.numel(), CHUNK):
-        block = bits[a : a + CHUNK]
-        block.copy_(top[a : a + CHUNK]).bitwise_left_shift_(16).add_(rest[a : a + CHUNK])
-    if ties.numel():
+        block = bits[a : a + CHUNK].copy_(top[a : a + CHUNK])
+        if mask is not None:  # a tie rounded down: the high half is one more than the code's default
+            block.add_(mask[a : a + CHUNK])
+        block.bitwise_left_shift_(16).add_(rest[a : a + CHUNK])
+    if mask is None and ties.numel():
         bits[ties] += 65536
     return bits.view(torch.float32).view(published.shape)
 
@@ -80,21 +91,49 @@ def decode_low16(published: torch.Tensor, low: torch.Tensor, ties: torch.Tensor)
 def pack_ties(indices: torch.Tensor, numel: int) -> torch.Tensor:
     """A tensor's ties rounded down as stored: their sorted flat ``indices`` (int64) while that is smaller
     than a bitmask of the tensor (uint8, bit i of byte j for element 8j + i), else the bitmask."""
-    if indices.numel() * 64 <= numel:
-        return indices
-    bits = torch.zeros(-(-numel // 8) * 8, dtype=torch.uint8)
-    bits[indices] = 1
-    return (bits.view(-1, 8) << torch.arange(8, dtype=torch.uint8)).sum(1, dtype=torch.uint8)
+    return TieCollector(numel).add(indices).stored()
+
+
+class TieCollector:
+    """A tensor's ties rounded down, gathered slice by slice (in order) into what :func:`pack_ties` stores:
+    indices while they are few, a bitmask from the slice on where they stop being so. Memory stays at most
+    1/8 byte a parameter where int64 indices of a tensor with ties everywhere would take 8."""
+
+    def __init__(self, numel: int):
+        self.numel, self.count = numel, 0
+        self.parts: list[torch.Tensor] = []
+        self.bits: torch.Tensor | None = None
+
+    def add(self, indices: torch.Tensor) -> TieCollector:
+        self.count += indices.numel()
+        if self.bits is None and self.count * 64 <= self.numel:
+            self.parts.append(indices)
+            return self
+        if self.bits is None:
+            self.bits = torch.zeros(-(-self.numel // 8), dtype=torch.uint8)
+            indices, self.parts = torch.cat([*self.parts, indices]), []
+        # distinct bits of one byte add without a carry: O(ties), not O(numel)
+        self.bits.index_add_(0, indices >> 3, torch.bitwise_left_shift(1, indices & 7).to(torch.uint8))
+        return self
+
+    def stored(self) -> torch.Tensor:
+        if self.bits is not None:
+            return self.bits
+        return torch.cat(self.parts) if self.parts else torch.zeros(0, dtype=torch.int64)
+
+
+def tie_mask(stored: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Flat elements [start, stop) of a tie bitmask (:func:`pack_ties`), one uint8 0/1 an element."""
+    first = start // 8
+    chunk = stored[first : -(-stop // 8)]
+    return ((chunk[:, None] >> _BIT) & 1).flatten()[start - 8 * first : stop - 8 * first]
 
 
 def ties_between(stored: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-    """The ties of flat elements [start, stop) of a tensor, as indices from ``start`` (``stored``: see
-    :func:`pack_ties`)."""
+    """The ties of flat elements [start, stop) of a tensor, as :func:`decode_low16` takes them for the
+    slice (``stored``: see :func:`pack_ties`): indices from ``start``, or the bitmask's 0/1 mask."""
     if stored.dtype == torch.uint8:
-        first = start // 8
-        chunk = stored[first : -(-stop // 8)]
-        bits = ((chunk[:, None] >> torch.arange(8, dtype=torch.uint8)) & 1).flatten()
-        return bits[start - 8 * first : stop - 8 * first].nonzero().flatten()
+        return tie_mask(stored, start, stop)
     lo, hi = torch.searchsorted(stored, torch.tensor([start, stop])).tolist()
     return stored[lo:hi] - start
 

@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..artifacts.adapter import AdapterExport
-from ..artifacts.compact import LOW16_PREFIX, TIES_PREFIX, encode_low16, pack_ties
+from ..artifacts.compact import LOW16_PREFIX, TIES_PREFIX, TieCollector, encode_low16
 from ..artifacts.folder import open_lowrank, open_slot
 from ..artifacts.layout import ADAPTER_WEIGHTS_PREFIX, LEFT, LOWRANK_PREFIX, PASS1_DIR, RIGHT, STATE_DIR, WEIGHTS_PREFIX
 from ..artifacts.state import StepState
@@ -118,7 +118,7 @@ class StepWriter:
         self.prev_lowrank: dict[str, TensorIndex] = {}
         self.first: dict[str, TensorIndex] = {}
         self.factors: tuple[str, dict[str, LowRank]] | None = None  # final factors of the key being written
-        self._ties: dict[str, list[torch.Tensor]] = {}  # a compact tensor's ties so far, by its slices
+        self._ties: dict[str, TieCollector] = {}  # a compact tensor's ties so far, by its slices
         # the base is read for its bytes' fingerprint too: skipped only once that is known (cache or commit)
         self.skip_base = not method.needs_base and stream.base.fingerprint_ready
         self.written = TensorsWritten({})
@@ -407,10 +407,14 @@ class StepWriter:
         compact = plan.compact.get(key)
         out = [(state[s], key, self._checked(key, slots[s], torch.float32, slot=s)) for s in plan.slots
                if s in state and not (compact and s == plan.weight_slot)]
-        weight = self._checked(key, method.weight(ctx, base, slots), out_dtype)
+        merged = method.weight(ctx, base, slots)
+        weight = self._checked(key, merged, out_dtype)
         if compact is not None:  # the weight slot, carried over the weight just computed (compact.py)
-            out += self._compact(key, u, self._checked(key, slots[plan.weight_slot], torch.float32, slot=plan.weight_slot),
-                                 weight, state)
+            value = slots[plan.weight_slot].to(torch.float32)
+            if merged is not value and not torch.equal(merged, value):  # the method's promise (carried_weight_slot)
+                raise RuntimeError(f"internal: the published {key!r} is not the carried slot {plan.weight_slot!r}")
+            # ``weight`` is ``value`` rounded and was checked finite; rounding keeps NaN and Inf, so ``value`` is too
+            out += self._compact(key, u, value, weight, state)
         if name is None:  # an adapter leaves this tensor at the base: it must be the base, bit for bit
             if not torch.equal(weight, base.to(out_dtype)):
                 raise ContMergeError(f"internal: {key!r} changed although no adapter touched it; use --output-format full "
@@ -419,23 +423,22 @@ class StepWriter:
         return [*out, (weights, name, weight)]
 
     def _compact(self, key: str, u: WorkUnit, value: torch.Tensor, weight: torch.Tensor, state: dict) -> list:
-        """The weight slot's ``value`` over the published ``weight`` (one unit): nothing for a float32 weight,
-        its int16 low bits for a bfloat16 one, and at the tensor's last slice its ties (``pack_ties``)."""
+        """The weight slot's ``value`` over the published ``weight``, ``value`` rounded (one unit): nothing for a
+        float32 weight, its int16 low bits for a bfloat16 one, and at the tensor's last slice its ties
+        (``TieCollector``)."""
         plan, slot = self.plan, self.plan.weight_slot
-        if plan.compact[key] == "weight":
-            if not torch.equal(weight, value):
-                raise RuntimeError(f"internal: the published {key!r} is not the carried slot {slot!r}")
+        if plan.compact[key] == "weight":  # the published float32 tensor is the slot itself
             return []
         shape = self.kp[key].shape
         rows = u.rows if u.rows is not None and shape else (0, shape[0] if shape else 1)
         per_row = math.prod(shape[1:]) if len(shape) > 1 else 1
         low, ties = encode_low16(value, weight, rows[0] * per_row)
-        self._ties.setdefault(key, []).append(ties.cpu())
+        collector = self._ties.setdefault(key, TieCollector(math.prod(shape))).add(ties.cpu())
         out = [(state[LOW16_PREFIX + slot], key, low)]
         if not shape or rows[1] == shape[0]:  # the tensor is complete: its ties, if any, in one tensor
-            found = torch.cat(self._ties.pop(key))
-            if found.numel():
-                out.append((state[TIES_PREFIX + slot], key, pack_ties(found, math.prod(shape))))
+            del self._ties[key]
+            if collector.count:
+                out.append((state[TIES_PREFIX + slot], key, collector.stored()))
         return out
 
     def _checked(self, key: str, value: torch.Tensor, dtype: torch.dtype, slot: str | None = None) -> torch.Tensor:

@@ -22,6 +22,7 @@ Runs before a byte is written, and refuses every mismatch there:
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -79,9 +80,13 @@ class Alignment:
         return {"identity": "same names", "strip": f"strips '{self.prefix}.'", "add": f"adds '{self.prefix}.'"}[self.mode]
 
 
-def align(base_keys: set[str], item_keys: list[str], prefixes: set[str]) -> Alignment:
-    candidates = set(prefixes) | {k.split(".", 1)[0] for k in item_keys if "." in k} | {k.split(".", 1)[0] for k in base_keys if "." in k}
+def align(base_keys: set[str], item_keys: list[str], prefixes: Callable[[], set[str]]) -> Alignment:
+    """The alignment matching most item keys; ``prefixes()`` (the configs' ``base_model_prefix``, which
+    imports the model class: seconds) is asked only when some item key is not a base key as it stands."""
     best, best_hits = Alignment("identity", None), sum(k in base_keys for k in item_keys)
+    if best_hits == len(item_keys):  # nothing can match more
+        return best
+    candidates = set(prefixes()) | {k.split(".", 1)[0] for k in item_keys if "." in k} | {k.split(".", 1)[0] for k in base_keys if "." in k}
     for p in sorted(candidates):
         for mode in ("strip", "add"):
             a = Alignment(mode, p)
@@ -207,8 +212,8 @@ def model_names(model, keys: set[str], configs: list[dict]) -> dict[str, str]:
     from .naming import file_layout
 
     to_file = file_layout(model).to_file
-    prefixes = {p for p in (*map(config_prefix, configs), config_prefix(model.config.to_dict())) if p}
-    alignment = align(keys, list(to_file.values()), prefixes)
+    alignment = align(keys, list(to_file.values()),
+                      lambda: {p for p in (*map(config_prefix, configs), config_prefix(model.config.to_dict())) if p})
     return {n: alignment.to_base(fk) for n, fk in to_file.items() if alignment.to_base(fk) in keys}
 
 
@@ -217,22 +222,23 @@ def plan_stream(base: ResolvedSource, items: list[ResolvedSource]) -> StreamPlan
     bck = base.checkpoint
     base_keys = bck.keys()  # file order: shard by shard, offset by offset
     base_set = set(base_keys)
-    base_prefix = config_prefix(base.config)
+
+    def base_prefix() -> str | None:  # only for the diagnostics of a key the base lacks (the import costs seconds)
+        return config_prefix(base.config)
+
     keys = [KeyPlan(k, bck.info(k).shape, bck.info(k).dtype, bck.info(k).is_float) for k in base_keys]
     item_plans: list[ItemPlan] = []
     for item in items:
         _check_configs(base, item)
         label = f"stream item {item.spec.text!r}"
         ick = item.checkpoint
-        prefixes = {p for p in (base_prefix, config_prefix(item.config)) if p}
-        alignment = align(base_set, ick.keys(), prefixes)
+        alignment = align(base_set, ick.keys(), lambda: {p for p in (base_prefix(), config_prefix(item.config)) if p})
         mapped: dict[str, str] = {}
         heads: list[str] = []
         for ikey in ick.keys():
             bkey = alignment.to_base(ikey)
-            inside = alignment.in_backbone(ikey, base_prefix)
             if bkey is None or bkey not in base_set:
-                if inside:
+                if alignment.in_backbone(ikey, base_prefix()):
                     raise ContMergeError(
                         f"{label} has tensor {ikey!r}, which the base {base.spec.text!r} lacks. The item is not a "
                         "fine-tune of this base (different architecture or depth): check --base and the stream."
@@ -241,7 +247,7 @@ def plan_stream(base: ResolvedSource, items: list[ResolvedSource]) -> StreamPlan
                 continue
             binfo, iinfo = bck.info(bkey), ick.info(ikey)
             if binfo.shape != iinfo.shape:
-                if inside:
+                if alignment.in_backbone(ikey, base_prefix()):
                     raise ContMergeError(
                         f"{label}: tensor {ikey!r} has shape {list(iinfo.shape)} but the base's {bkey!r} has "
                         f"{list(binfo.shape)}. The item is not a fine-tune of this base: check --base and the stream."
@@ -254,7 +260,7 @@ def plan_stream(base: ResolvedSource, items: list[ResolvedSource]) -> StreamPlan
                 )
             mapped[bkey] = ikey
         missing = [k.key for k in keys if k.merged and k.key not in mapped]
-        kept_modules = _absent_modules(missing, keys, mapped, base_prefix, label)
+        kept_modules = _absent_modules(missing, keys, mapped, base_prefix(), label) if missing else []
         for kp in keys:
             kp.item_keys.append(mapped.get(kp.key) if kp.merged else None)
         item_plans.append(ItemPlan(alignment, heads, kept_modules))

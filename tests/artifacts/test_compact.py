@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hf_contmerge.artifacts import compact
-from hf_contmerge.artifacts.compact import TIE, decode_low16, encode_low16, pack_ties, ties_between
+from hf_contmerge.artifacts.compact import TIE, TieCollector, decode_low16, encode_low16, pack_ties, ties_between
 from support.tiny_models import carried, weights
 
 
@@ -36,6 +36,9 @@ def test_low_bits_over_the_rounded_weight_give_back_every_float32_bit(monkeypatc
     low, ties = encode_low16(x, published)
     assert low.dtype == torch.int16 and ties.dtype == torch.int64
     assert torch.equal(decode_low16(published, low, ties).view(torch.int32), x.view(torch.int32))
+    mask = torch.zeros(x.numel(), dtype=torch.uint8)
+    mask[ties] = 1  # the same ties as a 0/1 mask of the slice (as a bitmask is read)
+    assert torch.equal(decode_low16(published, low, mask).view(torch.int32), x.view(torch.int32))
     bits = x.view(torch.int32)
     tie_down = [i for i in range(len(x)) if (int(bits[i]) & 0xFFFF) == 0x8000 and not (int(bits[i]) >> 16) & 1]
     assert ties.tolist() == tie_down and len(tie_down) == 2  # the two even-high ties of the hard cases
@@ -63,17 +66,51 @@ def test_ties_are_kept_as_indices_while_few_and_as_a_bitmask_else(count):
     found = torch.randperm(numel, generator=torch.Generator().manual_seed(count))[:count].sort().values
     stored = pack_ties(found, numel)
     assert stored.dtype == (torch.int64 if count == 3 else torch.uint8)
+    # gathered slice by slice (the step's way; 400 ties cross from indices to the bitmask on the way)
+    collector = TieCollector(numel)
+    for a, b in ((0, 1000), (1000, 1001), (1001, 5000), (5000, numel)):
+        collector.add(found[(found >= a) & (found < b)])
+    assert collector.count == count and torch.equal(collector.stored(), stored)
+    if stored.dtype == torch.uint8:  # the bitmask, against one built bit by bit
+        want = [0] * -(-numel // 8)
+        for i in found.tolist():
+            want[i // 8] |= 1 << (i % 8)
+        assert stored.tolist() == want
     if stored.dtype == torch.uint8:
         assert stored.numel() == -(-numel // 8)
     for start, stop in ((0, numel), (5, 13), (999, 4004), (numel - 1, numel), (8, 8)):
         want = found[(found >= start) & (found < stop)] - start
-        assert torch.equal(ties_between(stored, start, stop), want), (start, stop)
+        got = ties_between(stored, start, stop)
+        if stored.dtype == torch.uint8:  # a 0/1 mask of the slice
+            assert got.dtype == torch.uint8 and got.numel() == stop - start and bool((got <= 1).all())
+            got = got.nonzero().flatten()
+        assert torch.equal(got, want), (start, stop)
 
 
-def test_a_weight_that_is_not_the_rounded_slot_is_caught():
-    x = _values()[:100]
-    with pytest.raises(RuntimeError, match="not the carried slot rounded"):
-        encode_low16(x, (x * 1.5).to(torch.bfloat16))
+def test_encoding_reads_the_tie_direction_from_the_published_bits():
+    """The code is the float32's low half as it stands; only at the ties does the published value say which
+    way rounding went, whatever rule chose it: a weight rounded half-up there decodes exactly too."""
+    x = _values()
+    bits = x.view(torch.int32)
+    up = x.to(torch.bfloat16).view(torch.int16).clone()
+    at_ties = (bits & 0xFFFF) == 0x8000
+    up[at_ties] = ((bits[at_ties] >> 16) + 1).to(torch.int16)  # every tie away from the high half
+    low, ties = encode_low16(x, up.view(torch.bfloat16))
+    assert torch.equal(low, (bits & 0xFFFF).to(torch.int16).view(x.shape)) and ties.numel() == 0
+    assert torch.equal(decode_low16(up.view(torch.bfloat16), low, ties).view(torch.int32), bits)
+
+
+def test_a_weight_that_is_not_the_carried_slot_is_caught(tmp_path, streams, cli, monkeypatch):
+    """A method that says its weight is its slot (``weight_slot``) but publishes something else would make
+    the low bits meaningless: the step refuses to write rather than carry a state it cannot give back."""
+    from hf_contmerge.methods.task_arithmetic import TaskArithmetic
+
+    monkeypatch.setattr(TaskArithmetic, "weight_slot", "merged")
+    monkeypatch.setattr(TaskArithmetic, "weight", lambda self, ctx, base, slots: slots["merged"] * 1.5)
+    base, items = streams("llama", n=1, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="is not the carried slot 'merged'"):
+        cli("merge", "--base", base, "--stream", *items, "--method", "task_arithmetic", "--out", tmp_path / "out", "--quiet")
+    assert not (tmp_path / "out" / "step-1").exists()
 
 
 def _merge(cli, base, items, out, method, *flags):
