@@ -44,13 +44,17 @@ TIE = -32768  # the int16 code shared by the two exact ties (see the module docs
 CHUNK = 1 << 22  # elements per block: int32 temporaries of 16 MB, not of a whole 32000 x 4096 lm_head
 # where a float32's low and high 16-bit halves lie when it is viewed as two int16s
 _LOW, _HIGH = (0, 1) if sys.byteorder == "little" else (1, 0)
-_BIT = torch.arange(8, dtype=torch.uint8)  # bit i of a tie bitmask's byte j is element 8j + i
+# bit i of a tie bitmask's byte j is element 8j + i: byte value -> its 8 elements (0/1)
+_UNPACK = ((torch.arange(256)[:, None] >> torch.arange(8)) & 1).to(torch.uint8)
+# 8 bytes of 0/1 read as one little-endian uint64 x: the top byte of x * _GATHER is their bitmask byte
+# (bit i of it is byte i: the partial products have distinct bit positions, so nothing carries into it)
+_GATHER = 0x0102040810204080
 
 
-def encode_low16(state: torch.Tensor, published: torch.Tensor, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_low16(state: torch.Tensor, published: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``state`` (float32) against ``published``, its bfloat16 rounding to nearest (the caller checks that
-    ``published`` is ``state.to(torch.bfloat16)``): the int16 ``low16`` code and the flat indices (plus
-    ``offset``, the slice's first element in its tensor) of the ties rounded down.
+    ``published`` is ``state.to(torch.bfloat16)``): the int16 ``low16`` code, and the ties rounded down as
+    :func:`decode_low16` takes them: their flat indices (int64) while few, else a bool mask of the slice.
 
     The code is the low half of the float32's bits as it stands: ``bits(state) − bits(float32(published))``
     is that half when rounding went down, and that half minus 65536 when it went up, which is what the half
@@ -65,18 +69,15 @@ def encode_low16(state: torch.Tensor, published: torch.Tensor, offset: int = 0) 
     # 65536) are looked at one by one; many (a mean of bfloat16 values: half of all) in one pass
     if count * 16 < low.numel():
         candidates = at_tie.nonzero().flatten()
-        ties = candidates[top[candidates] == halves[:, _HIGH][candidates]]
-    else:
-        ties = at_tie.logical_and_(top == halves[:, _HIGH]).nonzero().flatten()
-    ties += offset
-    return low.view(state.shape), ties
+        return low.view(state.shape), candidates[top[candidates] == halves[:, _HIGH][candidates]]
+    return low.view(state.shape), at_tie.logical_and_(top == halves[:, _HIGH])
 
 
 def decode_low16(published: torch.Tensor, low: torch.Tensor, ties: torch.Tensor) -> torch.Tensor:
     """The float32 state from the published bfloat16 tensor, its int16 low bits and its ties rounded down:
-    their flat indices in this slice (int64), or a 0/1 mask of the slice (uint8, where ties abound)."""
+    their flat indices in this slice (int64), or a 0/1 mask of the slice (bool or uint8)."""
     top, rest = published.contiguous().view(torch.int16).reshape(-1), low.reshape(-1)
-    mask = ties.reshape(-1) if ties.dtype == torch.uint8 else None
+    mask = ties.reshape(-1).view(torch.uint8) if ties.dtype in (torch.bool, torch.uint8) else None
     bits = torch.empty(top.shape, dtype=torch.int32)
     for a in range(0, top.numel(), CHUNK):
         block = bits[a : a + CHUNK].copy_(top[a : a + CHUNK])
@@ -91,7 +92,20 @@ def decode_low16(published: torch.Tensor, low: torch.Tensor, ties: torch.Tensor)
 def pack_ties(indices: torch.Tensor, numel: int) -> torch.Tensor:
     """A tensor's ties rounded down as stored: their sorted flat ``indices`` (int64) while that is smaller
     than a bitmask of the tensor (uint8, bit i of byte j for element 8j + i), else the bitmask."""
-    return TieCollector(numel).add(indices).stored()
+    return TieCollector(numel).add(indices, 0).stored()
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A bool mask as bitmask bytes (bit i of byte j: element 8j + i), zero-padded to whole bytes."""
+    flat = mask.reshape(-1).view(torch.uint8)
+    if flat.numel() % 8:
+        flat = torch.cat([flat, flat.new_zeros(8 - flat.numel() % 8)])
+    elif flat.storage_offset() % 8 or not flat.is_contiguous():  # a uint64 view needs whole aligned words
+        flat = flat.clone()
+    if sys.byteorder != "little":  # the uint64 reading below is little-endian's
+        return (flat.view(-1, 8) << torch.arange(8, dtype=torch.uint8)).sum(1, dtype=torch.uint8)
+    # unsigned arithmetic wraps, as defined; torch has no uint64 shift, so the top byte is read as a byte
+    return (flat.view(torch.uint64) * _GATHER).view(torch.uint8).view(-1, 8)[:, 7].clone()
 
 
 class TieCollector:
@@ -104,17 +118,28 @@ class TieCollector:
         self.parts: list[torch.Tensor] = []
         self.bits: torch.Tensor | None = None
 
-    def add(self, indices: torch.Tensor) -> TieCollector:
-        self.count += indices.numel()
+    def add(self, ties: torch.Tensor, offset: int) -> TieCollector:
+        """The ties of the slice starting at flat element ``offset``, as :func:`encode_low16` gives them."""
+        mask = ties.dtype == torch.bool
+        self.count += int(torch.count_nonzero(ties)) if mask else ties.numel()
         if self.bits is None and self.count * 64 <= self.numel:
-            self.parts.append(indices)
+            self.parts.append((ties.nonzero().flatten() if mask else ties) + offset)
             return self
         if self.bits is None:
             self.bits = torch.zeros(-(-self.numel // 8), dtype=torch.uint8)
-            indices, self.parts = torch.cat([*self.parts, indices]), []
+            if self.parts:
+                self._set(torch.cat(self.parts))
+            self.parts = []
+        if mask and offset % 8 == 0 and (ties.numel() % 8 == 0 or offset + ties.numel() == self.numel):
+            packed = pack_mask(ties)  # the slice's whole bytes at once
+            self.bits[offset // 8 : offset // 8 + packed.numel()] |= packed
+        else:
+            self._set((ties.nonzero().flatten() if mask else ties) + offset)
+        return self
+
+    def _set(self, indices: torch.Tensor) -> None:
         # distinct bits of one byte add without a carry: O(ties), not O(numel)
         self.bits.index_add_(0, indices >> 3, torch.bitwise_left_shift(1, indices & 7).to(torch.uint8))
-        return self
 
     def stored(self) -> torch.Tensor:
         if self.bits is not None:
@@ -125,8 +150,7 @@ class TieCollector:
 def tie_mask(stored: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     """Flat elements [start, stop) of a tie bitmask (:func:`pack_ties`), one uint8 0/1 an element."""
     first = start // 8
-    chunk = stored[first : -(-stop // 8)]
-    return ((chunk[:, None] >> _BIT) & 1).flatten()[start - 8 * first : stop - 8 * first]
+    return _UNPACK[stored[first : -(-stop // 8)].long()].flatten()[start - 8 * first : stop - 8 * first]
 
 
 def ties_between(stored: torch.Tensor, start: int, stop: int) -> torch.Tensor:

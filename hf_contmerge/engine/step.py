@@ -432,8 +432,8 @@ class StepWriter:
         shape = self.kp[key].shape
         rows = u.rows if u.rows is not None and shape else (0, shape[0] if shape else 1)
         per_row = math.prod(shape[1:]) if len(shape) > 1 else 1
-        low, ties = encode_low16(value, weight, rows[0] * per_row)
-        collector = self._ties.setdefault(key, TieCollector(math.prod(shape))).add(ties.cpu())
+        low, ties = encode_low16(value, weight)
+        collector = self._ties.setdefault(key, TieCollector(math.prod(shape))).add(ties.cpu(), rows[0] * per_row)
         out = [(state[LOW16_PREFIX + slot], key, low)]
         if not shape or rows[1] == shape[0]:  # the tensor is complete: its ties, if any, in one tensor
             del self._ties[key]

@@ -51,8 +51,8 @@ def test_slices_decode_alone_with_their_offset():
     x = _values()[:4100].reshape(41, 100)
     x.view(-1)[[250, 2501]] = torch.tensor([0x3F808000, 0x40008000], dtype=torch.int32).view(torch.float32)  # ties down
     published = x.to(torch.bfloat16)
-    parts = [encode_low16(x[a:b], published[a:b], a * 100) for a, b in ((0, 10), (10, 30), (30, 41))]
-    ties = torch.cat([t for _, t in parts])
+    parts = [encode_low16(x[a:b], published[a:b]) for a, b in ((0, 10), (10, 30), (30, 41))]
+    ties = torch.cat([t + a * 100 for (_, t), a in zip(parts, (0, 10, 30))])
     assert ties.tolist() == [250, 2501, 4096, 4098]  # and the hard cases' two ties rounded down
     low = torch.cat([lo for lo, _ in parts])
     for a, b in ((0, 41), (2, 3), (25, 26), (24, 41)):
@@ -67,10 +67,17 @@ def test_ties_are_kept_as_indices_while_few_and_as_a_bitmask_else(count):
     stored = pack_ties(found, numel)
     assert stored.dtype == (torch.int64 if count == 3 else torch.uint8)
     # gathered slice by slice (the step's way; 400 ties cross from indices to the bitmask on the way)
-    collector = TieCollector(numel)
-    for a, b in ((0, 1000), (1000, 1001), (1001, 5000), (5000, numel)):
-        collector.add(found[(found >= a) & (found < b)])
-    assert collector.count == count and torch.equal(collector.stored(), stored)
+    for as_mask in (False, True):  # indices, or bool masks of the slices (as encode_low16 gives dense ties)
+        collector = TieCollector(numel)
+        for a, b in ((0, 1000), (1000, 1001), (1001, 5000), (5000, 6400), (6400, numel)):  # aligned or not
+            inside = found[(found >= a) & (found < b)] - a
+            if as_mask:
+                mask = torch.zeros(b - a, dtype=torch.bool)
+                mask[inside] = True
+                collector.add(mask, a)
+            else:
+                collector.add(inside, a)
+        assert collector.count == count and torch.equal(collector.stored(), stored), as_mask
     if stored.dtype == torch.uint8:  # the bitmask, against one built bit by bit
         want = [0] * -(-numel // 8)
         for i in found.tolist():
@@ -85,6 +92,30 @@ def test_ties_are_kept_as_indices_while_few_and_as_a_bitmask_else(count):
             assert got.dtype == torch.uint8 and got.numel() == stop - start and bool((got <= 1).all())
             got = got.nonzero().flatten()
         assert torch.equal(got, want), (start, stop)
+
+
+def test_many_ties_come_as_a_mask_and_decode_exactly():
+    """The mean of two bfloat16 tensors is a tie wherever their last bits differ: the ties rounded down come
+    as a bool mask of the slice, which decodes (and packs, from any slice cut) like indices."""
+    g = torch.Generator().manual_seed(1)
+    a, b = (torch.randn(6000, generator=g).to(torch.bfloat16).float() for _ in range(2))
+    x = (a + b) / 2
+    published = x.to(torch.bfloat16)
+    low, ties = encode_low16(x, published)
+    assert ties.dtype == torch.bool and ties.shape == (6000,) and 300 < int(ties.sum()) < 3000
+    assert torch.equal(decode_low16(published, low, ties).view(torch.int32), x.view(torch.int32))
+    indices = ties.nonzero().flatten()
+    assert torch.equal(decode_low16(published, low, indices).view(torch.int32), x.view(torch.int32))
+    stored = pack_ties(indices, 6000)
+    assert torch.equal(compact.pack_mask(ties), stored)
+    collector = TieCollector(6000)
+    for start, stop in ((0, 2048), (2048, 3001), (3001, 6000)):  # the middle cut is not on a byte
+        collector.add(encode_low16(x[start:stop], published[start:stop])[1], start)
+    assert torch.equal(collector.stored(), stored)
+    for start, stop in ((0, 6000), (3, 17), (2048, 3001)):
+        got = ties_between(stored, start, stop)
+        assert torch.equal(decode_low16(published[start:stop], low[start:stop], got).view(torch.int32),
+                           x[start:stop].view(torch.int32))
 
 
 def test_encoding_reads_the_tie_direction_from_the_published_bits():
