@@ -479,7 +479,7 @@ def main() -> None:
     notes: list[str] = []
     oneshot: list[OneShotRow] = []
     if not args.mergekit:
-        notes.append("mergekit one-shot not measured: no mergekit-yaml on PATH (see --mergekit)")
+        notes.append("mergekit one-shot not measured: --mergekit empty and no mergekit-yaml on PATH")
     code = snapshot_package(args.git_ref, args.scratch)
     log(f"measuring {code.source}")
     startup = startup_seconds(code, args.scratch)
