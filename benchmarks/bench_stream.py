@@ -33,6 +33,14 @@ method, a base plus ``--items`` fine-tunes are merged one step per ``hf-contmerg
   published model (fsynced). ``merge ÷ floor copy`` is the step's time over it (issue 15's target:
   ≤ 1.5), and ``written ÷ published`` what the step wrote over its published model (target ≤ 2).
   Bytes read are the engine's own count (``--verbose``) where the measured version has it.
+- **settle**: before every timed operation (merge, copy, floor copy, mergekit) the script syncs and
+  waits ``--settle`` seconds (default 3). This project's machines are virtual machines that hand freed
+  guest memory back to their host about 2 s after it is freed (free page reporting), and a page
+  touched afresh then costs ~7× one reused at once: writing 0.97 GB into a new file took 1.43 s of CPU
+  after a pause of 2 s or more, 0.19 s right after deleting another file of that size
+  (``benchmarks/first_touch.py``). Without the pause the two copies, run right after something freed
+  memory, reused warm pages while every merge (a new process) wrote into cold ones; with it every
+  operation starts from the same cold pool, as a step run after any idle time does.
 - **ratio** = merge throughput / copy throughput, both (read + written) bytes per second.
 - **flatness**: merge time of step T / step 2; the same ratio for the copies (steps t ≥ 2 move
   identical bytes, so it is the machine's own drift: load, disk); and the first divided by the
@@ -220,6 +228,12 @@ def run_measured(cmd: list[str], env: dict[str, str], cwd: Path, output: list[st
     return float(wall), int(rss), float(cpu)
 
 
+def settle(seconds: float) -> None:
+    """Sync, then let the host take back what was freed (see the module docstring) before a timed operation."""
+    os.sync()
+    time.sleep(seconds)
+
+
 def timed_copy(inputs: list[Path], n_write: int, scratch: Path) -> tuple[float, int]:
     """Read every byte of ``inputs`` and write ``n_write`` bytes (see the module docstring).
 
@@ -291,7 +305,8 @@ def check_merge(method: str, base: Path, items: list[Path], step_folder: Path) -
         torch.testing.assert_close(get(step_folder, key), expected.bfloat16().float(), rtol=1.6e-2, atol=1e-5)
 
 
-def bench_method(depth: int, method: str, variant: Variant, folders: list[Path], scratch: Path, code: Code, log) -> list[StepRow]:
+def bench_method(depth: int, method: str, variant: Variant, folders: list[Path], scratch: Path, code: Code, log,
+                 pause: float) -> list[StepRow]:
     base, items = folders[0], folders[1:]
     run = scratch / f"run-d{depth}-{method}-{variant.name}"
     shutil.rmtree(run, ignore_errors=True)
@@ -308,14 +323,17 @@ def bench_method(depth: int, method: str, variant: Variant, folders: list[Path],
                "--quiet", *(["--verbose"] if code.verbose else [])]
         load1 = os.getloadavg()[0]
         output: list[str] = []
+        settle(pause)
         wall, rss, cpu = run_measured(cmd, {**code.env(), **dict(variant.env)}, scratch, output)
         step = run / f"step-{t}"
         written, published = folder_bytes(step), sum(p.stat().st_size for p in weight_files(step))
         # what the engine read, as it reports it (--verbose); an older engine: the files it reads whole
         said = re.search(rf"step {t}: read ([\d.]+) GB", output[0])
         read = round(float(said.group(1)) * GB) if said else sum(p.stat().st_size for p in inputs)
+        settle(pause)
         copy_s, copy_bytes = timed_copy(inputs, written, scratch)
         # the least a continual step moves: read the base, the new model and the previous published model, write one
+        settle(pause)
         floor_s, _ = timed_copy(weight_files(base) + weight_files(items[t - 1]) + (weight_files(prev) if t > 1 else []),
                                 published, scratch)
         if t > 1:
@@ -358,7 +376,7 @@ def mergekit_config(method: str, base: Path, items: list[Path]) -> str:
 
 
 def bench_mergekit(exe: str, depth: int, method: str, folders: list[Path], scratch: Path, ours: list[StepRow],
-                   log) -> list[OneShotRow]:
+                   log, pause: float) -> list[OneShotRow]:
     base, items = folders[0], folders[1:]
     rows = []
     for t in (2, 4, 8):
@@ -367,6 +385,7 @@ def bench_mergekit(exe: str, depth: int, method: str, folders: list[Path], scrat
         config, out = scratch / f"mergekit-{method}-{t}.yml", scratch / f"mergekit-out-d{depth}"
         config.write_text(mergekit_config(method, base, items[:t]))
         shutil.rmtree(out, ignore_errors=True)
+        settle(pause)
         wall, rss, _ = run_measured([exe, str(config), str(out), "--no-copy-tokenizer", "--quiet", "--no-write-model-card"],
                                     {}, scratch)
         if t == len(items):  # the same merge as our last step: the same formula, so bfloat16-close weights
@@ -467,6 +486,8 @@ def main() -> None:
     parser.add_argument("--git-ref", default="HEAD", help="commit of hf_contmerge to measure, or 'worktree' (default HEAD)")
     parser.add_argument("--mergekit", default=shutil.which("mergekit-yaml"),
                         help="mergekit-yaml to time one-shot merges of the first 2, 4, 8 items (default: the one on PATH)")
+    parser.add_argument("--settle", type=float, default=3.0,
+                        help="seconds to wait (after a sync) before every timed operation (see the docstring; 0: none)")
     parser.add_argument("--max-disk-fraction", type=float, default=0.6, help="skip a depth needing more of the free space")
     args = parser.parse_args()
     variants: list[Variant] = args.variants or [Variant("default")]
@@ -498,10 +519,10 @@ def main() -> None:
         log(f"depth {depth}: inputs ready in {time.perf_counter() - t0:.0f}s")
         for method in args.methods:
             for variant in variants:
-                rows += bench_method(depth, method, variant, folders, args.scratch, code, log)
+                rows += bench_method(depth, method, variant, folders, args.scratch, code, log, args.settle)
             if args.mergekit:
                 ours = [r for r in rows if (r.depth, r.method, r.variant) == (depth, method, variants[0].name)]
-                oneshot += bench_mergekit(args.mergekit, depth, method, folders, args.scratch, ours, log)
+                oneshot += bench_mergekit(args.mergekit, depth, method, folders, args.scratch, ours, log, args.settle)
         if not args.keep_inputs:
             shutil.rmtree(args.scratch / f"llama-d{depth}")
     uptime_after = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
@@ -512,6 +533,7 @@ def main() -> None:
         f"Variants: {'; '.join(f'`{v.name}` = {v.describe()}' for v in variants)} (engine defaults: "
         f"{engine_defaults(code, args.scratch)}, torch's default threads)\n\n"
         f"Machine: {machine()}\n\n"
+        f"Settle: {args.settle:g} s (sync, then a pause) before every timed operation\n\n"
         f"Load: before `{uptime_before}`; after `{uptime_after}`. Start-up of one `hf-contmerge` process "
         f"(`hf-contmerge methods`): {startup:.1f} s, included in every merge time.\n\n"
         + "".join(f"Note: {n}\n\n" for n in notes)

@@ -58,6 +58,9 @@ class World:
         """``fn()`` on rank 0, its (picklable) result on every rank; a failure there fails every rank."""
         return fn()
 
+    def close(self) -> None:
+        """Release what the job holds (its process groups); the world is not used after this."""
+
 
 class DistributedWorld(World):
     """The ranks of a ``torchrun`` / ``accelerate launch`` job (see the module docstring)."""
@@ -160,6 +163,15 @@ class DistributedWorld(World):
                                  "published. Rerun with --resume to finish.") from None
         say(("done", result))
         return result
+
+
+    def close(self) -> None:
+        # torn down here, not by the interpreter's exit: left to exit-time destructors, gloo's threads made one
+        # rank in three abort ("terminate called without an active exception", SIGABRT) after its work was done
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 HEARTBEAT_S = 5.0  # how often rank 0 tells the others, during its own work, that it is alive

@@ -15,7 +15,6 @@ completes and publishes the folder and runs the hooks, and the step's state goes
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import logging
 import os
@@ -40,6 +39,7 @@ from ..methods.registry import build_method
 from ..options import MergeOptions
 from ..sources.preflight import StreamPlan, plan_stream
 from ..sources.resolve import ResolvedSource, resolve
+from .allocator import keep_freed_memory, release_freed_memory
 from .calibration import Calibrated, Calibrator
 from .distributed import World, on_main, world_from_env
 from .executor import failpoint
@@ -59,18 +59,6 @@ def _io_refusal(e: OSError, out: Path) -> ContMergeError:
         f"The run stopped: {why}{where}. The step being written was removed; complete steps in --out {out} are intact. "
         "Fix the cause (free space, or a folder you can write) and rerun with --resume to finish."
     )
-
-
-def release_freed_memory() -> None:
-    """Hand the heap's free pages back to the system between steps (glibc's ``malloc_trim``). A step
-    frees tensors of every size; left to itself, glibc raises its mmap threshold as large blocks are
-    freed, later ones come from the heap, and its fragments made each step's peak RSS 0.2 GiB higher
-    than the last (benchmarks/RESULTS.md, calibration memory). Elsewhere than glibc: nothing to do."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    libc.malloc_trim(0)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -93,6 +81,7 @@ class Engine:
                  world: World | None = None):
         self.options = options
         self.world = world or world_from_env(options.device, options.dist_timeout)
+        self._own_world = world is None  # closed at the end of run(): a world given is its caller's
         self.hooks = list(hooks) if self.world.main else []  # evaluation, push: rank 0's
         self.calibrator = calibrator
         self.method: Method = build_method(options.method, options.params)
@@ -111,9 +100,12 @@ class Engine:
 
         A run that may write holds ``--out`` for itself (``layout.exclusive``) from start to end."""
         self._check_out()
+        keep_freed_memory()  # process-wide, once: slice buffers reused, not faulted in afresh (allocator.py)
         if self.options.dry_run:
             return self._run()
         with ExitStack() as stack:
+            if self._own_world:
+                stack.callback(self.world.close)
             with self.world.agree(f"taking --out {self.options.out}"):
                 if self.world.main:  # the ranks of one job are one run
                     stack.enter_context(layout.exclusive(self.options.out))

@@ -472,25 +472,31 @@ class StepWriter:
         def f32(t: torch.Tensor) -> torch.Tensor:
             return t.to(self.device, torch.float32)
 
+        def stored_finite(stored: torch.Tensor, converted: torch.Tensor) -> bool:
+            # the stored bfloat16 is half the bytes to sum; a float16 sum overflows at 65504: its float32 copy
+            return self.allow_nonfinite or finite(converted if stored.dtype == torch.float16 else stored)
+
         # pop: the stored-dtype buffers go as soon as their float32 copies exist (whole 32000 x 4096 lm_head)
-        base = f32(raw.pop("base")) if "base" in raw else None  # None: a method that does not read it (needs_base)
-        if base is not None and not self.allow_nonfinite and not finite(base):
+        raw_base = raw.pop("base", None)  # None: a method that does not read it (needs_base)
+        base = None if raw_base is None else f32(raw_base)
+        if base is not None and not stored_finite(raw_base, base):
             raise ContMergeError(
                 f"the base {self.stream.base.spec.text!r} has NaN or Inf values in tensor {u.key!r}, which would reach every "
                 f"step. Step {self.plan.step} was not written. Use a base without them, or pass --allow-nonfinite."
             )
+        del raw_base
         raw_item = raw.pop("item")
         if raw_item is None:  # the item lacks this whole module: its task vector is zero here
             item = base.clone()  # a buffer of its own: kernels may overwrite ``item``
         else:
             item = f32(raw_item)
-            del raw_item
-            if not self.allow_nonfinite and not finite(item):
+            if not stored_finite(raw_item, item):
                 raise ContMergeError(
                     f"stream item {self.item.spec.text!r} has NaN or Inf values in tensor "
                     f"{kp.item_keys[self.plan.item_index]!r}. Step {self.plan.step} was not written. Fix or drop the item, "
                     "or pass --allow-nonfinite to merge it anyway."
                 )
+        del raw_item
         raw_prev = raw.pop("prev")
         prev = {s: f32(t) for s, t in raw_prev.items()} if raw_prev else None
         del raw_prev

@@ -10,11 +10,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import transformers  # a lazy module: the model class's own module is imported on first attribute access
-
 
 def architecture_class(config: Mapping[str, Any] | Any) -> type | None:
     """The ``transformers`` class named by a config (a ``config.json`` mapping or a ``PretrainedConfig``), or None."""
+    # imported here: a data-free step never asks, and importing transformers costs its process ~0.3 s
+    import transformers  # a lazy module: the model class's own module is imported on first attribute access
+
     names = config.get("architectures") if isinstance(config, Mapping) else getattr(config, "architectures", None)
     name = (names or [None])[0]
     cls = getattr(transformers, name, None) if isinstance(name, str) else None

@@ -33,12 +33,12 @@ def test_low_bits_over_the_rounded_weight_give_back_every_float32_bit(monkeypatc
         monkeypatch.setattr(compact, "CHUNK", block)
     x = _values()
     published = x.to(torch.bfloat16)
-    low, ties = encode_low16(x, published)
-    assert low.dtype == torch.int16 and ties.dtype == torch.int64
-    assert torch.equal(decode_low16(published, low, ties).view(torch.int32), x.view(torch.int32))
-    mask = torch.zeros(x.numel(), dtype=torch.uint8)
-    mask[ties] = 1  # the same ties as a 0/1 mask of the slice (as a bitmask is read)
-    assert torch.equal(decode_low16(published, low, mask).view(torch.int32), x.view(torch.int32))
+    low, mask = encode_low16(x, published)
+    assert low.dtype == torch.int16 and mask.dtype == torch.bool and mask.shape == x.shape
+    ties = mask.nonzero().flatten()
+    assert torch.equal(compact.flat_nonzero(mask), ties)
+    for given in (mask, ties, mask.to(torch.uint8)):  # a mask, indices (kept while few), a bitmask's 0/1 read
+        assert torch.equal(decode_low16(published, low, given).view(torch.int32), x.view(torch.int32))
     bits = x.view(torch.int32)
     tie_down = [i for i in range(len(x)) if (int(bits[i]) & 0xFFFF) == 0x8000 and not (int(bits[i]) >> 16) & 1]
     assert ties.tolist() == tie_down and len(tie_down) == 2  # the two even-high ties of the hard cases
@@ -52,12 +52,23 @@ def test_slices_decode_alone_with_their_offset():
     x.view(-1)[[250, 2501]] = torch.tensor([0x3F808000, 0x40008000], dtype=torch.int32).view(torch.float32)  # ties down
     published = x.to(torch.bfloat16)
     parts = [encode_low16(x[a:b], published[a:b]) for a, b in ((0, 10), (10, 30), (30, 41))]
-    ties = torch.cat([t + a * 100 for (_, t), a in zip(parts, (0, 10, 30))])
+    ties = torch.cat([t.flatten().nonzero().flatten() + a * 100 for (_, t), a in zip(parts, (0, 10, 30))])
     assert ties.tolist() == [250, 2501, 4096, 4098]  # and the hard cases' two ties rounded down
     low = torch.cat([lo for lo, _ in parts])
     for a, b in ((0, 41), (2, 3), (25, 26), (24, 41)):
         inside = ties[(ties >= a * 100) & (ties < b * 100)] - a * 100
         assert torch.equal(decode_low16(published[a:b], low[a:b], inside).view(torch.int32), x[a:b].view(torch.int32))
+
+
+@pytest.mark.parametrize("size", [8, 6000, 6003])
+def test_sparse_nonzero_by_words_is_nonzero(size):
+    """Words scanned 8 bytes at a time, aligned or not (a slice at an odd offset, a size off the words)."""
+    g = torch.Generator().manual_seed(size)
+    mask = torch.rand(size + 5, generator=g) < 0.01
+    mask[[0, size - 1]] = True
+    for part in (mask[:size], mask[3 : size + 3], mask[:size].reshape(-1, 2) if size % 2 == 0 else mask[:size]):
+        assert torch.equal(compact.flat_nonzero(part), part.reshape(-1).nonzero().flatten())
+    assert compact.flat_nonzero(torch.zeros(64, dtype=torch.bool)).numel() == 0
 
 
 @pytest.mark.parametrize("count", [3, 400])
@@ -125,7 +136,7 @@ def test_encoding_reads_the_tie_direction_from_the_published_bits():
     at_ties = (bits & 0xFFFF) == 0x8000
     up[at_ties] = ((bits[at_ties] >> 16) + 1).to(torch.int16)  # every tie away from the high half
     low, ties = encode_low16(x, up.view(torch.bfloat16))
-    assert torch.equal(low, (bits & 0xFFFF).to(torch.int16).view(x.shape)) and ties.numel() == 0
+    assert torch.equal(low, (bits & 0xFFFF).to(torch.int16).view(x.shape)) and not ties.any()
     assert torch.equal(decode_low16(up.view(torch.bfloat16), low, ties).view(torch.int32), bits)
 
 
