@@ -5,8 +5,8 @@ outputs, codes): ~16 MiB each, in three threads. With glibc's defaults those com
 arenas whose heaps shrink as soon as a slice is freed, and from ``mmap`` above a moving threshold, so
 the pages go back to the kernel and every slice faults fresh, zeroed pages in again: hundreds of
 thousands of faults a step. On a virtual machine that hands freed guest memory back to its host (free
-page reporting, as on this project's machines) a fresh page costs ~7 µs, and a step spent more time
-faulting than computing (``benchmarks/RESULTS.md``, 2026-12-04). :func:`keep_freed_memory` makes glibc
+page reporting, as on this project's machines) a fresh page costs 6–9 µs, and a step spent more of its
+CPU in the kernel touching fresh pages than in its kernels (``benchmarks/RESULTS.md``, 2026-12-04). :func:`keep_freed_memory` makes glibc
 keep what a step frees for the next slice: one arena for all threads (a buffer freed by the main thread
 returns to the pool the reader takes from), the ``mmap`` threshold fixed at its maximum (32 MiB, so slice
 buffers come from the heap) and a trim threshold of 1 GiB (the heap is not shrunk under that). Peak
