@@ -7,9 +7,11 @@ the pages go back to the kernel and every slice faults fresh, zeroed pages in ag
 thousands of faults a step. On a virtual machine that hands freed guest memory back to its host (free
 page reporting, as on this project's machines) a fresh page costs 6–9 µs, and a step spent more of its
 CPU in the kernel touching fresh pages than in its kernels (``benchmarks/RESULTS.md``, 2026-12-04). :func:`keep_freed_memory` makes glibc
-keep what a step frees for the next slice: one arena for all threads (a buffer freed by the main thread
-returns to the pool the reader takes from), the ``mmap`` threshold fixed at its maximum (32 MiB, so slice
-buffers come from the heap) and a trim threshold of 1 GiB (the heap is not shrunk under that). Peak
+keep what a step frees for the next slice: the ``mmap`` threshold fixed at its maximum (32 MiB, so slice
+buffers come from the heap), a trim threshold of 1 GiB (the heap is not shrunk under that) and, for
+data-free merges, one arena for all threads (a buffer freed by the main thread returns to the pool the
+reader takes from: half the faults again). A data-dependent method keeps glibc's arenas: its calibration
+runs tokenizers and data loaders whose many threads would contend for one arena's lock. Peak
 memory is unchanged (what is kept is what the step held at its peak); RSS just does not fall between
 slices. Between steps :func:`release_freed_memory` hands the free pages back all the same. Hand-written
 with ``ctypes`` because no library exposes ``mallopt``; other C libraries are left as they are.
@@ -29,8 +31,9 @@ TRIM_THRESHOLD = 1 << 30
 
 
 @functools.cache
-def keep_freed_memory() -> bool:
-    """Apply the settings above once per process (glibc only); whether they were applied."""
+def keep_freed_memory(one_arena: bool = True) -> bool:
+    """Apply the settings above once per process (glibc only; ``one_arena``: the data-free merges'); whether
+    they were applied."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     try:
@@ -40,8 +43,8 @@ def keep_freed_memory() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     # mallopt returns 1 on success; each setting stands alone
-    return all([mallopt(M_ARENA_MAX, 1) == 1, mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1,
-                mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1])
+    return all([mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1, mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1,
+                not one_arena or mallopt(M_ARENA_MAX, 1) == 1])
 
 
 def release_freed_memory() -> None:

@@ -100,7 +100,8 @@ class Engine:
 
         A run that may write holds ``--out`` for itself (``layout.exclusive``) from start to end."""
         self._check_out()
-        keep_freed_memory()  # process-wide, once: slice buffers reused, not faulted in afresh (allocator.py)
+        # process-wide, once: slice buffers reused, not faulted in afresh (allocator.py)
+        keep_freed_memory(one_arena=not self.method.calibration)
         if self.options.dry_run:
             return self._run()
         with ExitStack() as stack:
