@@ -36,8 +36,8 @@ method, a base plus ``--items`` fine-tunes are merged one step per ``hf-contmerg
 - **settle**: before every timed operation (merge, copy, floor copy, mergekit) the script syncs and
   waits ``--settle`` seconds (default 3). This project's machines are virtual machines that hand freed
   guest memory back to their host about 2 s after it is freed (free page reporting), and a page
-  touched afresh then costs ~7× one reused at once: writing 0.97 GB into a new file took 1.43 s of CPU
-  after a pause of 2 s or more, 0.19 s right after deleting another file of that size
+  touched afresh then costs several times one reused at once: writing 0.97 GB into a new file took
+  0.8–1.4 s of CPU after a pause of 1–5 s, 0.18 s right after deleting another file of that size
   (``benchmarks/first_touch.py``). Without the pause the two copies, run right after something freed
   memory, reused warm pages while every merge (a new process) wrote into cold ones; with it every
   operation starts from the same cold pool, as a step run after any idle time does.

@@ -6,15 +6,16 @@ arenas whose heaps shrink as soon as a slice is freed, and from ``mmap`` above a
 the pages go back to the kernel and every slice faults fresh, zeroed pages in again: hundreds of
 thousands of faults a step. On a virtual machine that hands freed guest memory back to its host (free
 page reporting, as on this project's machines) a fresh page costs 6–9 µs, and a step spent more of its
-CPU in the kernel touching fresh pages than in its kernels (``benchmarks/RESULTS.md``, 2026-12-04). :func:`keep_freed_memory` makes glibc
-keep what a step frees for the next slice: the ``mmap`` threshold fixed at its maximum (32 MiB, so slice
-buffers come from the heap), a trim threshold of 1 GiB (the heap is not shrunk under that) and, for
-data-free merges, one arena for all threads (a buffer freed by the main thread returns to the pool the
-reader takes from: half the faults again). A data-dependent method keeps glibc's arenas: its calibration
-runs tokenizers and data loaders whose many threads would contend for one arena's lock. Peak
-memory is unchanged (what is kept is what the step held at its peak); RSS just does not fall between
-slices. Between steps :func:`release_freed_memory` hands the free pages back all the same. Hand-written
-with ``ctypes`` because no library exposes ``mallopt``; other C libraries are left as they are.
+CPU in the kernel touching fresh pages than in its kernels (``benchmarks/RESULTS.md``, 2026-12-04).
+:func:`keep_freed_memory` makes glibc keep what a step frees for the next slice: the ``mmap`` threshold
+fixed at its maximum (32 MiB, so slice buffers come from the heap), a trim threshold of 1 GiB (the heap
+is not shrunk under that) and, for data-free merges, one arena for all threads (a buffer freed by the
+main thread returns to the pool the reader takes from: half the faults again). A data-dependent method
+keeps glibc's arenas: its calibration runs tokenizers and data loaders whose many threads would contend
+for one arena's lock. Peak memory is unchanged (what is kept is what the step held at its peak); RSS
+just does not fall between slices. Between steps :func:`release_freed_memory` hands the free pages back
+all the same. Hand-written with ``ctypes`` because no library exposes ``mallopt``; other C libraries are
+left as they are.
 """
 
 from __future__ import annotations

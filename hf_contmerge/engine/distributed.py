@@ -164,7 +164,6 @@ class DistributedWorld(World):
         say(("done", result))
         return result
 
-
     def close(self) -> None:
         # torn down here, not by the interpreter's exit: left to exit-time destructors, gloo's threads made one
         # rank in three abort ("terminate called without an active exception", SIGABRT) after its work was done
