@@ -98,6 +98,7 @@ def options_from_args(ns: argparse.Namespace) -> MergeOptions:
 
 def cmd_merge(ns: argparse.Namespace) -> int:
     from .calibration.calibrator import make_calibrator
+    from .engine.distributed import end_job
     from .engine.run import Engine
     from .hooks import step_hooks
 
@@ -108,7 +109,10 @@ def cmd_merge(ns: argparse.Namespace) -> int:
         disable_progress_bars()
         if not options.verbose:  # --quiet --verbose: no progress bars, the step reports still
             logging.getLogger("hf_contmerge").setLevel(logging.WARNING)
-    Engine(options, hooks=step_hooks(options), calibrator=make_calibrator(options)).run()
+    try:
+        Engine(options, hooks=step_hooks(options), calibrator=make_calibrator(options)).run()
+    finally:
+        end_job()
     return 0
 
 

@@ -59,13 +59,14 @@ class World:
         return fn()
 
     def close(self) -> None:
-        """Release what the job holds (its process groups); the world is not used after this."""
+        """Release what this world holds of the job (its own process group); the world is not used after this."""
 
 
 class DistributedWorld(World):
     """The ranks of a ``torchrun`` / ``accelerate launch`` job (see the module docstring)."""
 
     def __init__(self, device: str, timeout_s: float):
+        import torch.distributed as dist
         from accelerate import PartialState
 
         self.state = PartialState(cpu=not device.startswith(("cuda", "auto")), timeout=timedelta(seconds=timeout_s))
@@ -73,8 +74,6 @@ class DistributedWorld(World):
         if self.size < 2:
             raise ContMergeError(f"WORLD_SIZE is {os.environ.get('WORLD_SIZE')} but Accelerate found {self.size} process: "
                                  "launch with torchrun or accelerate launch, on the machines the job names.")
-        import torch.distributed as dist
-
         self.timeout_s = timeout_s
         self.beat_s = min(HEARTBEAT_S, timeout_s / 4)
         # rank 0's heartbeats: gloo whatever the main backend (NCCL would tie them to a CUDA stream)
@@ -165,12 +164,12 @@ class DistributedWorld(World):
         return result
 
     def close(self) -> None:
-        # torn down here, not by the interpreter's exit: left to exit-time destructors, gloo's threads made one
-        # rank in three abort ("terminate called without an active exception", SIGABRT) after its work was done
+        # this world's own group (a new one per world: an API run makes a world a step); the job's default group
+        # stays for the next world, a process ending tears it down (end_job)
         import torch.distributed as dist
 
         if dist.is_initialized():
-            dist.destroy_process_group()
+            dist.destroy_process_group(self._beats)
 
 
 HEARTBEAT_S = 5.0  # how often rank 0 tells the others, during its own work, that it is alive
@@ -181,6 +180,17 @@ def world_from_env(device: str, timeout_s: float) -> World:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return DistributedWorld(device, timeout_s)
     return World()
+
+
+def end_job() -> None:
+    """At the end of a process that ran a job (the CLI's ``merge``): tear its default process group down here,
+    not in the interpreter's exit, where gloo's threads made one rank in three abort ("terminate called
+    without an active exception", SIGABRT) after its work was done. A script using the API keeps its group
+    (it may have more to do with it, and a default group cannot be started again in the same job)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def on_main(world: World, what: str, fn: Callable[[], T]) -> T:

@@ -23,6 +23,7 @@ from support.tiny_models import classifier_stream, make_stream
 SMALL_SHARDS = ["--shard-size", "40KB", "--quiet"]
 DATA_FLAGS = ["--calib-samples", "6", "--calib-batch-size", "3", "--max-length", "16"]
 PROBE = Path(__file__).parents[1] / "support" / "world_probe.py"
+API_PROBE = PROBE.with_name("api_probe.py")
 
 
 def _free_port() -> int:
@@ -74,6 +75,28 @@ def test_two_ranks_write_what_one_process_writes(tmp_path, stream, method):
     double = ranks(2, *args, "--out", tmp_path / "two")
     assert double.returncode == 0, double.stderr[-3000:]
     assert_same(tmp_path / "one", tmp_path / "two")
+
+
+@pytest.mark.parametrize("mode", ["own", "fresh"])
+def test_the_api_steps_inside_a_scripts_job_and_leaves_its_group_working(tmp_path, stream, mode):
+    """``ContinualMerger.step`` under torchrun makes a world a step: each tears its own group down, the job's
+    default group stays (the script's own in ``own``, which still answers an all-reduce after), and every
+    step is the one process's, byte for byte."""
+    base, items = stream
+    assert one_process("--base", base, "--stream", *items, "--method", "task_arithmetic", "--quiet",
+                       "--out", tmp_path / "one").returncode == 0
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                "--master_port", str(_free_port())]
+    done = subprocess.run([*launcher, str(API_PROBE), mode, str(base), str(tmp_path / "api"), *map(str, items)],
+                          env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count(f"steps {len(items)} done") == 2, done.stdout
+    if mode == "own":
+        assert "rank 0: all-reduce 2" in done.stdout and "rank 1: all-reduce 2" in done.stdout, done.stdout
+    one, api = tree(tmp_path / "one"), tree(tmp_path / "api")
+    assert sorted(one) == sorted(api)
+    for name in one:
+        assert one[name] == api[name], name
 
 
 def test_two_ranks_carry_the_same_compact_bf16_state(tmp_path):
