@@ -58,8 +58,9 @@ def encode_low16(state: torch.Tensor, published: torch.Tensor) -> tuple[torch.Te
     is that half when rounding went down, and that half minus 65536 when it went up, which is what the half
     reads as int16 in both cases (a value rounds up exactly when its low half is 0x8000 or more, the tie
     0x8000 aside). A tie rounded down keeps the high half, so it is where the float32 is the published value
-    plus 0x8000, bit for bit. Three vectorized passes (int32 → int16 wraps to the low half; bfloat16 →
-    float32 is a shift; one int32 compare) where strided int16 views and bool compares run element by element."""
+    plus 0x8000, bit for bit. Three passes over contiguous int32 (int32 → int16 wraps to the low half;
+    bfloat16 → float32 is a shift; one compare into a bool mask) where the strided int16 views of the
+    float32 halves copied element by element and took two compares more."""
     bits = state.contiguous().view(torch.int32)
     low = bits.to(torch.int16)
     tie_down = published.contiguous().to(torch.float32).view(torch.int32).add_(0x8000)

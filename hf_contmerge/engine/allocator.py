@@ -32,16 +32,24 @@ TRIM_THRESHOLD = 1 << 30
 
 
 @functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    """This process's C library when it is glibc, else None."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+@functools.cache
 def keep_freed_memory(one_arena: bool = True) -> bool:
     """Apply the settings above once per process (glibc only; ``one_arena``: the data-free merges'); whether
     they were applied."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    libc = _glibc()
+    if libc is None:
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
+    mallopt = libc.mallopt
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     # mallopt returns 1 on success; each setting stands alone
     return all([mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1, mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1,
@@ -53,8 +61,6 @@ def release_freed_memory() -> None:
     frees tensors of every size; left to itself, glibc raises its mmap threshold as large blocks are
     freed, later ones come from the heap, and its fragments made each step's peak RSS 0.2 GiB higher
     than the last (benchmarks/RESULTS.md, calibration memory). Elsewhere than glibc: nothing to do."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    libc.malloc_trim(0)
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)

@@ -1,9 +1,9 @@
 """Run by tests/engine/test_distributed.py on two ranks: the Python API inside a script's own job.
 
 ``argv``: mode, base, out, items…. ``own``: the script starts its own process group first; ``fresh``: it has
-none and the engine starts one at each step. Either way the API writes one step per item (an ``Engine`` a
-step, so a world a step); ``own``: the script's group still works after (an all-reduce). Each rank prints
-what it got.
+none, the first step starts one and the later steps use it. Either way the API writes one step per item (an
+``Engine`` a step, so a world a step); ``own``: the script's group still works after (an all-reduce). Each
+rank prints what it got.
 """
 
 import sys
