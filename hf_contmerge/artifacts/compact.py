@@ -1,4 +1,4 @@
-"""The carried state of a method's weight slot, stored exactly in far fewer bytes (state format 3).
+"""The carried state of a method's weight slot, stored exactly in far fewer bytes (state format 4).
 
 A method whose published weight *is* one of its float32 slots (``Method.carried_weight_slot``, ``merged``
 for most: the published tensor is that slot rounded to the output dtype) does not need the slot
@@ -9,29 +9,40 @@ written in full beside the weights:
 - **bfloat16 output**: the published tensor is the slot rounded to nearest-even, i.e. its top 16
   bits, plus one when the dropped half rounded up. The int32 difference of the two bit patterns,
   ``d = bits(slot) − bits(float32(published))``, lies in [−32768, 32768] (rounding moves at most half
-  a bfloat16 step), so an int16 tensor ``low16-{slot}`` holds it. The two ends share one int16 code,
-  −32768: both are exact ties (dropped half = 0x8000), rounded down to an even value (+32768) or up
-  to it (−32768), which the published value cannot tell apart. The ties rounded down go to
-  ``ties-{slot}``, per tensor and only when there are any: their flat indices (int64) while they are
-  few (random low bits: one element in 65536), else a bitmask of the flattened tensor (uint8, 1 bit a
-  parameter: the running mean of two bfloat16 models is such a case, a tie wherever their last bits
-  differ); the reader adds 65536 there. 4 bytes per parameter in all (2 published + 2) instead of 6,
-  at most 4.125 when ties abound.
+  a bfloat16 step), so an int16 code holds it. The two ends share one int16 code, −32768: both are
+  exact ties (dropped half = 0x8000), rounded down to an even value (+32768) or up to it (−32768),
+  which the published value cannot tell apart. The ties rounded down go to ``ties-{slot}``, per tensor
+  and only when there are any: their flat indices (int64) while they are few (random low bits: one
+  element in 65536), else a bitmask of the flattened tensor (uint8, 1 bit a parameter: the running
+  mean of two bfloat16 models is such a case, a tie wherever their last bits differ); the reader adds
+  65536 there.
+- **The low bits compressed** (format 4): each slice the engine writes is one zstd frame (level 1,
+  with a checksum) of its int16 codes, the uint8 tensor ``KEY::low16[a:b]`` of ``low16-{slot}`` for
+  flat elements [a, b). The codes of a merge of bfloat16 models are far from random: a sum of
+  bfloat16 task vectors has few significant bits and a scaling such as 0.3 repeats its binary
+  digits, so they compress to 0.3–0.6 of their 2 bytes (benchmarks/RESULTS.md); random codes stay
+  at 2 bytes and a few bytes of frame. Why zstd (``zstandard``, no dependencies of its own): its
+  entropy coder is what these codes need (LZ4 without one saves ~5 %), at ~1.5 ns an element to
+  decode. A step thus writes at most 4 bytes a parameter (2 published + 2), at most 4.125 when
+  ties abound, and ~2.6–3.2 typically.
 - float16 output (a wider exponent: no bit relation), other slots (MagMax's τmax, Fisher sums) and
   ``--allow-nonfinite`` runs keep the float32 file ``{slot}``.
 
-Reading is exact for every encoding (:class:`CompactSlot`); a step of state format 2 (float32
-throughout) is read as before.
+Reading is exact for every encoding (:class:`CompactSlot`); steps of state format 3 (the int16 codes
+uncompressed, tensor ``KEY`` of ``low16-{slot}``) and 2 (float32 throughout) are read as before.
 """
 
 from __future__ import annotations
 
 import math
+import re
 import sys
 from pathlib import Path
 
 import torch
+import zstandard
 
+from ..errors import ContMergeError
 from ..io.checkpoint import Checkpoint, TensorIndex
 from ..io.safetensors import TensorInfo
 from .layout import LEFT, LOWRANK_PREFIX, STATE_DIR
@@ -39,6 +50,10 @@ from .layout import LEFT, LOWRANK_PREFIX, STATE_DIR
 LOW16_PREFIX = "low16-"
 TIES_PREFIX = "ties-"
 TIE = -32768  # the int16 code shared by the two exact ties (see the module docstring)
+_BLOCK = re.compile(r"^(.+)::low16\[(\d+):(\d+)\]$")
+# level 1's fast strategy with a small match table: the codes' gain is in the entropy coder, not in
+# long matches, and the table is what costs (hash_log 14 → 10: same size within 2 %, ~2× faster here)
+_ZSTD = zstandard.ZstdCompressionParameters.from_level(1, hash_log=10, write_checksum=True)
 
 
 CHUNK = 1 << 22  # elements per block: int32 temporaries of 16 MB, not of a whole 32000 x 4096 lm_head
@@ -81,6 +96,50 @@ def decode_low16(published: torch.Tensor, low: torch.Tensor, ties: torch.Tensor)
     if mask is None and ties.numel():
         bits[ties] += 65536
     return bits.view(torch.float32).view(published.shape)
+
+
+def block_name(key: str, start: int, stop: int) -> str:
+    """The name of the compressed low bits of flat elements [start, stop) of tensor ``key``."""
+    return f"{key}::low16[{start}:{stop}]"
+
+
+def unit_span(shape: tuple[int, ...], rows: tuple[int, int] | None) -> tuple[int, int]:
+    """The flat elements [start, stop) of a work unit's ``rows`` (None: the whole tensor) of ``shape``."""
+    rows = rows if rows is not None and shape else (0, shape[0] if shape else 1)
+    per_row = math.prod(shape[1:]) if len(shape) > 1 else 1
+    return rows[0] * per_row, rows[1] * per_row
+
+
+def compress_low16(low: torch.Tensor) -> torch.Tensor:
+    """A slice's int16 codes as one zstd frame (uint8; see the module docstring)."""
+    frame = zstandard.ZstdCompressor(compression_params=_ZSTD).compress(low.contiguous().reshape(-1).view(torch.uint8).numpy())
+    return torch.frombuffer(bytearray(frame), dtype=torch.uint8)
+
+
+def decompress_low16(frame: torch.Tensor, numel: int, what: str) -> torch.Tensor:
+    """The ``numel`` int16 codes of a frame of :func:`compress_low16`; a damaged one is refused (``what``)."""
+    try:
+        raw = zstandard.ZstdDecompressor().decompress(frame.contiguous().numpy(), max_output_size=2 * numel)
+    except zstandard.ZstdError as e:
+        raise ContMergeError(f"{what} is damaged ({e}). Remove that step folder and resume from the one before.") from e
+    if len(raw) != 2 * numel:
+        raise ContMergeError(f"{what} holds {len(raw) // 2} codes, expected {numel}: the step is damaged. Remove that "
+                             "step folder and resume from the one before.")
+    return torch.frombuffer(bytearray(raw), dtype=torch.int16) if numel else torch.zeros(0, dtype=torch.int16)
+
+
+class Low16Writer:
+    """The weight slot's low bits in a step: each slice's codes compressed as it is written (in the engine's
+    writer thread, beside the kernels) and appended to ``real`` as its block :func:`block_name`."""
+
+    def __init__(self, real):
+        self.real = real  # an appended StreamingWriter
+
+    def write(self, name: str, chunk: torch.Tensor) -> None:
+        self.real.write(name, compress_low16(chunk))
+
+    def close(self) -> list[Path]:
+        return self.real.close()
 
 
 def pack_ties(indices: torch.Tensor, numel: int) -> torch.Tensor:
@@ -181,27 +240,42 @@ def open_optional(folder: Path, prefix: str, label: str) -> Checkpoint | None:
 class CompactSlot(TensorIndex):
     """A step's carried slot, float32, whatever its encoding: the float32 file, or the published weights
     (``weight``: a float32 published tensor in neither file), or those plus the low bits and ties
-    (``low16``). ``is_weight``: the slot is the method's weight slot (state format 3 records it)."""
+    (``low16``: compressed blocks, or one int16 tensor in a format-3 step). ``is_weight``: the slot is the
+    method's weight slot (state format 3 on records it)."""
 
     def __init__(self, step_folder: Path, slot: str, is_weight: bool):
         folder, label = Path(step_folder) / STATE_DIR, f"carried state {slot!r} of {step_folder}"
+        self.label = label
         self.full = Checkpoint.open(folder, prefix=slot, label=label)
         self.low = open_optional(folder, LOW16_PREFIX + slot, label) if is_weight else None
         self.ties = open_optional(folder, TIES_PREFIX + slot, label) if is_weight else None
         self.weights = Checkpoint.open(Path(step_folder), label=f"published weights of {step_folder}") if is_weight else None
         self._info = dict(self.full._info)
         self._encoding: dict[str, str] = {}
+        self._blocks: dict[str, list[tuple[int, int, str]]] = {}  # key -> its compressed blocks, in order
+        for name in self.low.keys() if self.low is not None else ():
+            if (m := _BLOCK.match(name)) is not None:
+                self._blocks.setdefault(m[1], []).append((int(m[2]), int(m[3]), name))
         factored = open_optional(folder, LOWRANK_PREFIX + slot, label) if is_weight else None
         apart = set(factored.keys()) if factored is not None else set()  # KEY::left of the tensors carried as factors
         if factored is not None:
             factored.close()
         for key in self.weights.keys() if self.weights is not None else ():
             info = self.weights.info(key)
-            if key in self._info or key + LEFT in apart or not (info.dtype == "F32" or (self.low is not None and key in self.low)):
+            low = self.low is not None and (key in self.low or key in self._blocks)
+            if key in self._info or key + LEFT in apart or not (info.dtype == "F32" or low):
                 continue
-            self._encoding[key] = "low16" if self.low is not None and key in self.low else "weight"
+            self._encoding[key] = "low16" if low else "weight"
             self._info[key] = TensorInfo("F32", tuple(info.shape), 0, 4 * math.prod(tuple(info.shape)))
+            if key in self._blocks:  # the blocks must tile the tensor: a gap or overlap is a damaged step
+                spans = sorted(self._blocks[key])
+                ends = [0] + [b for _, b, _ in spans]
+                if [a for a, _, _ in spans] != ends[:-1] or ends[-1] != math.prod(tuple(info.shape)):
+                    raise ContMergeError(f"{label}: the low bits of {key!r} do not cover its {math.prod(tuple(info.shape))} "
+                                         "elements: the step is damaged. Remove that step folder and resume from the one before.")
+                self._blocks[key] = spans
         self._tie_cache: tuple[str, torch.Tensor] | None = None
+        self._block_cache: tuple[str, torch.Tensor] | None = None
 
     def encoding(self, key: str) -> str:
         return self._encoding.get(key, "float32")
@@ -213,10 +287,21 @@ class CompactSlot(TensorIndex):
         published = self.weights.read(key, rows)
         if kind == "weight":
             return published.to(torch.float32)
-        shape = self._info[key].shape
-        per_row = math.prod(shape[1:]) if len(shape) > 1 else 1
-        start, stop = (0, math.prod(shape)) if rows is None or not shape else (rows[0] * per_row, rows[1] * per_row)
-        return decode_low16(published, self.low.read(key, rows), ties_between(self._ties(key), start, stop))
+        start, stop = unit_span(self._info[key].shape, rows)
+        low = self.low.read(key, rows) if key in self.low else self._low_between(key, start, stop)
+        return decode_low16(published, low, ties_between(self._ties(key), start, stop))
+
+    def _low_between(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """The int16 codes of flat elements [start, stop) of ``key``, from the blocks that hold them (the
+        last block decoded is kept: a reader whose slices cut a block reads it once)."""
+        parts = []
+        for a, b, name in self._blocks[key]:
+            if b <= start or a >= stop:
+                continue
+            if self._block_cache is None or self._block_cache[0] != name:
+                self._block_cache = (name, decompress_low16(self.low.read(name), b - a, f"{self.label}: block {name!r}"))
+            parts.append(self._block_cache[1][max(start, a) - a : min(stop, b) - a])
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _ties(self, key: str) -> torch.Tensor:
         if self._tie_cache is None or self._tie_cache[0] != key:  # a tensor's slices are read one after another

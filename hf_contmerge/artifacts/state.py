@@ -31,7 +31,8 @@ FORMAT = "hf-contmerge/state"
 # 3: the method's weight slot (``weight_slot``) is carried over the published weights
 # (``artifacts/compact.py``: nothing more for float32 weights, int16 low bits for bfloat16 ones);
 # format-2 steps, float32 throughout, are read as before.
-FORMAT_VERSION = 3
+# 4: those low bits compressed, one zstd frame per slice (``KEY::low16[a:b]``); format-3 steps are read as before.
+FORMAT_VERSION = 4
 
 
 @dataclass
@@ -48,7 +49,7 @@ class StepState:
     lowrank: dict[str, int] = field(default_factory=dict)  # tensors carried as factors -> their rank
     touched: list[str] = field(default_factory=list)  # tensors some item so far changed (non-zero task vector)
     output: dict[str, Any] = field(default_factory=lambda: {"format": "full"})  # what the step publishes
-    weight_slot: str | None = None  # the slot carried over the published weights (format 3)
+    weight_slot: str | None = None  # the slot carried over the published weights (format 3 on)
     evaluation: dict[str, Any] | None = None
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
@@ -58,7 +59,7 @@ class StepState:
         data = asdict(self)
         data["tensors"] = {"dir": STATE_DIR, "dtype": "float32", "slots": self.slots,
                            **({"compact": f"{self.weight_slot}: the published weights, plus {LOW16_PREFIX}{self.weight_slot} "
-                                          f"(int16 low bits) and {TIES_PREFIX}{self.weight_slot} for bfloat16 ones"}
+                                          f"(int16 low bits, zstd frames by slice) and {TIES_PREFIX}{self.weight_slot} for bfloat16 ones"}
                               if self.weight_slot else {})}
         return json.dumps(data, indent=2, sort_keys=True) + "\n"
 

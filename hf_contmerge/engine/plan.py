@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from ..artifacts.adapter import AdapterPlan
-from ..artifacts.compact import LOW16_PREFIX
+from ..artifacts.compact import block_name, unit_span
 from ..artifacts.layout import LEFT, LOWRANK_PREFIX, RIGHT, WEIGHTS_PREFIX
 from ..io.safetensors import TensorSpec, iter_row_chunks
 from ..io.writer import PlannedShard, plan_shards
@@ -84,7 +84,7 @@ class StepPlan:
     state_specs: tuple[TensorSpec, ...]  # dense carried tensors of each slot (float32)
     state_shards: Mapping[str, tuple[PlannedShard, ...]]  # slot -> its cut of state_specs (first pass, after pass)
     # the final state's planned files: prefix -> (specs, shards); the weight slot's compact tensors are
-    # left out of its float32 file and, for bfloat16 weights, go to LOW16_PREFIX + slot (int16)
+    # left out of its float32 file (for bfloat16 weights their low bits are compressed blocks: low_blocks)
     state_files: Mapping[str, tuple[tuple[TensorSpec, ...], tuple[PlannedShard, ...]]]
     compact: Mapping[str, str]  # the weight slot's dense tensors -> "weight" (float32) or "low16" (bfloat16)
     weight_slot: str | None  # the slot carried over the published weights (Method.carried_weight_slot), if any
@@ -100,6 +100,13 @@ class StepPlan:
     def slot_files(self) -> tuple[str, ...]:
         """File prefixes of the carried state: each slot's dense set, and its factored one if any."""
         return (*self.slots, *(LOWRANK_PREFIX + s for s in self.slots if self.factored))
+
+    def low_blocks(self, units: tuple[WorkUnit, ...] | None = None) -> list[str]:
+        """The compressed blocks of the weight slot's low bits (``compact.py``) that the final pass's
+        ``units`` (default: all of them) write, one per slice, in order."""
+        units = self.passes[-1] if units is None else units
+        return [block_name(u.key, *unit_span(self.info[u.key].shape, u.rows)) for u in units
+                if u.form == "dense" and self.compact.get(u.key) == "low16"]
 
     def published_name(self, key: str) -> str | None:
         """The name ``key``'s merged weight is written under, or None when the output leaves it out (an
@@ -138,7 +145,8 @@ class StepPlan:
 def share_report(plan: StepPlan, workers: int) -> str:
     """How ``workers`` ranks would share each pass of ``plan`` (``merge --dry-run --ranks N``): per rank
     the tensors, the float32 elements its kernels touch, the bytes it writes (weights in their output
-    dtype, carried slots as stored: float32, or compact) and its share of the cost model's total."""
+    dtype, carried slots as stored: float32, or compact, the low bits counted at their 2 bytes before
+    compression) and its share of the cost model's total."""
     itemsize = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}
     carried = {sp.key for sp in plan.state_specs}
     final_state = {k: sum(0 if s == plan.weight_slot and plan.compact.get(k) == "weight" else
@@ -257,8 +265,6 @@ def plan_step(stream: StreamPlan, item_index: int, step: int, previous: StepStat
     for s in method.slots:
         specs = tuple(sp for sp in state_specs if s != slot or sp.key not in compact)
         state_files[s] = (specs, tuple(plan_shards(specs, options.shard_bytes, s)))
-    if low := tuple(TensorSpec(sp.key, sp.shape, "I16") for sp in state_specs if compact.get(sp.key) == "low16"):
-        state_files[LOW16_PREFIX + slot] = (low, tuple(plan_shards(low, options.shard_bytes, LOW16_PREFIX + slot)))
     return StepPlan(
         step=step,
         item_index=item_index,

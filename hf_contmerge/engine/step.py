@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..artifacts.adapter import AdapterExport
-from ..artifacts.compact import LOW16_PREFIX, TIES_PREFIX, TieCollector, encode_low16
+from ..artifacts.compact import LOW16_PREFIX, TIES_PREFIX, Low16Writer, TieCollector, block_name, encode_low16, unit_span
 from ..artifacts.folder import open_lowrank, open_slot
 from ..artifacts.layout import ADAPTER_WEIGHTS_PREFIX, LEFT, LOWRANK_PREFIX, PASS1_DIR, RIGHT, STATE_DIR, WEIGHTS_PREFIX
 from ..artifacts.state import StepState
@@ -264,6 +264,9 @@ class StepWriter:
         rank: the scalars must agree), the factors written by rank 0 in plan order, the slot writers closed."""
         recorded, deferred = done
         world = self.world
+        low = writers.get(LOW16_PREFIX + str(self.plan.weight_slot)) if world.size > 1 else None
+        if low is not None and not world.main:  # complete before the gather, after which rank 0 reads it
+            low.close()
         everyone = world.gather(recorded)
         for _, adds in sorted((r for rank in everyone for r in rank), key=lambda r: r[0]):
             for key, out in adds:
@@ -274,8 +277,27 @@ class StepWriter:
                 by_prefix = {w.prefix: w.real for w in writers.values() if isinstance(w, _Deferred)}
                 for _, _, prefix, name, t in sorted((d for rank in factors for d in rank), key=lambda d: d[:2]):
                     by_prefix[prefix].write(name, t)
+            if low is not None and world.main:
+                self._append_rank_parts(low.real)
             for w in writers.values():
-                w.close()
+                if w is not low or world.main:
+                    w.close()
+
+    @staticmethod
+    def _rank_parts(partial: Path, rank: int) -> Path:
+        return partial / f".low16-rank{rank}"
+
+    def _append_rank_parts(self, real: StreamingWriter) -> None:
+        """Rank 0, after the final pass: the other ranks' compressed low bits appended to the real file, rank
+        by rank. The runs are contiguous in plan order, rank 0's first, so the file is the one a single
+        process writes, byte for byte, and memory holds one block at a time."""
+        partial = real.folder.parent
+        for rank in range(1, self.world.size):
+            parts = self._rank_parts(partial, rank)
+            with closing(Checkpoint.open(parts, prefix=real.prefix, label=f"rank {rank}'s low bits")) as ck:
+                for name in ck.keys():
+                    real.write(name, ck.read(name))
+            shutil.rmtree(parts)
 
     # ------------------------------------------------------------------ writers
     def _share(self, keys: set[str]) -> Share | None:
@@ -312,11 +334,17 @@ class StepWriter:
         if scratch:  # the first pass's slots, float32 throughout
             files = {s: (plan.state_specs, plan.state_shards[s]) for s in slots}
         else:  # as the state is carried (compact.py): the weight slot's compact tensors apart
-            files = {p: f for p, f in plan.state_files.items() if p.removeprefix(LOW16_PREFIX) in slots}
+            files = {p: f for p, f in plan.state_files.items() if p in slots}
         writers: dict[str, Any] = {p: StreamingWriter.planned(folder, specs, shards, p,
                                                               share=self._share(mine & {sp.key for sp in specs}))
                                    for p, (specs, shards) in files.items()}
-        if not scratch and LOW16_PREFIX + str(plan.weight_slot) in writers:  # the exact ties, per tensor (few)
+        if not scratch and plan.low_blocks():  # the low bits, compressed, and the exact ties, per tensor (few)
+            low = LOW16_PREFIX + plan.weight_slot
+            if main:
+                writers[low] = Low16Writer(StreamingWriter.appended(folder, plan.low_blocks(), self.shard_bytes, low))
+            else:  # this rank's blocks, appended to the real file by rank 0 after the pass (_combine)
+                (parts := self._rank_parts(folder.parent, self.world.rank)).mkdir()
+                writers[low] = Low16Writer(StreamingWriter.appended(parts, plan.low_blocks(units), 2**62, low))
             writers[TIES_PREFIX + plan.weight_slot] = appended(TIES_PREFIX + plan.weight_slot,
                                                                [k for k, e in plan.compact.items() if e == "low16"])
         if plan.factored:
@@ -430,12 +458,11 @@ class StepWriter:
         if plan.compact[key] == "weight":  # the published float32 tensor is the slot itself
             return []
         shape = self.kp[key].shape
-        rows = u.rows if u.rows is not None and shape else (0, shape[0] if shape else 1)
-        per_row = math.prod(shape[1:]) if len(shape) > 1 else 1
+        start, stop = unit_span(shape, u.rows)
         low, ties = encode_low16(value, weight)
-        collector = self._ties.setdefault(key, TieCollector(math.prod(shape))).add(ties.cpu(), rows[0] * per_row)
-        out = [(state[LOW16_PREFIX + slot], key, low)]
-        if not shape or rows[1] == shape[0]:  # the tensor is complete: its ties, if any, in one tensor
+        collector = self._ties.setdefault(key, TieCollector(math.prod(shape))).add(ties.cpu(), start)
+        out = [(state[LOW16_PREFIX + slot], block_name(key, start, stop), low)]  # compressed by its writer
+        if stop == collector.numel:  # the tensor is complete: its ties, if any, in one tensor
             del self._ties[key]
             if collector.count:
                 out.append((state[TIES_PREFIX + slot], key, collector.stored()))

@@ -1,4 +1,4 @@
-"""The compact carried state (state format 3): exact for every float32 value, and what a step writes."""
+"""The compact carried state (state formats 3 and 4): exact for every float32 value, and what a step writes."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from hf_contmerge.artifacts import compact
 from hf_contmerge.artifacts.compact import TIE, TieCollector, decode_low16, encode_low16, pack_ties, ties_between
+from hf_contmerge.errors import ContMergeError
 from support.tiny_models import carried, weights
 
 
@@ -140,6 +141,28 @@ def test_encoding_reads_the_tie_direction_from_the_published_bits():
     assert torch.equal(decode_low16(up.view(torch.bfloat16), low, ties).view(torch.int32), bits)
 
 
+def test_compressed_codes_come_back_exactly_and_structured_ones_shrink():
+    """A zstd frame per slice gives its int16 codes back; random codes cost their 2 bytes and a few
+    bytes of frame, the codes of a scaled sum of bfloat16 task vectors (task arithmetic's state) far less."""
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randint(-32768, 32768, (1 << 16,), generator=g, dtype=torch.int32).to(torch.int16)
+    base = (torch.randn(1 << 16, generator=g) * 0.02).bfloat16().float()
+    taus = [(base + torch.randn(1 << 16, generator=g) * 0.002).bfloat16().float() - base for _ in range(2)]
+    state = base + 0.3 * taus[0] + 0.3 * taus[1]
+    structured, _ = encode_low16(state, state.to(torch.bfloat16))
+    for codes in (noise, structured, noise[:0], noise[:1]):
+        frame = compact.compress_low16(codes)
+        assert frame.dtype == torch.uint8 and torch.equal(compact.decompress_low16(frame, codes.numel(), "block"), codes)
+    assert compact.compress_low16(noise).numel() <= 2 * noise.numel() + 64
+    assert compact.compress_low16(structured).numel() < 0.8 * 2 * structured.numel()
+    frame = compact.compress_low16(structured).clone()
+    frame[frame.numel() // 2] ^= 0xFF  # a flipped byte: the frame's checksum (or its decoder) refuses it
+    with pytest.raises(ContMergeError, match="damaged"):
+        compact.decompress_low16(frame, structured.numel(), "block")
+    with pytest.raises(ContMergeError, match="damaged"):
+        compact.decompress_low16(compact.compress_low16(structured), structured.numel() - 1, "block")
+
+
 def test_a_weight_that_is_not_the_carried_slot_is_caught(tmp_path, streams, cli, monkeypatch):
     """A method that says its weight is its slot (``weight_slot``) but publishes something else would make
     the low bits meaningless: the step refuses to write rather than carry a state it cannot give back."""
@@ -174,7 +197,7 @@ def test_a_bf16_stream_carries_its_state_exactly_in_four_bytes_a_parameter(tmp_p
     for t in range(1, 5):
         step, wide = tmp_path / f"bf16/step-{t}", tmp_path / f"f32/step-{t}"
         state = json.loads((step / "contmerge_state.json").read_text())
-        assert state["format_version"] == 3 and state["weight_slot"] == "merged"
+        assert state["format_version"] == 4 and state["weight_slot"] == "merged"
         assert not load_file(step / "contmerge_state" / "merged.safetensors")  # nothing float32 beside the weights
         assert not load_file(wide / "contmerge_state" / "merged.safetensors") and not list(
             (wide / "contmerge_state").glob("low16-*"))
@@ -229,8 +252,80 @@ def test_verbose_reports_what_a_step_moved_and_average_skips_the_base(tmp_path, 
         assert found.keys() == {"1", "2"}, err
         step2 = tmp_path / method / "step-2"
         assert found["2"][1] * 1e9 == pytest.approx(sum(p.stat().st_size for p in step2.rglob("*") if p.is_file()), abs=1e3)
-        # less the previous step's ties, which it reads too (as many as the method made)
-        ties = (tmp_path / method / "step-1" / "contmerge_state").glob("ties-*.safetensors")
-        read[method] = found["2"][0] * 1e9 - sum(v.numel() * v.element_size() for p in ties for v in load_file(p).values())
+        # less the previous step's ties and compressed low bits, which it reads too (as many bytes as the method's made)
+        prev = (tmp_path / method / "step-1" / "contmerge_state").glob("*-merged.safetensors")
+        read[method] = found["2"][0] * 1e9 - sum(v.numel() * v.element_size() for p in prev for v in load_file(p).values())
     model = sum(v.numel() * v.element_size() for p in Path(base).glob("*.safetensors") for v in load_file(p).values())
     assert read["task_arithmetic"] - read["average"] == pytest.approx(model, abs=2e3)  # GB are printed to the KB
+
+
+def test_slices_that_cut_the_written_blocks_read_exactly(tmp_path, streams, cli):
+    """Written in slices of one size (``--chunk-mb``), read in any rows: the blocks that hold them are
+    decoded (the last one kept) and cut, bit for bit the state read whole."""
+    from hf_contmerge.artifacts.folder import open_slot
+
+    base, items = streams("llama", n=2, dtype=torch.bfloat16)
+    _merge(cli, base, items, tmp_path / "out", "average", "--chunk-mb", "0.004")
+    slot = open_slot(tmp_path / "out/step-2", "merged", "merged")
+    try:
+        blocks = [k for k in slot.low.keys() if k.startswith("lm_head.weight::low16[")]
+        assert len(blocks) > 2  # the tensor was written in slices
+        whole = slot.read("lm_head.weight")
+        rows = whole.shape[0]
+        for a, b in ((0, rows), (1, 2), (3, rows - 1), (rows - 1, rows), (0, 1)):
+            assert torch.equal(slot.read("lm_head.weight", (a, b)).view(torch.int32), whole[a:b].view(torch.int32)), (a, b)
+    finally:
+        slot.close()
+
+
+def _rewrite_low16(step: Path, change) -> None:
+    """Rewrite a step's low16 file: ``change(tensors)`` edits its tensors by name, in place."""
+    path = step / "contmerge_state" / "low16-merged.safetensors"
+    tensors = load_file(path)
+    change(tensors)
+    save_file(tensors, path)
+
+
+def test_damaged_low_bits_are_refused_and_nothing_is_written(tmp_path, streams, cli):
+    """A corrupt frame or a missing block of the previous step: --resume names the step and writes nothing."""
+    base, items = streams("llama", n=3, dtype=torch.bfloat16)
+    for damage in ("corrupt", "missing"):
+        out = tmp_path / damage
+        _merge(cli, base, items[:2], out, "task_arithmetic")
+
+        def change(tensors, damage=damage):
+            name = next(k for k in tensors if k.startswith("lm_head.weight::low16["))
+            if damage == "corrupt":
+                tensors[name][len(tensors[name]) // 2] ^= 0xFF
+            else:
+                del tensors[name]
+        _rewrite_low16(out / "step-2", change)
+        before = sorted(p for p in out.rglob("*"))
+        code, _, err = cli("merge", "--base", base, "--stream", *items, "--method", "task_arithmetic", "--out", out,
+                           "--quiet", "--resume")
+        assert code != 0 and "step-2" in err and "damaged" in err, err
+        assert sorted(p for p in out.rglob("*")) == before
+
+
+def test_a_format_3_step_is_read_and_continued_bit_identically(tmp_path, streams, cli):
+    """A step whose low bits are one uncompressed int16 tensor per weight (format 3) is resumed as before."""
+    base, items = streams("llama", n=3, dtype=torch.bfloat16)
+    _merge(cli, base, items, tmp_path / "whole", "average")
+    _merge(cli, base, items[:2], tmp_path / "old", "average")
+    step = tmp_path / "old/step-2"
+
+    def uncompress(tensors):
+        blocks = sorted(tensors)
+        for key in dict.fromkeys(k.split("::low16[")[0] for k in blocks):
+            spans = sorted((int(k.split("[")[1].split(":")[0]), k) for k in blocks if k.startswith(key + "::low16["))
+            codes = [compact.decompress_low16(tensors.pop(k), int(k.split(":")[-1].rstrip("]")) - a, k) for a, k in spans]
+            tensors[key] = torch.cat(codes).reshape(weights(step)[key].shape)
+    _rewrite_low16(step, uncompress)
+    state = json.loads((step / "contmerge_state.json").read_text())
+    state["format_version"] = 3
+    (step / "contmerge_state.json").write_text(json.dumps(state))
+    shutil.rmtree(tmp_path / "old/step-1")
+    _merge(cli, base, items, tmp_path / "old", "average", "--resume")
+    new, ref = tmp_path / "old/step-3", tmp_path / "whole/step-3"
+    for p in sorted(ref.rglob("*.safetensors")):
+        assert p.read_bytes() == (new / p.relative_to(ref)).read_bytes(), p

@@ -2,7 +2,8 @@
 (on a processor whose LAPACK gives other last bits, the OPCM cases equal them up to rounding: see
 ``support/golden_steps.py``). The configs transformers writes carry its version
 (``transformers_version``), which the loose requirement lets a fresh install move on: they must be
-the recorded ones but for that field."""
+the recorded ones but for that field. The compressed low bits of a carried state (``low16-*``, zstd
+frames since state format 4) must give back the recorded float32 state, whatever their bytes."""
 
 from __future__ import annotations
 
@@ -38,6 +39,13 @@ def test_step_folders_match_recorded_bytes(produced, case):
         assert not beyond, (f"{case}: {beyond} changed beyond transformers_version (recorded with {golden['versions']}, "
                             f"here {versions()})")
         changed = [name for name in changed if name not in restamped]
+    compressed = [name for name in changed if Path(name).name.startswith("low16-")]
+    if compressed:  # zstd frames, whose bytes a zstandard release may change: the float32 state they give back
+        loose = case in LINALG and machine() not in golden.get("machines", {})
+        moved = [p for name in compressed for p in differences(golden["summaries"][case][name], found[name], name)] if loose \
+            else [name for name in compressed if golden["summaries"][case][name] != found[name]]
+        assert not moved, f"{case}: the carried state changed in {moved[:5]}"
+        changed = [name for name in changed if name not in compressed]
     if changed and case in LINALG and machine() not in golden.get("machines", {}):
         problems = [p for name in changed for p in differences(golden["summaries"][case][name], found[name], name)]
         assert not problems, f"{case} on {machine()}: more than LAPACK rounding changed: {problems[:5]}"

@@ -116,8 +116,8 @@ def test_factors_of_an_older_state_format_are_refused(tmp_path, cli, adapters):
     _run(cli, base, items[:1], tmp_path / "o")
     path = tmp_path / "o/step-1/contmerge_state.json"
     text = path.read_text()
-    assert '"format_version": 3' in text
-    path.write_text(text.replace('"format_version": 3', '"format_version": 1'))
+    assert '"format_version": 4' in text
+    path.write_text(text.replace('"format_version": 4', '"format_version": 1'))
     code, _, err = cli("merge", "--base", base, "--stream", *items[:2], "--method", "opcm", "--out", tmp_path / "o",
                        "--quiet", "--resume", "--dtype", "float32")
     assert code == 2 and "state format 1" in err and not (tmp_path / "o/step-2").exists()
