@@ -16,15 +16,17 @@ written in full beside the weights:
   element in 65536), else a bitmask of the flattened tensor (uint8, 1 bit a parameter: the running
   mean of two bfloat16 models is such a case, a tie wherever their last bits differ); the reader adds
   65536 there.
-- **The low bits compressed** (format 4): each slice the engine writes is one zstd frame (level 1,
-  with a checksum) of its int16 codes, the uint8 tensor ``KEY::low16[a:b]`` of ``low16-{slot}`` for
-  flat elements [a, b). The codes of a merge of bfloat16 models are far from random: a sum of
+- **The low bits compressed** (format 4, ``--state-compression zstd``, the default): each slice the
+  engine writes is one zstd frame (level 1, with a checksum) of its int16 codes, the uint8 tensor
+  ``KEY::low16[a:b]`` of ``low16-{slot}`` for flat elements [a, b). The codes of a merge of bfloat16 models are far from random: a sum of
   bfloat16 task vectors has few significant bits and a scaling such as 0.3 repeats its binary
   digits, so they compress to 0.3–0.6 of their 2 bytes (benchmarks/RESULTS.md); random codes stay
   at 2 bytes and a few bytes of frame. Why zstd (``zstandard``, no dependencies of its own): its
   entropy coder is what these codes need (LZ4 without one saves ~5 %), at ~1.5 ns an element to
   decode. A step thus writes at most 4 bytes a parameter (2 published + 2), at most 4.125 when
-  ties abound, and ~2.6–3.2 typically.
+  ties abound, and ~2.6–3.2 typically. ``--state-compression none`` writes the codes as they are, one
+  int16 tensor ``KEY`` of ``low16-{slot}`` (format 3's layout, read the same way): 2 bytes a
+  parameter and no CPU, for a fast local disk and few cores.
 - float16 output (a wider exponent: no bit relation), other slots (MagMax's τmax, Fisher sums) and
   ``--allow-nonfinite`` runs keep the float32 file ``{slot}``.
 
@@ -51,9 +53,11 @@ LOW16_PREFIX = "low16-"
 TIES_PREFIX = "ties-"
 TIE = -32768  # the int16 code shared by the two exact ties (see the module docstring)
 _BLOCK = re.compile(r"^(.+)::low16\[(\d+):(\d+)\]$")
-# level 1's fast strategy with a small match table: the codes' gain is in the entropy coder, not in
-# long matches, and the table is what costs (hash_log 14 → 10: same size within 2 %, ~2× faster here)
-_ZSTD = zstandard.ZstdCompressionParameters.from_level(1, hash_log=10, write_checksum=True)
+# Level 1 with a smaller match table: the codes' gain is in the entropy coder more than in matches, and
+# the table is what costs (hash_log 14 → 12: task arithmetic's codes 2× faster, 1.5 % larger). Worker
+# threads on every core, each job 1 MiB: zstd's output is the same for any number of workers ≥ 1 (not
+# for 0), so the bytes do not depend on the machine.
+_ZSTD = zstandard.ZstdCompressionParameters.from_level(1, hash_log=12, write_checksum=True, threads=-1, job_size=1 << 20)
 
 
 CHUNK = 1 << 22  # elements per block: int32 temporaries of 16 MB, not of a whole 32000 x 4096 lm_head

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from ..artifacts.adapter import AdapterPlan
-from ..artifacts.compact import block_name, unit_span
+from ..artifacts.compact import LOW16_PREFIX, block_name, unit_span
 from ..artifacts.layout import LEFT, LOWRANK_PREFIX, RIGHT, WEIGHTS_PREFIX
 from ..io.safetensors import TensorSpec, iter_row_chunks
 from ..io.writer import PlannedShard, plan_shards
@@ -84,9 +84,11 @@ class StepPlan:
     state_specs: tuple[TensorSpec, ...]  # dense carried tensors of each slot (float32)
     state_shards: Mapping[str, tuple[PlannedShard, ...]]  # slot -> its cut of state_specs (first pass, after pass)
     # the final state's planned files: prefix -> (specs, shards); the weight slot's compact tensors are
-    # left out of its float32 file (for bfloat16 weights their low bits are compressed blocks: low_blocks)
+    # left out of its float32 file; for bfloat16 weights their low bits are compressed blocks (low_blocks),
+    # or planned here, int16, under LOW16_PREFIX + slot (--state-compression none)
     state_files: Mapping[str, tuple[tuple[TensorSpec, ...], tuple[PlannedShard, ...]]]
     compact: Mapping[str, str]  # the weight slot's dense tensors -> "weight" (float32) or "low16" (bfloat16)
+    compressed: bool  # the low bits as zstd blocks (low_blocks), else planned in state_files (--state-compression none)
     weight_slot: str | None  # the slot carried over the published weights (Method.carried_weight_slot), if any
     whole_costs: Mapping[str, float]  # tensors merged whole (not sliced) -> their kernel's cost (Method.whole_cost)
     factor_names: tuple[str, ...]  # KEY::left / KEY::right of the factored tensors
@@ -104,6 +106,8 @@ class StepPlan:
     def low_blocks(self, units: tuple[WorkUnit, ...] | None = None) -> list[str]:
         """The compressed blocks of the weight slot's low bits (``compact.py``) that the final pass's
         ``units`` (default: all of them) write, one per slice, in order."""
+        if not self.compressed:
+            return []
         units = self.passes[-1] if units is None else units
         return [block_name(u.key, *unit_span(self.info[u.key].shape, u.rows)) for u in units
                 if u.form == "dense" and self.compact.get(u.key) == "low16"]
@@ -265,6 +269,9 @@ def plan_step(stream: StreamPlan, item_index: int, step: int, previous: StepStat
     for s in method.slots:
         specs = tuple(sp for sp in state_specs if s != slot or sp.key not in compact)
         state_files[s] = (specs, tuple(plan_shards(specs, options.shard_bytes, s)))
+    compressed = options.state_compression == "zstd"
+    if not compressed and (low := tuple(TensorSpec(sp.key, sp.shape, "I16") for sp in state_specs if compact.get(sp.key) == "low16")):
+        state_files[LOW16_PREFIX + slot] = (low, tuple(plan_shards(low, options.shard_bytes, LOW16_PREFIX + slot)))
     return StepPlan(
         step=step,
         item_index=item_index,
@@ -281,6 +288,7 @@ def plan_step(stream: StreamPlan, item_index: int, step: int, previous: StepStat
         state_shards={s: tuple(plan_shards(state_specs, options.shard_bytes, s)) for s in method.slots},
         state_files=state_files,
         compact=compact,
+        compressed=compressed,
         weight_slot=slot if compact else None,
         whole_costs={kp.key: method.whole_cost(info[kp.key]) for kp in merged if not method.can_slice(info[kp.key])},
         factor_names=tuple(n for key in factored for n in (key + LEFT, key + RIGHT)),

@@ -264,7 +264,7 @@ class StepWriter:
         rank: the scalars must agree), the factors written by rank 0 in plan order, the slot writers closed."""
         recorded, deferred = done
         world = self.world
-        low = writers.get(LOW16_PREFIX + str(self.plan.weight_slot)) if world.size > 1 else None
+        low = writers.get(LOW16_PREFIX + str(self.plan.weight_slot)) if world.size > 1 and self.plan.compressed else None
         if low is not None and not world.main:  # complete before the gather, after which rank 0 reads it
             low.close()
         everyone = world.gather(recorded)
@@ -334,17 +334,18 @@ class StepWriter:
         if scratch:  # the first pass's slots, float32 throughout
             files = {s: (plan.state_specs, plan.state_shards[s]) for s in slots}
         else:  # as the state is carried (compact.py): the weight slot's compact tensors apart
-            files = {p: f for p, f in plan.state_files.items() if p in slots}
+            files = {p: f for p, f in plan.state_files.items() if p.removeprefix(LOW16_PREFIX) in slots}
         writers: dict[str, Any] = {p: StreamingWriter.planned(folder, specs, shards, p,
                                                               share=self._share(mine & {sp.key for sp in specs}))
                                    for p, (specs, shards) in files.items()}
-        if not scratch and plan.low_blocks():  # the low bits, compressed, and the exact ties, per tensor (few)
-            low = LOW16_PREFIX + plan.weight_slot
+        low = LOW16_PREFIX + str(plan.weight_slot)
+        if not scratch and plan.low_blocks():  # the low bits compressed (--state-compression none: planned above)
             if main:
                 writers[low] = Low16Writer(StreamingWriter.appended(folder, plan.low_blocks(), self.shard_bytes, low))
             else:  # this rank's blocks, appended to the real file by rank 0 after the pass (_combine)
                 (parts := self._rank_parts(folder.parent, self.world.rank)).mkdir()
                 writers[low] = Low16Writer(StreamingWriter.appended(parts, plan.low_blocks(units), 2**62, low))
+        if not scratch and low in writers:  # the exact ties, per tensor (few)
             writers[TIES_PREFIX + plan.weight_slot] = appended(TIES_PREFIX + plan.weight_slot,
                                                                [k for k, e in plan.compact.items() if e == "low16"])
         if plan.factored:
@@ -461,7 +462,7 @@ class StepWriter:
         start, stop = unit_span(shape, u.rows)
         low, ties = encode_low16(value, weight)
         collector = self._ties.setdefault(key, TieCollector(math.prod(shape))).add(ties.cpu(), start)
-        out = [(state[LOW16_PREFIX + slot], block_name(key, start, stop), low)]  # compressed by its writer
+        out = [(state[LOW16_PREFIX + slot], block_name(key, start, stop) if plan.compressed else key, low)]  # Low16Writer compresses
         if stop == collector.numel:  # the tensor is complete: its ties, if any, in one tensor
             del self._ties[key]
             if collector.count:

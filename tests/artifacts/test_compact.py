@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from hf_contmerge.artifacts import compact
@@ -185,14 +186,18 @@ def _bytes(folder):
     return sum(p.stat().st_size for p in folder.rglob("*.safetensors"))
 
 
+@pytest.mark.parametrize("compression", ["zstd", "none"])
 @pytest.mark.parametrize("method", ["average", "task_arithmetic"])
-def test_a_bf16_stream_carries_its_state_exactly_in_four_bytes_a_parameter(tmp_path, streams, cli, method):
+def test_a_bf16_stream_carries_its_state_exactly_in_four_bytes_a_parameter(tmp_path, streams, cli, method, compression):
     """bf16 in and out over 4 steps: the carried float32 state, read back from the published weights and
-    their low bits, is bit for bit the state of the same run published in float32 (where the state is
-    the weights themselves); each step writes at most 2× its published weights. ``average`` of bfloat16
-    values makes many exact ties, so the tie list is exercised."""
+    their low bits (compressed or not), is bit for bit the state of the same run published in float32
+    (where the state is the weights themselves); each step writes at most 2× its published weights.
+    ``average`` of bfloat16 values makes many exact ties, so the tie list is exercised."""
     base, items = streams("llama", n=4, dtype=torch.bfloat16)
-    _merge(cli, base, items, tmp_path / "bf16", method)
+    _merge(cli, base, items, tmp_path / "bf16", method, "--state-compression", compression)
+    with safe_open(tmp_path / "bf16/step-2/contmerge_state/low16-merged.safetensors", "pt") as f:
+        names = set(f.keys())
+    assert names == ({k for k in names if "::low16[" in k} if compression == "zstd" else set(weights(tmp_path / "bf16/step-2")))
     _merge(cli, base, items, tmp_path / "f32", method, "--dtype", "float32")
     for t in range(1, 5):
         step, wide = tmp_path / f"bf16/step-{t}", tmp_path / f"f32/step-{t}"
@@ -329,3 +334,20 @@ def test_a_format_3_step_is_read_and_continued_bit_identically(tmp_path, streams
     new, ref = tmp_path / "old/step-3", tmp_path / "whole/step-3"
     for p in sorted(ref.rglob("*.safetensors")):
         assert p.read_bytes() == (new / p.relative_to(ref)).read_bytes(), p
+
+
+def test_a_resume_may_change_the_state_compression(tmp_path, streams, cli):
+    """Steps 1–2 compressed, step 3 not, step 4 compressed again: the same published bytes and carried
+    state as a run compressed throughout (the option changes how the low bits are stored, not them)."""
+    base, items = streams("llama", n=4, dtype=torch.bfloat16)
+    _merge(cli, base, items, tmp_path / "zstd", "task_arithmetic")
+    _merge(cli, base, items[:2], tmp_path / "mixed", "task_arithmetic")
+    _merge(cli, base, items[:3], tmp_path / "mixed", "task_arithmetic", "--resume", "--state-compression", "none")
+    _merge(cli, base, items, tmp_path / "mixed", "task_arithmetic", "--resume")
+    assert "::low16[" not in "".join(load_file(tmp_path / "mixed/step-3/contmerge_state/low16-merged.safetensors"))
+    for t in (3, 4):
+        ref, got = tmp_path / f"zstd/step-{t}", tmp_path / f"mixed/step-{t}"
+        for p in sorted(ref.glob("*.safetensors")):
+            assert p.read_bytes() == (got / p.name).read_bytes(), p
+        assert all(torch.equal(a.view(torch.int32), b.view(torch.int32))
+                   for a, b in zip(carried(ref, "merged").values(), carried(got, "merged").values()))

@@ -99,14 +99,17 @@ def test_the_api_steps_inside_a_scripts_job_and_leaves_its_group_working(tmp_pat
         assert one[name] == api[name], name
 
 
-def test_two_ranks_carry_the_same_compact_bf16_state(tmp_path):
+@pytest.mark.parametrize("compression", ["zstd", "none"])
+def test_two_ranks_carry_the_same_compact_bf16_state(tmp_path, compression):
     """bf16 weights: the low bits' compressed blocks of rank 1 are appended by rank 0 after its own (shards
-    small enough that they span files), the ties (abundant in the mean of two bf16 models, so some
-    tensors keep a bitmask) go to rank 0; tensors are sliced, so ties and blocks span slices."""
+    small enough that they span files), or, uncompressed, shared planned files; the ties (abundant in the
+    mean of two bf16 models, so some tensors keep a bitmask) go to rank 0; tensors are sliced, so ties
+    and blocks span slices."""
     import torch
 
     base, items = make_stream(tmp_path / "bf16", "llama", n=3, dtype=torch.bfloat16)
-    args = ["--base", base, "--stream", *items, "--method", "average", "--chunk-mb", "0.002", "--shard-size", "8KB", "--quiet"]
+    args = ["--base", base, "--stream", *items, "--method", "average", "--chunk-mb", "0.002", "--shard-size", "8KB", "--quiet",
+            "--state-compression", compression]
     assert one_process(*args, "--out", tmp_path / "one").returncode == 0
     double = ranks(2, *args, "--out", tmp_path / "two")
     assert double.returncode == 0, double.stderr[-3000:]
