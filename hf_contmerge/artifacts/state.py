@@ -31,7 +31,8 @@ FORMAT = "hf-contmerge/state"
 # 3: the method's weight slot (``weight_slot``) is carried over the published weights
 # (``artifacts/compact.py``: nothing more for float32 weights, int16 low bits for bfloat16 ones);
 # format-2 steps, float32 throughout, are read as before.
-# 4: those low bits compressed, one zstd frame per slice (``KEY::low16[a:b]``); format-3 steps are read as before.
+# 4: those low bits compressed, one zstd frame per slice (``KEY::low16[a:b]``), unless --state-compression none
+# (format 3's layout); format-3 steps are read as before.
 FORMAT_VERSION = 4
 
 
@@ -59,7 +60,8 @@ class StepState:
         data = asdict(self)
         data["tensors"] = {"dir": STATE_DIR, "dtype": "float32", "slots": self.slots,
                            **({"compact": f"{self.weight_slot}: the published weights, plus {LOW16_PREFIX}{self.weight_slot} "
-                                          f"(int16 low bits, zstd frames by slice) and {TIES_PREFIX}{self.weight_slot} for bfloat16 ones"}
+                                          "(int16 low bits: zstd frames KEY::low16[a:b], or KEY with --state-compression none) "
+                                          f"and {TIES_PREFIX}{self.weight_slot} for bfloat16 ones"}
                               if self.weight_slot else {})}
         return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
