@@ -18,15 +18,15 @@ written in full beside the weights:
   65536 there.
 - **The low bits compressed** (format 4, ``--state-compression zstd``, the default): each slice the
   engine writes is one zstd frame (level 1, with a checksum) of its int16 codes, the uint8 tensor
-  ``KEY::low16[a:b]`` of ``low16-{slot}`` for flat elements [a, b). The codes of a merge of bfloat16 models are far from random: a sum of
-  bfloat16 task vectors has few significant bits and a scaling such as 0.3 repeats its binary
-  digits, so they compress to 0.3–0.6 of their 2 bytes (benchmarks/RESULTS.md); random codes stay
-  at 2 bytes and a few bytes of frame. Why zstd (``zstandard``, no dependencies of its own): its
-  entropy coder is what these codes need (LZ4 without one saves ~5 %), at ~1.5 ns an element to
-  decode. A step thus writes at most 4 bytes a parameter (2 published + 2), at most 4.125 when
-  ties abound, and ~2.6–3.2 typically. ``--state-compression none`` writes the codes as they are, one
-  int16 tensor ``KEY`` of ``low16-{slot}`` (format 3's layout, read the same way): 2 bytes a
-  parameter and no CPU, for a fast local disk and few cores.
+  ``KEY::low16[a:b]`` of ``low16-{slot}`` for flat elements [a, b). The codes of a merge of bfloat16
+  models are far from random: a sum of bfloat16 task vectors has few significant bits and a scaling such
+  as 0.3 repeats its binary digits, so they compress to 0.3–0.6 of their 2 bytes
+  (benchmarks/RESULTS.md); random codes stay at 2 bytes and a few bytes of frame. Why zstd
+  (``zstandard``, no dependencies of its own): its entropy coder is what these codes need (LZ4, without
+  one, saves 5–12 %), at ~1.5 ns an element to decode. A step thus writes at most 4 bytes a parameter (2
+  published + 2), at most 4.125 when ties abound, and ~2.6–3.2 typically. ``--state-compression none``
+  writes the codes as they are, one int16 tensor ``KEY`` of ``low16-{slot}`` (format 3's layout, read
+  the same way): 2 bytes a parameter and no CPU, for a fast local disk and few cores.
 - float16 output (a wider exponent: no bit relation), other slots (MagMax's τmax, Fisher sums) and
   ``--allow-nonfinite`` runs keep the float32 file ``{slot}``.
 
