@@ -36,6 +36,7 @@ uncompressed, tensor ``KEY`` of ``low16-{slot}``) and 2 (float32 throughout) are
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import sys
@@ -52,7 +53,8 @@ from .layout import LEFT, LOWRANK_PREFIX, STATE_DIR
 LOW16_PREFIX = "low16-"
 TIES_PREFIX = "ties-"
 TIE = -32768  # the int16 code shared by the two exact ties (see the module docstring)
-_BLOCK = re.compile(r"^(.+)::low16\[(\d+):(\d+)\]$")
+_BLOCK = re.compile(r"^(.+)::(low16|f32)\[(\d+):(\d+)\]$")
+SHAPES = "contmerge_shapes"  # metadata of a compressed float32 slot's files: the shape of each tensor (JSON)
 # Level 1 with a smaller match table: the codes' gain is in the entropy coder more than in matches, and
 # the table is what costs (hash_log 14 → 12: task arithmetic's codes 2× faster, 1.5 % larger). Worker
 # threads on every core, each job 1 MiB: zstd's output is the same for any number of workers ≥ 1 (not
@@ -102,9 +104,10 @@ def decode_low16(published: torch.Tensor, low: torch.Tensor, ties: torch.Tensor)
     return bits.view(torch.float32).view(published.shape)
 
 
-def block_name(key: str, start: int, stop: int) -> str:
-    """The name of the compressed low bits of flat elements [start, stop) of tensor ``key``."""
-    return f"{key}::low16[{start}:{stop}]"
+def block_name(key: str, start: int, stop: int, kind: str = "low16") -> str:
+    """The name of the compressed block of flat elements [start, stop) of tensor ``key``: its low bits
+    (``low16``) or its float32 values (``f32``, a compressed slot)."""
+    return f"{key}::{kind}[{start}:{stop}]"
 
 
 def unit_span(shape: tuple[int, ...], rows: tuple[int, int] | None) -> tuple[int, int]:
@@ -132,15 +135,32 @@ def decompress_low16(frame: torch.Tensor, numel: int, what: str) -> torch.Tensor
     return torch.frombuffer(bytearray(raw), dtype=torch.int16) if numel else torch.zeros(0, dtype=torch.int16)
 
 
-class Low16Writer:
-    """The weight slot's low bits in a step: each slice's codes compressed as it is written (in the engine's
-    writer thread, beside the kernels) and appended to ``real`` as its block :func:`block_name`."""
+def compress_f32(values: torch.Tensor) -> torch.Tensor:
+    """A slice of a compressed float32 slot as one zstd frame: the high halves of its bits, then the low
+    halves (int16 each). Split so the coder sees the low halves together: a difference of two bfloat16
+    values has at most 16 significant bits, so its low half is mostly zero."""
+    bits = values.contiguous().reshape(-1).view(torch.int32)
+    return compress_low16(torch.cat([bits.bitwise_right_shift(16).to(torch.int16), bits.to(torch.int16)]))
 
-    def __init__(self, real):
+
+def decompress_f32(frame: torch.Tensor, numel: int, what: str) -> torch.Tensor:
+    """The ``numel`` float32 values of a frame of :func:`compress_f32`; a damaged one is refused (``what``)."""
+    halves = decompress_low16(frame, 2 * numel, what)
+    bits = halves[:numel].to(torch.int32).bitwise_left_shift_(16)
+    return bits.bitwise_or_(halves[numel:].to(torch.int32).bitwise_and_(0xFFFF)).view(torch.float32)
+
+
+class BlockWriter:
+    """Compressed blocks of a step (the weight slot's low bits, a compressed slot): each slice compressed as
+    it is written (in the engine's writer thread, beside the kernels) and appended to ``real`` under its
+    :func:`block_name`."""
+
+    def __init__(self, real, kind: str = "low16"):
         self.real = real  # an appended StreamingWriter
+        self.encode = compress_low16 if kind == "low16" else compress_f32
 
     def write(self, name: str, chunk: torch.Tensor) -> None:
-        self.real.write(name, compress_low16(chunk))
+        self.real.write(name, self.encode(chunk))
 
     def close(self) -> list[Path]:
         return self.real.close()
@@ -234,6 +254,17 @@ def ties_between(stored: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     return stored[lo:hi] - start
 
 
+def _tiling(spans: list[tuple[int, int, str]], numel: int, key: str, label: str) -> list[tuple[int, int, str]]:
+    """A tensor's blocks in order, refused unless they tile its ``numel`` elements (a gap or an overlap
+    is a damaged step)."""
+    spans = sorted(spans)
+    ends = [0] + [b for _, b, _ in spans]
+    if [a for a, _, _ in spans] != ends[:-1] or ends[-1] != numel:
+        raise ContMergeError(f"{label}: the blocks of {key!r} do not cover its {numel} elements: the step is damaged. "
+                             "Remove that step folder and resume from the one before.")
+    return spans
+
+
 def open_optional(folder: Path, prefix: str, label: str) -> Checkpoint | None:
     """The checkpoint ``{prefix}.safetensors`` (or its index) in ``folder``, or None when there is none."""
     if (folder / f"{prefix}.safetensors").is_file() or (folder / f"{prefix}.safetensors.index.json").is_file():
@@ -244,8 +275,9 @@ def open_optional(folder: Path, prefix: str, label: str) -> Checkpoint | None:
 class CompactSlot(TensorIndex):
     """A step's carried slot, float32, whatever its encoding: the float32 file, or the published weights
     (``weight``: a float32 published tensor in neither file), or those plus the low bits and ties
-    (``low16``: compressed blocks, or one int16 tensor in a format-3 step). ``is_weight``: the slot is the
-    method's weight slot (state format 3 on records it)."""
+    (``low16``: compressed blocks, or one int16 tensor in a format-3 step), or compressed float32 blocks
+    (``f32``: a slot of ``Method.compressible_slots``). ``is_weight``: the slot is the method's weight slot
+    (state format 3 on records it)."""
 
     def __init__(self, step_folder: Path, slot: str, is_weight: bool):
         folder, label = Path(step_folder) / STATE_DIR, f"carried state {slot!r} of {step_folder}"
@@ -256,10 +288,25 @@ class CompactSlot(TensorIndex):
         self.weights = Checkpoint.open(Path(step_folder), label=f"published weights of {step_folder}") if is_weight else None
         self._info = dict(self.full._info)
         self._encoding: dict[str, str] = {}
-        self._blocks: dict[str, list[tuple[int, int, str]]] = {}  # key -> its compressed blocks, in order
+        self._blocks: dict[str, list[tuple[int, int, str]]] = {}  # key -> its compressed low bits, in order
         for name in self.low.keys() if self.low is not None else ():
             if (m := _BLOCK.match(name)) is not None:
-                self._blocks.setdefault(m[1], []).append((int(m[2]), int(m[3]), name))
+                self._blocks.setdefault(m[1], []).append((int(m[3]), int(m[4]), name))
+        # a compressed slot (Method.compressible_slots): its float32 tensors as blocks, shapes in the metadata
+        self._f32: dict[str, list[tuple[int, int, str]]] = {}
+        for name in list(self._info):
+            if (m := _BLOCK.match(name)) is not None and m[2] == "f32":
+                self._f32.setdefault(m[1], []).append((int(m[3]), int(m[4]), name))
+                del self._info[name]
+        if self._f32:
+            shapes = {k: tuple(v) for f in self.full._files for k, v in json.loads(f.metadata.get(SHAPES, "{}")).items()}
+            for key in self._f32:
+                if key not in shapes:
+                    raise ContMergeError(f"{label}: no shape recorded for {key!r}: the step is damaged. Remove that "
+                                         "step folder and resume from the one before.")
+                self._info[key] = TensorInfo("F32", shapes[key], 0, 4 * math.prod(shapes[key]))
+                self._f32[key] = _tiling(self._f32[key], math.prod(shapes[key]), key, label)
+                self._encoding[key] = "f32"
         factored = open_optional(folder, LOWRANK_PREFIX + slot, label) if is_weight else None
         apart = set(factored.keys()) if factored is not None else set()  # KEY::left of the tensors carried as factors
         if factored is not None:
@@ -271,13 +318,8 @@ class CompactSlot(TensorIndex):
                 continue
             self._encoding[key] = "low16" if low else "weight"
             self._info[key] = TensorInfo("F32", tuple(info.shape), 0, 4 * math.prod(tuple(info.shape)))
-            if key in self._blocks:  # the blocks must tile the tensor: a gap or overlap is a damaged step
-                spans = sorted(self._blocks[key])
-                ends = [0] + [b for _, b, _ in spans]
-                if [a for a, _, _ in spans] != ends[:-1] or ends[-1] != math.prod(tuple(info.shape)):
-                    raise ContMergeError(f"{label}: the low bits of {key!r} do not cover its {math.prod(tuple(info.shape))} "
-                                         "elements: the step is damaged. Remove that step folder and resume from the one before.")
-                self._blocks[key] = spans
+            if key in self._blocks:
+                self._blocks[key] = _tiling(self._blocks[key], math.prod(tuple(info.shape)), key, label)
         self._tie_cache: tuple[str, torch.Tensor] | None = None
         self._block_cache: tuple[str, torch.Tensor] | None = None
 
@@ -288,22 +330,28 @@ class CompactSlot(TensorIndex):
         kind = self.encoding(key)
         if kind == "float32":
             return self.full.read(key, rows)
+        if kind == "f32":
+            shape = self._info[key].shape
+            start, stop = unit_span(shape, rows)
+            flat = self._between(self.full, self._f32[key], start, stop, decompress_f32)
+            return flat.view(shape if rows is None or not shape else (rows[1] - rows[0], *shape[1:]))
         published = self.weights.read(key, rows)
         if kind == "weight":
             return published.to(torch.float32)
         start, stop = unit_span(self._info[key].shape, rows)
-        low = self.low.read(key, rows) if key in self.low else self._low_between(key, start, stop)
+        low = self.low.read(key, rows) if key in self.low else self._between(self.low, self._blocks[key], start, stop,
+                                                                              decompress_low16)
         return decode_low16(published, low, ties_between(self._ties(key), start, stop))
 
-    def _low_between(self, key: str, start: int, stop: int) -> torch.Tensor:
-        """The int16 codes of flat elements [start, stop) of ``key``, from the blocks that hold them (the
-        last block decoded is kept: a reader whose slices cut a block reads it once)."""
+    def _between(self, ck: Checkpoint, blocks: list[tuple[int, int, str]], start: int, stop: int, decode) -> torch.Tensor:
+        """Flat elements [start, stop) of a tensor stored as compressed ``blocks`` of ``ck`` (``decode``: their
+        decoder). The last block decoded is kept: a reader whose slices cut a block decodes it once."""
         parts = []
-        for a, b, name in self._blocks[key]:
+        for a, b, name in blocks:
             if b <= start or a >= stop:
                 continue
             if self._block_cache is None or self._block_cache[0] != name:
-                self._block_cache = (name, decompress_low16(self.low.read(name), b - a, f"{self.label}: block {name!r}"))
+                self._block_cache = (name, decode(ck.read(name), b - a, f"{self.label}: block {name!r}"))
             parts.append(self._block_cache[1][max(start, a) - a : min(stop, b) - a])
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 

@@ -89,6 +89,7 @@ class StepPlan:
     state_files: Mapping[str, tuple[tuple[TensorSpec, ...], tuple[PlannedShard, ...]]]
     compact: Mapping[str, str]  # the weight slot's dense tensors -> "weight" (float32) or "low16" (bfloat16)
     compressed: bool  # the low bits as zstd blocks (low_blocks), else planned in state_files (--state-compression none)
+    compressed_slots: tuple[str, ...]  # slots carried as float32 zstd blocks (Method.compressible_slots), not planned
     weight_slot: str | None  # the slot carried over the published weights (Method.carried_weight_slot), if any
     whole_costs: Mapping[str, float]  # tensors merged whole (not sliced) -> their kernel's cost (Method.whole_cost)
     factor_names: tuple[str, ...]  # KEY::left / KEY::right of the factored tensors
@@ -103,6 +104,12 @@ class StepPlan:
         """File prefixes of the carried state: each slot's dense set, and its factored one if any."""
         return (*self.slots, *(LOWRANK_PREFIX + s for s in self.slots if self.factored))
 
+    def block_files(self) -> dict[str, str]:
+        """The final state's files of compressed blocks (``compact.py``), prefix -> kind: the weight slot's low
+        bits (``low16``, when it has any) and the compressed slots (``f32``)."""
+        low = {LOW16_PREFIX + str(self.weight_slot): "low16"} if self.low_blocks() else {}
+        return {**low, **dict.fromkeys(self.compressed_slots, "f32")}
+
     def low_blocks(self, units: tuple[WorkUnit, ...] | None = None) -> list[str]:
         """The compressed blocks of the weight slot's low bits (``compact.py``) that the final pass's
         ``units`` (default: all of them) write, one per slice, in order."""
@@ -111,6 +118,18 @@ class StepPlan:
         units = self.passes[-1] if units is None else units
         return [block_name(u.key, *unit_span(self.info[u.key].shape, u.rows)) for u in units
                 if u.form == "dense" and self.compact.get(u.key) == "low16"]
+
+    def slot_blocks(self, units: tuple[WorkUnit, ...] | None = None) -> list[str]:
+        """The blocks a compressed slot's file holds for the final pass's ``units`` (default: all), in order:
+        one per slice of every dense carried tensor."""
+        units = self.passes[-1] if units is None else units
+        carried = {sp.key for sp in self.state_specs}
+        return [block_name(u.key, *unit_span(self.info[u.key].shape, u.rows), "f32") for u in units
+                if u.form == "dense" and u.key in carried]
+
+    def blocks(self, prefix: str, units: tuple[WorkUnit, ...] | None = None) -> list[str]:
+        """The blocks of file ``prefix`` (:meth:`block_files`) that ``units`` write."""
+        return self.low_blocks(units) if self.block_files()[prefix] == "low16" else self.slot_blocks(units)
 
     def published_name(self, key: str) -> str | None:
         """The name ``key``'s merged weight is written under, or None when the output leaves it out (an
@@ -265,11 +284,15 @@ def plan_step(stream: StreamPlan, item_index: int, step: int, previous: StepStat
     slot = method.carried_weight_slot() if adapter is None and not options.allow_nonfinite else None
     compact = {} if slot is None else {sp.key: {"F32": "weight", "BF16": "low16"}[dtypes[sp.key]] for sp in state_specs
                                        if dtypes[sp.key] in ("F32", "BF16")}
+    compressed = options.state_compression == "zstd"
+    # a two-pass method's first pass and the after pass write planned float32 files: those slots stay planned
+    squeezed = tuple(s for s in method.compressible_slots if compressed and s != slot and s not in method.after_slots
+                     and not method.two_pass)
     state_files = {}
     for s in method.slots:
         specs = tuple(sp for sp in state_specs if s != slot or sp.key not in compact)
-        state_files[s] = (specs, tuple(plan_shards(specs, options.shard_bytes, s)))
-    compressed = options.state_compression == "zstd"
+        if s not in squeezed:
+            state_files[s] = (specs, tuple(plan_shards(specs, options.shard_bytes, s)))
     if not compressed and (low := tuple(TensorSpec(sp.key, sp.shape, "I16") for sp in state_specs if compact.get(sp.key) == "low16")):
         state_files[LOW16_PREFIX + slot] = (low, tuple(plan_shards(low, options.shard_bytes, LOW16_PREFIX + slot)))
     return StepPlan(
@@ -289,6 +312,7 @@ def plan_step(stream: StreamPlan, item_index: int, step: int, previous: StepStat
         state_files=state_files,
         compact=compact,
         compressed=compressed,
+        compressed_slots=squeezed,
         weight_slot=slot if compact else None,
         whole_costs={kp.key: method.whole_cost(info[kp.key]) for kp in merged if not method.can_slice(info[kp.key])},
         factor_names=tuple(n for key in factored for n in (key + LEFT, key + RIGHT)),

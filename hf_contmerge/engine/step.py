@@ -17,6 +17,7 @@ scalars are those of one process. A method's ``after_slots`` pass is split the s
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 from collections.abc import Mapping
@@ -29,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..artifacts.adapter import AdapterExport
-from ..artifacts.compact import LOW16_PREFIX, TIES_PREFIX, Low16Writer, TieCollector, block_name, encode_low16, unit_span
+from ..artifacts.compact import LOW16_PREFIX, SHAPES, TIES_PREFIX, BlockWriter, TieCollector, block_name, encode_low16, unit_span
 from ..artifacts.folder import open_lowrank, open_slot
 from ..artifacts.layout import ADAPTER_WEIGHTS_PREFIX, LEFT, LOWRANK_PREFIX, PASS1_DIR, RIGHT, STATE_DIR, WEIGHTS_PREFIX
 from ..artifacts.state import StepState
@@ -264,9 +265,10 @@ class StepWriter:
         rank: the scalars must agree), the factors written by rank 0 in plan order, the slot writers closed."""
         recorded, deferred = done
         world = self.world
-        low = writers.get(LOW16_PREFIX + str(self.plan.weight_slot)) if world.size > 1 and self.plan.compressed else None
-        if low is not None and not world.main:  # complete before the gather, after which rank 0 reads it
-            low.close()
+        blocks = [w for w in writers.values() if isinstance(w, BlockWriter)] if world.size > 1 else []
+        if not world.main:  # complete before the gather, after which rank 0 reads them
+            for w in blocks:
+                w.close()
         everyone = world.gather(recorded)
         for _, adds in sorted((r for rank in everyone for r in rank), key=lambda r: r[0]):
             for key, out in adds:
@@ -277,24 +279,25 @@ class StepWriter:
                 by_prefix = {w.prefix: w.real for w in writers.values() if isinstance(w, _Deferred)}
                 for _, _, prefix, name, t in sorted((d for rank in factors for d in rank), key=lambda d: d[:2]):
                     by_prefix[prefix].write(name, t)
-            if low is not None and world.main:
-                self._append_rank_parts(low.real)
+            if world.main:
+                for w in blocks:
+                    self._append_rank_parts(w.real)
             for w in writers.values():
-                if w is not low or world.main:
+                if world.main or w not in blocks:
                     w.close()
 
     @staticmethod
-    def _rank_parts(partial: Path, rank: int) -> Path:
-        return partial / f".low16-rank{rank}"
+    def _rank_parts(partial: Path, rank: int, prefix: str) -> Path:
+        return partial / f".{prefix}-rank{rank}"
 
     def _append_rank_parts(self, real: StreamingWriter) -> None:
-        """Rank 0, after the final pass: the other ranks' compressed low bits appended to the real file, rank
-        by rank. The runs are contiguous in plan order, rank 0's first, so the file is the one a single
-        process writes, byte for byte, and memory holds one block at a time."""
+        """Rank 0, after the final pass: the other ranks' compressed blocks appended to the real file, rank by
+        rank. The runs are contiguous in plan order, rank 0's first, so the file is the one a single process
+        writes, byte for byte, and memory holds one block at a time."""
         partial = real.folder.parent
         for rank in range(1, self.world.size):
-            parts = self._rank_parts(partial, rank)
-            with closing(Checkpoint.open(parts, prefix=real.prefix, label=f"rank {rank}'s low bits")) as ck:
+            parts = self._rank_parts(partial, rank, real.prefix)
+            with closing(Checkpoint.open(parts, prefix=real.prefix, label=f"rank {rank}'s blocks")) as ck:
                 for name in ck.keys():
                     real.write(name, ck.read(name))
             shutil.rmtree(parts)
@@ -338,13 +341,16 @@ class StepWriter:
         writers: dict[str, Any] = {p: StreamingWriter.planned(folder, specs, shards, p,
                                                               share=self._share(mine & {sp.key for sp in specs}))
                                    for p, (specs, shards) in files.items()}
-        low = LOW16_PREFIX + str(plan.weight_slot)
-        if not scratch and plan.low_blocks():  # the low bits compressed (--state-compression none: planned above)
+        for prefix, kind in ({} if scratch else plan.block_files()).items():  # compressed (compact.py)
+            # a compressed slot's tensors' shapes, which its blocks do not tell
+            meta = {SHAPES: json.dumps({sp.key: list(sp.shape) for sp in plan.state_specs})} if kind == "f32" else None
             if main:
-                writers[low] = Low16Writer(StreamingWriter.appended(folder, plan.low_blocks(), self.shard_bytes, low))
+                writers[prefix] = BlockWriter(StreamingWriter.appended(folder, plan.blocks(prefix), self.shard_bytes, prefix,
+                                                                       metadata=meta), kind)
             else:  # this rank's blocks, appended to the real file by rank 0 after the pass (_combine)
-                (parts := self._rank_parts(folder.parent, self.world.rank)).mkdir()
-                writers[low] = Low16Writer(StreamingWriter.appended(parts, plan.low_blocks(units), 2**62, low))
+                (parts := self._rank_parts(folder.parent, self.world.rank, prefix)).mkdir()
+                writers[prefix] = BlockWriter(StreamingWriter.appended(parts, plan.blocks(prefix, units), 2**62, prefix), kind)
+        low = LOW16_PREFIX + str(plan.weight_slot)
         if not scratch and low in writers:  # the exact ties, per tensor (few)
             writers[TIES_PREFIX + plan.weight_slot] = appended(TIES_PREFIX + plan.weight_slot,
                                                                [k for k, e in plan.compact.items() if e == "low16"])
@@ -434,7 +440,9 @@ class StepWriter:
         else:
             base, slots = self._merge_dense(ctx, stats, u, raw)  # converts the base once, itself
         compact = plan.compact.get(key)
-        out = [(state[s], key, self._checked(key, slots[s], torch.float32, slot=s)) for s in plan.slots
+        span = unit_span(self.kp[key].shape, u.rows)  # a compressed slot's block of this slice (BlockWriter compresses)
+        out = [(state[s], block_name(key, *span, "f32") if s in plan.compressed_slots else key,
+                self._checked(key, slots[s], torch.float32, slot=s)) for s in plan.slots
                if s in state and not (compact and s == plan.weight_slot)]
         merged = method.weight(ctx, base, slots)
         weight = self._checked(key, merged, out_dtype)
@@ -462,7 +470,7 @@ class StepWriter:
         start, stop = unit_span(shape, u.rows)
         low, ties = encode_low16(value, weight)
         collector = self._ties.setdefault(key, TieCollector(math.prod(shape))).add(ties.cpu(), start)
-        out = [(state[LOW16_PREFIX + slot], block_name(key, start, stop) if plan.compressed else key, low)]  # Low16Writer compresses
+        out = [(state[LOW16_PREFIX + slot], block_name(key, start, stop) if plan.compressed else key, low)]  # BlockWriter compresses
         if stop == collector.numel:  # the tensor is complete: its ties, if any, in one tensor
             del self._ties[key]
             if collector.count:

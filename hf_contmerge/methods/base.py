@@ -195,6 +195,10 @@ class Method:
     # (``artifacts/compact.py``). None: ``carried_weight_slot`` decides (``merged`` when ``weight`` is
     # not overridden).
     weight_slot: ClassVar[str | None] = None
+    # Float32 slots that hold task-vector values as they came (differences of the stored models, exact
+    # in float32 and with as few significant bits as the models' dtype): carried as compressed blocks
+    # (``artifacts/compact.py``, ``--state-compression``), at a fraction of their 4 bytes for bf16 models.
+    compressible_slots: ClassVar[tuple[str, ...]] = ()
     # Whether ``merge`` and ``weight`` read ``x.base`` / ``base``. When not, the engine reads the base only
     # where it must (the item lacks the tensor, or the base's fingerprint is still to be computed from
     # its bytes) and passes None otherwise.

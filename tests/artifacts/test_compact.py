@@ -351,3 +351,28 @@ def test_a_resume_may_change_the_state_compression(tmp_path, streams, cli):
             assert p.read_bytes() == (got / p.name).read_bytes(), p
         assert all(torch.equal(a.view(torch.int32), b.view(torch.int32))
                    for a, b in zip(carried(ref, "merged").values(), carried(got, "merged").values()))
+
+
+def test_magmax_carries_its_task_vectors_compressed_and_exact(tmp_path, streams, cli):
+    """MagMax's τmax (``compressible_slots``): float32 blocks, bit for bit the uncompressed run's τmax, in
+    well under its 4 bytes a parameter (differences of bf16 models: the low halves are mostly zero); the
+    published weights are the same bytes, and a resume may switch between the two layouts."""
+    base, items = streams("llama", n=3, dtype=torch.bfloat16)
+    _merge(cli, base, items, tmp_path / "zstd", "magmax")
+    _merge(cli, base, items, tmp_path / "none", "magmax", "--state-compression", "none")
+    _merge(cli, base, items[:2], tmp_path / "mixed", "magmax", "--state-compression", "none")
+    _merge(cli, base, items, tmp_path / "mixed", "magmax", "--resume")
+    for t in (1, 2, 3):
+        z, n = tmp_path / f"zstd/step-{t}", tmp_path / f"none/step-{t}"
+        names = list(load_file(z / "contmerge_state/tau_max.safetensors"))
+        assert names and all("::f32[" in k for k in names)
+        exact, wide = carried(z, "tau_max"), carried(n, "tau_max")
+        assert exact.keys() == wide.keys() and all(torch.equal(exact[k].view(torch.int32), v.view(torch.int32)) for k, v in wide.items())
+        assert all(exact[k].shape == v.shape for k, v in wide.items())
+        size = [(d / "contmerge_state/tau_max.safetensors").stat().st_size for d in (z, n)]
+        assert size[0] < 0.75 * size[1], size
+        for p in sorted(n.glob("*.safetensors")):
+            assert p.read_bytes() == (z / p.name).read_bytes(), p
+    mixed, ref = tmp_path / "mixed/step-3", tmp_path / "zstd/step-3"
+    for p in sorted(ref.rglob("*.safetensors")):
+        assert p.read_bytes() == (mixed / p.relative_to(ref)).read_bytes(), p

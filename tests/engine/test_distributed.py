@@ -118,6 +118,20 @@ def test_two_ranks_carry_the_same_compact_bf16_state(tmp_path, compression):
     assert_same(tmp_path / "one", tmp_path / "two")
 
 
+def test_two_ranks_carry_the_same_compressed_slot(tmp_path):
+    """MagMax's τmax as compressed float32 blocks: rank 1's appended by rank 0 after its own, the files
+    those of one process, byte for byte."""
+    import torch
+
+    base, items = make_stream(tmp_path / "bf16", "llama", n=2, dtype=torch.bfloat16)
+    args = ["--base", base, "--stream", *items, "--method", "magmax", "--chunk-mb", "0.002", "--shard-size", "8KB", "--quiet"]
+    assert one_process(*args, "--out", tmp_path / "one").returncode == 0
+    double = ranks(2, *args, "--out", tmp_path / "two")
+    assert double.returncode == 0, double.stderr[-3000:]
+    assert list((tmp_path / "one" / "step-2" / "contmerge_state").glob("tau_max-*"))
+    assert_same(tmp_path / "one", tmp_path / "two")
+
+
 def test_two_ranks_on_a_lora_stream_carry_the_same_factors(tmp_path, lora_stream):
     """OPCM's factored kernel: the factors are gathered to rank 0 and written in plan order."""
     base, adapters, _ = lora_stream
