@@ -27,8 +27,14 @@ written in full beside the weights:
   published + 2), at most 4.125 when ties abound, and ~2.6–3.2 typically. ``--state-compression none``
   writes the codes as they are, one int16 tensor ``KEY`` of ``low16-{slot}`` (format 3's layout, read
   the same way): 2 bytes a parameter and no CPU, for a fast local disk and few cores.
-- float16 output (a wider exponent: no bit relation), other slots (MagMax's τmax, Fisher sums) and
-  ``--allow-nonfinite`` runs keep the float32 file ``{slot}``.
+- **Compressed slots** (``Method.compressible_slots``: MagMax's τmax): slots that hold task-vector
+  entries as they came, differences of the stored models, exact in float32 with as few significant
+  bits as the models' dtype. Each slice is one zstd frame of the high halves of its bits, then the low
+  halves (mostly zero for bfloat16 models), the uint8 tensor ``KEY::f32[a:b]`` of the slot's own file
+  ``{slot}``, whose metadata records the tensors' shapes (``contmerge_shapes``): ~0.4 of the 4 bytes.
+- float16 output (a wider exponent: no bit relation), other slots (Fisher sums: full float32
+  mantissas) and ``--allow-nonfinite`` runs keep the float32 file ``{slot}``, as does every slot
+  with ``--state-compression none``.
 
 Reading is exact for every encoding (:class:`CompactSlot`); steps of state format 3 (the int16 codes
 uncompressed, tensor ``KEY`` of ``low16-{slot}``) and 2 (float32 throughout) are read as before.

@@ -31,8 +31,9 @@ FORMAT = "hf-contmerge/state"
 # 3: the method's weight slot (``weight_slot``) is carried over the published weights
 # (``artifacts/compact.py``: nothing more for float32 weights, int16 low bits for bfloat16 ones);
 # format-2 steps, float32 throughout, are read as before.
-# 4: those low bits compressed, one zstd frame per slice (``KEY::low16[a:b]``), unless --state-compression none
-# (format 3's layout); format-3 steps are read as before.
+# 4: those low bits compressed, one zstd frame per slice (``KEY::low16[a:b]``), and so are the compressible
+# slots (MagMax's τmax: ``KEY::f32[a:b]``), unless --state-compression none (format 3's layout); format-3
+# steps are read as before.
 FORMAT_VERSION = 4
 
 

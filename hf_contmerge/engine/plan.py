@@ -168,8 +168,8 @@ class StepPlan:
 def share_report(plan: StepPlan, workers: int) -> str:
     """How ``workers`` ranks would share each pass of ``plan`` (``merge --dry-run --ranks N``): per rank
     the tensors, the float32 elements its kernels touch, the bytes it writes (weights in their output
-    dtype, carried slots as stored: float32, or compact, the low bits counted at their 2 bytes before
-    compression) and its share of the cost model's total."""
+    dtype, carried slots as stored: float32, or compact; the low bits and compressed slots counted at
+    their 2 and 4 bytes before compression) and its share of the cost model's total."""
     itemsize = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}
     carried = {sp.key for sp in plan.state_specs}
     final_state = {k: sum(0 if s == plan.weight_slot and plan.compact.get(k) == "weight" else
