@@ -79,9 +79,10 @@ class MergeOptions(BaseModel):
                                  "carried state stays exact)", json_schema_extra=_recorded("free"))
     chunk_mb: float = Field(16, gt=0, le=2**20, description="slice size (MiB, float32) for elementwise kernels on large tensors")
     state_compression: Literal["zstd", "none"] = Field(
-        "zstd", description="the low 16 bits a bfloat16 step carries beside its weights (exact either way; a resume "
-        "reads both): zstd, one frame per slice, typically 0.3-0.6 of their 2 bytes a parameter for ~3-5 ns a parameter "
-        "of CPU, spread over the cores; none: 2 bytes a parameter, no CPU (for a fast local disk and few cores)")
+        "zstd", description="the carried state's low 16 bits beside bfloat16 weights, and MagMax's task vectors (exact "
+        "either way; a resume reads both): zstd, one frame per slice, typically 0.3-0.6 of the low bits' 2 bytes and ~0.4 "
+        "of MagMax's 4 a parameter, for ~2-5 ns a parameter of CPU, spread over the cores; none: stored as they are, no "
+        "CPU (for a fast local disk and few cores)")
     resume: bool = Field(False, description="continue the run in --out after its last complete step")
     resume_from: str | None = Field(None, description="continue from a step published on the Hub, ORG/NAME[@REV] "
                                     "(e.g. @step-3); the --stream must start with the items that step holds")
