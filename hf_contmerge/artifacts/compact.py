@@ -143,8 +143,9 @@ def decompress_low16(frame: torch.Tensor, numel: int, what: str) -> torch.Tensor
 
 def compress_f32(values: torch.Tensor) -> torch.Tensor:
     """A slice of a compressed float32 slot as one zstd frame: the high halves of its bits, then the low
-    halves (int16 each). Split so the coder sees the low halves together: a difference of two bfloat16
-    values has at most 16 significant bits, so its low half is mostly zero."""
+    halves (int16 each). Split so the coder sees the low halves together: a difference of two close
+    bfloat16 values has few significant bits (8 and the gap of their exponents), so its low half is
+    mostly zero."""
     bits = values.contiguous().reshape(-1).view(torch.int32)
     return compress_low16(torch.cat([bits.bitwise_right_shift(16).to(torch.int16), bits.to(torch.int16)]))
 

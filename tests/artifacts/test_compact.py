@@ -162,6 +162,13 @@ def test_compressed_codes_come_back_exactly_and_structured_ones_shrink():
         compact.decompress_low16(frame, structured.numel(), "block")
     with pytest.raises(ContMergeError, match="damaged"):
         compact.decompress_low16(compact.compress_low16(structured), structured.numel() - 1, "block")
+    # a compressed float32 slot: every bit pattern (signs of both halves, NaN, Inf, -0) comes back
+    bits = torch.cat([torch.randint(-2**31, 2**31, (4096,), generator=g, dtype=torch.int64),
+                      torch.tensor([0x7FC00000, 0x7F800000, 0x80000000, 0x0000FFFF, 0xFFFF8000])]).to(torch.int32)
+    for values in (bits.view(torch.float32), torch.stack(taus).reshape(-1)[:4096]):
+        back = compact.decompress_f32(compact.compress_f32(values), values.numel(), "block")
+        assert torch.equal(back.view(torch.int32), values.view(torch.int32))
+    assert compact.compress_f32(taus[0]).numel() < 0.6 * 4 * taus[0].numel()  # bf16 differences: mostly-zero low halves
 
 
 def test_a_weight_that_is_not_the_carried_slot_is_caught(tmp_path, streams, cli, monkeypatch):
