@@ -80,7 +80,7 @@ class MergeOptions(BaseModel):
     chunk_mb: float = Field(16, gt=0, le=2**20, description="slice size (MiB, float32) for elementwise kernels on large tensors")
     state_compression: Literal["zstd", "none"] = Field(
         "zstd", description="the carried state's low 16 bits beside bfloat16 weights, and MagMax's task vectors (exact "
-        "either way; a resume reads both): zstd, one frame per slice, typically 0.3-0.6 of the low bits' 2 bytes and ~0.4 "
+        "either way; a resume reads both): zstd, one frame per slice, typically 0.2-0.65 of the low bits' 2 bytes and ~0.4 "
         "of MagMax's 4 a parameter, for ~2-5 ns a parameter of CPU, spread over the cores; none: stored as they are, no "
         "CPU (for a fast local disk and few cores)")
     resume: bool = Field(False, description="continue the run in --out after its last complete step")

@@ -20,7 +20,7 @@ written in full beside the weights:
   engine writes is one zstd frame (level 1, with a checksum) of its int16 codes, the uint8 tensor
   ``KEY::low16[a:b]`` of ``low16-{slot}`` for flat elements [a, b). The codes of a merge of bfloat16
   models are far from random: a sum of bfloat16 task vectors has few significant bits and a scaling such
-  as 0.3 repeats its binary digits, so they compress to 0.3–0.6 of their 2 bytes
+  as 0.3 repeats its binary digits, so they compress to 0.2–0.65 of their 2 bytes
   (benchmarks/RESULTS.md); random codes stay at 2 bytes and a few bytes of frame. Why zstd
   (``zstandard``, no dependencies of its own): its entropy coder is what these codes need (LZ4, without
   one, saves 5–12 %), at ~1.5 ns an element to decode. A step thus writes at most 4 bytes a parameter (2
