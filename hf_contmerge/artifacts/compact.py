@@ -24,7 +24,7 @@ written in full beside the weights:
   (benchmarks/RESULTS.md); random codes stay at 2 bytes and a few bytes of frame. Why zstd
   (``zstandard``, no dependencies of its own): its entropy coder is what these codes need (LZ4, without
   one, saves 5–12 %), at ~1.5 ns an element to decode. A step thus writes at most 4 bytes a parameter (2
-  published + 2), at most 4.125 when ties abound, and ~2.6–3.2 typically. ``--state-compression none``
+  published + 2), at most 4.125 when ties abound, and ~2.4–3.3 typically. ``--state-compression none``
   writes the codes as they are, one int16 tensor ``KEY`` of ``low16-{slot}`` (format 3's layout, read
   the same way): 2 bytes a parameter and no CPU, for a fast local disk and few cores.
 - **Compressed slots** (``Method.compressible_slots``: MagMax's τmax): slots that hold task-vector
