@@ -59,6 +59,7 @@ from .layout import LEFT, LOWRANK_PREFIX, STATE_DIR
 LOW16_PREFIX = "low16-"
 TIES_PREFIX = "ties-"
 TIE = -32768  # the int16 code shared by the two exact ties (see the module docstring)
+_REMOVE = "Remove that step folder and resume from the one before."  # what a damaged step's reader says to do
 _BLOCK = re.compile(r"^(.+)::(low16|f32)\[(\d+):(\d+)\]$")
 SHAPES = "contmerge_shapes"  # metadata of a compressed float32 slot's files: the shape of each tensor (JSON)
 # Level 1 with a smaller match table: the codes' gain is in the entropy coder more than in matches, and
@@ -134,10 +135,9 @@ def decompress_low16(frame: torch.Tensor, numel: int, what: str) -> torch.Tensor
     try:
         raw = zstandard.ZstdDecompressor().decompress(frame.contiguous().numpy(), max_output_size=2 * numel)
     except zstandard.ZstdError as e:
-        raise ContMergeError(f"{what} is damaged ({e}). Remove that step folder and resume from the one before.") from e
+        raise ContMergeError(f"{what} is damaged ({e}). {_REMOVE}") from e
     if len(raw) != 2 * numel:
-        raise ContMergeError(f"{what} holds {len(raw) // 2} codes, expected {numel}: the step is damaged. Remove that "
-                             "step folder and resume from the one before.")
+        raise ContMergeError(f"{what} holds {len(raw) // 2} codes, expected {numel}: the step is damaged. {_REMOVE}")
     return torch.frombuffer(bytearray(raw), dtype=torch.int16) if numel else torch.zeros(0, dtype=torch.int16)
 
 
@@ -261,6 +261,15 @@ def ties_between(stored: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     return stored[lo:hi] - start
 
 
+def _blocks_by_key(names, kind: str) -> dict[str, list[tuple[int, int, str]]]:
+    """The blocks of ``kind`` among ``names`` (:func:`block_name`), by tensor: (start, stop, name) each."""
+    found: dict[str, list[tuple[int, int, str]]] = {}
+    for name in names:
+        if (m := _BLOCK.match(name)) is not None and m[2] == kind:
+            found.setdefault(m[1], []).append((int(m[3]), int(m[4]), name))
+    return found
+
+
 def _tiling(spans: list[tuple[int, int, str]], numel: int, key: str, label: str) -> list[tuple[int, int, str]]:
     """A tensor's blocks in order, refused unless they tile its ``numel`` elements (a gap or an overlap
     is a damaged step)."""
@@ -268,7 +277,7 @@ def _tiling(spans: list[tuple[int, int, str]], numel: int, key: str, label: str)
     ends = [0] + [b for _, b, _ in spans]
     if [a for a, _, _ in spans] != ends[:-1] or ends[-1] != numel:
         raise ContMergeError(f"{label}: the blocks of {key!r} do not cover its {numel} elements: the step is damaged. "
-                             "Remove that step folder and resume from the one before.")
+                             + _REMOVE)
     return spans
 
 
@@ -295,22 +304,17 @@ class CompactSlot(TensorIndex):
         self.weights = Checkpoint.open(Path(step_folder), label=f"published weights of {step_folder}") if is_weight else None
         self._info = dict(self.full._info)
         self._encoding: dict[str, str] = {}
-        self._blocks: dict[str, list[tuple[int, int, str]]] = {}  # key -> its compressed low bits, in order
-        for name in self.low.keys() if self.low is not None else ():
-            if (m := _BLOCK.match(name)) is not None:
-                self._blocks.setdefault(m[1], []).append((int(m[3]), int(m[4]), name))
+        self._blocks = _blocks_by_key(self.low.keys() if self.low is not None else (), "low16")  # compressed low bits
         # a compressed slot (Method.compressible_slots): its float32 tensors as blocks, shapes in the metadata
-        self._f32: dict[str, list[tuple[int, int, str]]] = {}
-        for name in list(self._info):
-            if (m := _BLOCK.match(name)) is not None and m[2] == "f32":
-                self._f32.setdefault(m[1], []).append((int(m[3]), int(m[4]), name))
+        self._f32 = _blocks_by_key(self._info, "f32")
+        for spans in self._f32.values():
+            for *_, name in spans:
                 del self._info[name]
         if self._f32:
             shapes = {k: tuple(v) for f in self.full._files for k, v in json.loads(f.metadata.get(SHAPES, "{}")).items()}
             for key in self._f32:
                 if key not in shapes:
-                    raise ContMergeError(f"{label}: no shape recorded for {key!r}: the step is damaged. Remove that "
-                                         "step folder and resume from the one before.")
+                    raise ContMergeError(f"{label}: no shape recorded for {key!r}: the step is damaged. {_REMOVE}")
                 self._info[key] = TensorInfo("F32", shapes[key], 0, 4 * math.prod(shapes[key]))
                 self._f32[key] = _tiling(self._f32[key], math.prod(shapes[key]), key, label)
                 self._encoding[key] = "f32"

@@ -107,7 +107,8 @@ class StepPlan:
     def block_files(self) -> dict[str, str]:
         """The final state's files of compressed blocks (``compact.py``), prefix -> kind: the weight slot's low
         bits (``low16``, when it has any) and the compressed slots (``f32``)."""
-        low = {LOW16_PREFIX + str(self.weight_slot): "low16"} if self.low_blocks() else {}
+        has_low = self.compressed and "low16" in self.compact.values()  # compact keys are dense in the final pass
+        low = {LOW16_PREFIX + str(self.weight_slot): "low16"} if has_low else {}
         return {**low, **dict.fromkeys(self.compressed_slots, "f32")}
 
     def low_blocks(self, units: tuple[WorkUnit, ...] | None = None) -> list[str]:
@@ -127,9 +128,9 @@ class StepPlan:
         return [block_name(u.key, *unit_span(self.info[u.key].shape, u.rows), "f32") for u in units
                 if u.form == "dense" and u.key in carried]
 
-    def blocks(self, prefix: str, units: tuple[WorkUnit, ...] | None = None) -> list[str]:
-        """The blocks of file ``prefix`` (:meth:`block_files`) that ``units`` write."""
-        return self.low_blocks(units) if self.block_files()[prefix] == "low16" else self.slot_blocks(units)
+    def blocks(self, kind: str, units: tuple[WorkUnit, ...] | None = None) -> list[str]:
+        """The blocks that ``units`` write to a file of :meth:`block_files` of ``kind``."""
+        return self.low_blocks(units) if kind == "low16" else self.slot_blocks(units)
 
     def published_name(self, key: str) -> str | None:
         """The name ``key``'s merged weight is written under, or None when the output leaves it out (an

@@ -345,11 +345,11 @@ class StepWriter:
             # a compressed slot's tensors' shapes, which its blocks do not tell
             meta = {SHAPES: json.dumps({sp.key: list(sp.shape) for sp in plan.state_specs})} if kind == "f32" else None
             if main:
-                writers[prefix] = BlockWriter(StreamingWriter.appended(folder, plan.blocks(prefix), self.shard_bytes, prefix,
+                writers[prefix] = BlockWriter(StreamingWriter.appended(folder, plan.blocks(kind), self.shard_bytes, prefix,
                                                                        metadata=meta), kind)
             else:  # this rank's blocks, appended to the real file by rank 0 after the pass (_combine)
                 (parts := self._rank_parts(folder.parent, self.world.rank, prefix)).mkdir()
-                writers[prefix] = BlockWriter(StreamingWriter.appended(parts, plan.blocks(prefix, units), 2**62, prefix), kind)
+                writers[prefix] = BlockWriter(StreamingWriter.appended(parts, plan.blocks(kind, units), 2**62, prefix), kind)
         low = LOW16_PREFIX + str(plan.weight_slot)
         if not scratch and low in writers:  # the exact ties, per tensor (few)
             writers[TIES_PREFIX + plan.weight_slot] = appended(TIES_PREFIX + plan.weight_slot,
@@ -440,7 +440,7 @@ class StepWriter:
         else:
             base, slots = self._merge_dense(ctx, stats, u, raw)  # converts the base once, itself
         compact = plan.compact.get(key)
-        span = unit_span(self.kp[key].shape, u.rows)  # a compressed slot's block of this slice (BlockWriter compresses)
+        span = unit_span(self.kp[key].shape, u.rows)  # this slice's flat elements: its blocks (BlockWriter compresses)
         out = [(state[s], block_name(key, *span, "f32") if s in plan.compressed_slots else key,
                 self._checked(key, slots[s], torch.float32, slot=s)) for s in plan.slots
                if s in state and not (compact and s == plan.weight_slot)]
@@ -451,7 +451,7 @@ class StepWriter:
             if merged is not value and not torch.equal(merged, value):  # the method's promise (carried_weight_slot)
                 raise RuntimeError(f"internal: the published {key!r} is not the carried slot {plan.weight_slot!r}")
             # ``weight`` is ``value`` rounded and was checked finite; rounding keeps NaN and Inf, so ``value`` is too
-            out += self._compact(key, u, value, weight, state)
+            out += self._compact(key, span, value, weight, state)
         if name is None:  # an adapter leaves this tensor at the base: it must be the base, bit for bit
             if not torch.equal(weight, base.to(out_dtype)):
                 raise ContMergeError(f"internal: {key!r} changed although no adapter touched it; use --output-format full "
@@ -459,17 +459,17 @@ class StepWriter:
             return out
         return [*out, (weights, name, weight)]
 
-    def _compact(self, key: str, u: WorkUnit, value: torch.Tensor, weight: torch.Tensor, state: dict) -> list:
-        """The weight slot's ``value`` over the published ``weight``, ``value`` rounded (one unit): nothing for a
+    def _compact(self, key: str, span: tuple[int, int], value: torch.Tensor, weight: torch.Tensor, state: dict) -> list:
+        """The weight slot's ``value`` over the published ``weight``, ``value`` rounded (one unit, flat elements
+        ``span``: :func:`unit_span`): nothing for a
         float32 weight, its int16 low bits for a bfloat16 one, and at the tensor's last slice its ties
         (``TieCollector``)."""
         plan, slot = self.plan, self.plan.weight_slot
         if plan.compact[key] == "weight":  # the published float32 tensor is the slot itself
             return []
-        shape = self.kp[key].shape
-        start, stop = unit_span(shape, u.rows)
+        start, stop = span
         low, ties = encode_low16(value, weight)
-        collector = self._ties.setdefault(key, TieCollector(math.prod(shape))).add(ties.cpu(), start)
+        collector = self._ties.setdefault(key, TieCollector(math.prod(self.kp[key].shape))).add(ties.cpu(), start)
         out = [(state[LOW16_PREFIX + slot], block_name(key, start, stop) if plan.compressed else key, low)]  # BlockWriter compresses
         if stop == collector.numel:  # the tensor is complete: its ties, if any, in one tensor
             del self._ties[key]
