@@ -54,6 +54,7 @@ import zstandard
 from ..errors import ContMergeError
 from ..io.checkpoint import Checkpoint, TensorIndex
 from ..io.safetensors import TensorInfo
+from . import native
 from .layout import LEFT, LOWRANK_PREFIX, STATE_DIR
 
 LOW16_PREFIX = "low16-"
@@ -109,6 +110,46 @@ def decode_low16(published: torch.Tensor, low: torch.Tensor, ties: torch.Tensor)
     if mask is None and ties.numel():
         bits[ties] += 65536
     return bits.view(torch.float32).view(published.shape)
+
+
+def encode_bf16(state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None:
+    """``state`` (float32) as a step stores it for a bfloat16 output: its bfloat16 rounding (the published
+    tensor, ``state``'s shape), the int16 low bits (flat), the ties rounded down as bitmask bytes of the
+    slice (:func:`pack_mask`'s layout, on the CPU) and their count; None when a value is not finite or rounds
+    to an infinity (the caller says which). One pass of the compiled codec (native.py) on the CPU, else
+    :func:`encode_low16`'s torch ops: the same bits."""
+    lib = native.library() if state.device.type == "cpu" else None
+    if lib is None:
+        published = state.to(torch.bfloat16)
+        if not bool(torch.isfinite(published).all()):  # rounding keeps NaN and Inf, and makes Inf of overflows
+            return None
+        low, mask = encode_low16(state, published)
+        mask = mask.cpu()
+        return published, low.reshape(-1), pack_mask(mask), int(torch.count_nonzero(mask))
+    flat = state.contiguous().reshape(-1)
+    published = torch.empty(state.shape, dtype=torch.bfloat16)
+    low = torch.empty(flat.numel(), dtype=torch.int16)
+    ties = torch.empty(-(-flat.numel() // 8), dtype=torch.uint8)
+    count = lib.cm_encode(flat.data_ptr(), flat.numel(), published.data_ptr(), low.data_ptr(), ties.data_ptr())
+    return None if count < 0 else (published, low, ties, count)
+
+
+def decode_state(published: torch.Tensor, low: torch.Tensor, stored_ties: torch.Tensor, start: int) -> torch.Tensor:
+    """The float32 state of flat elements [start, start + n) of a tensor from their published bfloat16 values
+    (any shape: the result's), their int16 low bits and the tensor's ties as stored (:func:`pack_ties`). The
+    compiled codec (native.py), else :func:`decode_low16`'s torch ops: the same bits."""
+    lib = native.library() if published.device.type == "cpu" else None
+    stop = start + published.numel()
+    if lib is None:
+        return decode_low16(published, low, ties_between(stored_ties, start, stop))
+    top, rest = published.contiguous(), low.contiguous()
+    out = torch.empty(published.shape, dtype=torch.float32)
+    bitmask = stored_ties.dtype == torch.uint8 and stored_ties.numel() > 0
+    lib.cm_decode(top.data_ptr(), rest.data_ptr(), stored_ties.data_ptr() if bitmask else None, start, top.numel(),
+                  out.data_ptr())
+    if not bitmask and stored_ties.numel():  # sparse ties: their indices
+        out.view(-1).view(torch.int32)[ties_between(stored_ties, start, stop)] += 65536
+    return out
 
 
 def block_name(key: str, start: int, stop: int, kind: str = "low16") -> str:
@@ -225,16 +266,32 @@ class TieCollector:
             self.parts.append((flat_nonzero(ties) if mask else ties) + offset)
             return self
         if self.bits is None:
-            self.bits = torch.zeros(-(-self.numel // 8), dtype=torch.uint8)
-            if self.parts:
-                self._set(torch.cat(self.parts))
-            self.parts = []
+            self._to_bitmask()
         if mask and offset % 8 == 0 and (ties.numel() % 8 == 0 or offset + ties.numel() == self.numel):
             packed = pack_mask(ties)  # the slice's whole bytes at once
             self.bits[offset // 8 : offset // 8 + packed.numel()] |= packed
         else:
             self._set((flat_nonzero(ties) if mask else ties) + offset)
         return self
+
+    def add_packed(self, bits: torch.Tensor, count: int, offset: int, numel: int) -> TieCollector:
+        """The ties of the ``numel`` elements from flat element ``offset``, as :func:`encode_bf16` gives them:
+        the slice's bitmask bytes and their ``count``."""
+        if not count:
+            return self
+        if offset % 8 or (self.bits is None and (self.count + count) * 64 <= self.numel):
+            return self.add(packed_indices(bits), offset)
+        self.count += count
+        if self.bits is None:
+            self._to_bitmask()
+        self.bits[offset // 8 : offset // 8 + bits.numel()] |= bits  # padding bits past ``numel`` are zero
+        return self
+
+    def _to_bitmask(self) -> None:
+        self.bits = torch.zeros(-(-self.numel // 8), dtype=torch.uint8)
+        if self.parts:
+            self._set(torch.cat(self.parts))
+        self.parts = []
 
     def _set(self, indices: torch.Tensor) -> None:
         # distinct bits of one byte add without a carry: O(ties), not O(numel)
@@ -250,6 +307,14 @@ def tie_mask(stored: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     """Flat elements [start, stop) of a tie bitmask (:func:`pack_ties`), one uint8 0/1 an element."""
     first = start // 8
     return _UNPACK[stored[first : -(-stop // 8)].long()].flatten()[start - 8 * first : stop - 8 * first]
+
+
+def packed_indices(bits: torch.Tensor) -> torch.Tensor:
+    """The sorted positions of the set bits of bitmask bytes (bit i of byte j: position 8j + i), scanning the
+    bytes once and looking inside those that are not zero."""
+    nz = bits.nonzero().flatten()
+    at = (nz[:, None] * 8 + torch.arange(8)).flatten()
+    return at[_UNPACK[bits[nz].long()].flatten().bool()]
 
 
 def ties_between(stored: torch.Tensor, start: int, stop: int) -> torch.Tensor:
@@ -352,7 +417,7 @@ class CompactSlot(TensorIndex):
         start, stop = unit_span(self._info[key].shape, rows)
         low = self.low.read(key, rows) if key in self.low else self._between(self.low, self._blocks[key], start, stop,
                                                                               decompress_low16)
-        return decode_low16(published, low, ties_between(self._ties(key), start, stop))
+        return decode_state(published, low, self._ties(key), start)
 
     def _between(self, ck: Checkpoint, blocks: list[tuple[int, int, str]], start: int, stop: int, decode) -> torch.Tensor:
         """Flat elements [start, stop) of a tensor stored as compressed ``blocks`` of ``ck`` (``decode``: their

@@ -30,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..artifacts.adapter import AdapterExport
-from ..artifacts.compact import LOW16_PREFIX, SHAPES, TIES_PREFIX, BlockWriter, TieCollector, block_name, encode_low16, unit_span
+from ..artifacts.compact import LOW16_PREFIX, SHAPES, TIES_PREFIX, BlockWriter, TieCollector, block_name, encode_bf16, unit_span
 from ..artifacts.folder import open_lowrank, open_slot
 from ..artifacts.layout import ADAPTER_WEIGHTS_PREFIX, LEFT, LOWRANK_PREFIX, PASS1_DIR, RIGHT, STATE_DIR, WEIGHTS_PREFIX
 from ..artifacts.state import StepState
@@ -445,13 +445,14 @@ class StepWriter:
                 self._checked(key, slots[s], torch.float32, slot=s)) for s in plan.slots
                if s in state and not (compact and s == plan.weight_slot)]
         merged = method.weight(ctx, base, slots)
-        weight = self._checked(key, merged, out_dtype)
-        if compact is not None:  # the weight slot, carried over the weight just computed (compact.py)
+        if compact is not None:  # the weight slot, carried beside the weight it rounds to (compact.py)
             value = slots[plan.weight_slot].to(torch.float32)
             if merged is not value and not torch.equal(merged, value):  # the method's promise (carried_weight_slot)
                 raise RuntimeError(f"internal: the published {key!r} is not the carried slot {plan.weight_slot!r}")
-            # ``weight`` is ``value`` rounded and was checked finite; rounding keeps NaN and Inf, so ``value`` is too
-            out += self._compact(key, span, value, weight, state)
+            weight, carried = self._compact(key, span, value, out_dtype, state)
+            out += carried
+        else:
+            weight = self._checked(key, merged, out_dtype)
         if name is None:  # an adapter leaves this tensor at the base: it must be the base, bit for bit
             if not torch.equal(weight, base.to(out_dtype)):
                 raise ContMergeError(f"internal: {key!r} changed although no adapter touched it; use --output-format full "
@@ -459,23 +460,30 @@ class StepWriter:
             return out
         return [*out, (weights, name, weight)]
 
-    def _compact(self, key: str, span: tuple[int, int], value: torch.Tensor, weight: torch.Tensor, state: dict) -> list:
-        """The weight slot's ``value`` over the published ``weight``, ``value`` rounded (one unit, flat elements
-        ``span``: :func:`unit_span`): nothing for a
+    def _compact(self, key: str, span: tuple[int, int], value: torch.Tensor, out_dtype: torch.dtype,
+                 state: dict) -> tuple[torch.Tensor, list]:
+        """The published weight (``value``, the weight slot, rounded to ``out_dtype`` and checked finite) and
+        what carries ``value`` beside it (one unit, flat elements ``span``: :func:`unit_span`): nothing for a
         float32 weight, its int16 low bits for a bfloat16 one, and at the tensor's last slice its ties
         (``TieCollector``)."""
         plan, slot = self.plan, self.plan.weight_slot
         if plan.compact[key] == "weight":  # the published float32 tensor is the slot itself
-            return []
+            return self._checked(key, value, out_dtype), []
         start, stop = span
-        low, ties = encode_low16(value, weight)
-        collector = self._ties.setdefault(key, TieCollector(math.prod(self.kp[key].shape))).add(ties.cpu(), start)
-        out = [(state[LOW16_PREFIX + slot], block_name(key, start, stop) if plan.compressed else key, low)]  # BlockWriter compresses
+        encoded = encode_bf16(value)  # rounding, finite check, low bits and ties in one pass
+        if encoded is None:
+            self._checked(key, value, out_dtype)  # raises: says whether it is NaN/Inf or the dtype's range
+            raise RuntimeError(f"internal: {key!r} has a value that is not finite, yet it passed the check")
+        weight, low, bits, count = encoded
+        collector = self._ties.setdefault(key, TieCollector(math.prod(self.kp[key].shape)))
+        collector.add_packed(bits, count, start, stop - start)
+        out = [(state[LOW16_PREFIX + slot], block_name(key, start, stop) if plan.compressed else key,
+                low.view(value.shape))]  # BlockWriter compresses
         if stop == collector.numel:  # the tensor is complete: its ties, if any, in one tensor
             del self._ties[key]
             if collector.count:
                 out.append((state[TIES_PREFIX + slot], key, collector.stored()))
-        return out
+        return weight, out
 
     def _checked(self, key: str, value: torch.Tensor, dtype: torch.dtype, slot: str | None = None) -> torch.Tensor:
         """``value`` in ``dtype``, refused when a value is not finite (unless --allow-nonfinite): the inputs

@@ -24,15 +24,20 @@ must know the header before the data. Two cases, one writer:
 Either way the files follow the transformers conventions: ``{prefix}.safetensors`` for one shard,
 else ``{prefix}-0000i-of-0000N.safetensors`` plus ``{prefix}.safetensors.index.json``
 (``metadata.total_size``, ``weight_map``), and ``{"format": "pt"}`` metadata. Every file is fsynced
-when closed. The tests read them back with the ``safetensors`` library.
+when closed, and the disk is started on a file's pages as they come (:func:`start_writeback`), so that
+the fsync waits for the last few MiB, not the whole file. The tests read them back with the
+``safetensors`` library.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import math
 import os
 import struct
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +47,32 @@ from huggingface_hub import split_state_dict_into_shards_factory
 
 from .safetensors import DTYPE_NAMES, TensorSpec
 
+WRITEBACK_BYTES = 64 << 20  # a file's pages are handed to the disk every this many bytes written
+SYNC_FILE_RANGE_WRITE = 2  # linux/fs.h
 _ENTRY = len('"":{"dtype":"BF16","shape":[],"data_offsets":[,]},') + 2 * 20 + 4 * 21  # reserved per name
+
+
+@functools.cache
+def _sync_file_range():
+    """Linux's ``sync_file_range``, or None elsewhere (ctypes: Python's ``os`` does not expose it)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        call = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    call.argtypes, call.restype = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint], ctypes.c_int
+    return call
+
+
+def start_writeback(fd: int) -> None:
+    """Start the disk on the dirty pages of file ``fd`` without waiting for it (``SYNC_FILE_RANGE_WRITE``):
+    the kernel would otherwise hold a step's gigabytes in the page cache until the closing fsync, and the
+    step would wait for all of them there (benchmarks/RESULTS.md). Advisory: the fsync still makes the file
+    durable, and where the call is missing or fails nothing changes."""
+    call = _sync_file_range()
+    if call is not None:
+        call(fd, 0, 0, SYNC_FILE_RANGE_WRITE)  # offset 0, nbytes 0: the whole file
 
 
 @dataclass(frozen=True)
@@ -118,6 +148,7 @@ class StreamingWriter:
         self._file = None
         self._headers: list[dict[str, object]] = []  # per shard opened so far
         self._offset = 0  # data bytes in the open shard
+        self._unstarted = 0  # bytes written since the disk was last started on them (start_writeback)
         self._current: tuple[str, int] | None = None  # tensor being written and its bytes still expected
         # planned mode
         self._specs: dict[str, TensorSpec] = {}
@@ -198,11 +229,24 @@ class StreamingWriter:
             while done < len(data):  # pwrite may write less than asked (Linux: at most 2 GiB a call)
                 done += os.pwrite(fd, data[done:], self._pos + done)
             self._pos += len(data)
+            self._written(fd, len(data))
             self._current = (name, self._current[1] - len(data)) if len(data) < self._current[1] else None
             return
         self._file.write(data)
         self._offset += len(data)
+        self._written(self._file, len(data))
         self._current = (name, self._current[1] - len(data)) if len(data) < self._current[1] else None
+
+    def _written(self, file, nbytes: int) -> None:
+        """Count ``nbytes`` just written to ``file`` (a file object or a descriptor); every
+        ``WRITEBACK_BYTES``, start the disk on them."""
+        self._unstarted += nbytes
+        if self._unstarted >= WRITEBACK_BYTES:
+            if not isinstance(file, int):
+                file.flush()
+                file = file.fileno()
+            start_writeback(file)
+            self._unstarted = 0
 
     def _begin(self, name: str, chunk: torch.Tensor) -> None:
         if self._share is not None:  # shared: one of this rank's tensors, once, at its planned offset

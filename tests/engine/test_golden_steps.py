@@ -8,6 +8,7 @@ bits ``low16-*``, MagMax's ``tau_max``) must give back the recorded float32 stat
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from support.golden_steps import (
     build_fixtures,
     differences,
     expected,
+    hash_steps,
     holds_blocks,
     machine,
     run_cases,
@@ -64,3 +66,18 @@ def test_step_folders_match_recorded_bytes(produced, case):
         return
     assert not changed, (f"{case}: bytes changed in {changed} (recorded with {golden['versions']}, here {versions()}: "
                          "after reviewing the change, re-record with `python tests/support/golden_steps.py record`)")
+
+
+@pytest.mark.parametrize("case", ["task_arithmetic_bf16_sliced", "average_lora"])
+def test_the_torch_codec_writes_the_same_step_folders(produced, monkeypatch, case):
+    """Without the compiled low-bits codec (no C compiler: artifacts/native.py) every file is the same, the
+    compressed low bits and the ties included (the sliced case cuts tensors off whole bytes of ties)."""
+    from hf_contmerge.artifacts import native
+    from hf_contmerge.cli import main
+
+    root, hashes = produced
+    assert native.library() is not None or shutil.which("cc") is None
+    monkeypatch.setattr(native, "library", lambda: None)
+    monkeypatch.chdir(root)
+    assert main(["merge", *CASES[case], "--out", f"torch-{case}", "--quiet"]) == 0
+    assert hash_steps(root / f"torch-{case}") == hashes[case]

@@ -187,3 +187,37 @@ def test_shared_planned_writers_write_the_bytes_of_one_writer(tmp_path, monkeypa
     assert files == sorted(p.name for p in (tmp_path / "two").iterdir())
     for name in files:
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+
+
+def test_writers_start_the_disk_on_what_they_wrote_every_writeback_bytes(tmp_path, monkeypatch):
+    """Every ``WRITEBACK_BYTES`` a writer hands the file it writes to the disk (start_writeback), its
+    buffered bytes flushed first; the files are the same bytes. The real system call is accepted here."""
+    import os
+    import sys
+
+    from hf_contmerge.io import writer as wr
+
+    if sys.platform.startswith("linux"):
+        probe = tmp_path / "probe"
+        probe.write_bytes(b"x" * 10000)
+        fd = os.open(probe, os.O_WRONLY)
+        try:
+            assert wr._sync_file_range() is not None and wr._sync_file_range()(fd, 0, 0, wr.SYNC_FILE_RANGE_WRITE) == 0
+        finally:
+            os.close(fd)
+    started: list[tuple[int, int]] = []
+    monkeypatch.setattr(wr, "WRITEBACK_BYTES", 100)
+    monkeypatch.setattr(wr, "start_writeback", lambda fd: started.append((fd, os.fstat(fd).st_size)))
+    specs = [TensorSpec(f"t{i}", (10, 5), "F32") for i in range(3)]  # 200 bytes each, written 40 at a time
+    tensors = {s.key: torch.randn(10, 5) for s in specs}
+    (tmp_path / "out").mkdir()
+    writer = StreamingWriter.planned(tmp_path / "out", specs, plan_shards(specs, 10**6))
+    for k in writer.sequence:
+        for a in range(0, 10, 2):
+            writer.write(k, tensors[k][a:a + 2])
+    head = 8 + int.from_bytes((tmp_path / "out" / "model.safetensors").read_bytes()[:8], "little")
+    assert [size for _, size in started] == [head + 120 * i for i in range(1, 6)]  # every third chunk, flushed
+    assert len({fd for fd, _ in started}) == 1
+    writer.close()
+    loaded = load_file(tmp_path / "out" / "model.safetensors")
+    assert loaded.keys() == tensors.keys() and all(torch.equal(loaded[k], t) for k, t in tensors.items())
