@@ -37,7 +37,10 @@ written in full beside the weights:
   with ``--state-compression none``.
 
 Reading is exact for every encoding (:class:`CompactSlot`); steps of state format 3 (the int16 codes
-uncompressed, tensor ``KEY`` of ``low16-{slot}``) and 2 (float32 throughout) are read as before.
+uncompressed, tensor ``KEY`` of ``low16-{slot}``) and 2 (float32 throughout) are read as before. A step
+encodes and decodes with :func:`encode_bf16` and :func:`decode_state`: one pass each of the compiled codec
+(``codec.c``, built on first use: native.py) where the machine has a C compiler, else the torch ops below
+(:func:`encode_low16`, :func:`decode_low16`, the tie packing), which write the same bytes.
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ import zstandard
 
 from ..errors import ContMergeError
 from ..io.checkpoint import Checkpoint, TensorIndex
-from ..io.safetensors import TensorInfo
+from ..io.safetensors import TensorInfo, finite
 from . import native
 from .layout import LEFT, LOWRANK_PREFIX, STATE_DIR
 
@@ -121,7 +124,7 @@ def encode_bf16(state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
     lib = native.library() if state.device.type == "cpu" else None
     if lib is None:
         published = state.to(torch.bfloat16)
-        if not bool(torch.isfinite(published).all()):  # rounding keeps NaN and Inf, and makes Inf of overflows
+        if not finite(published):  # rounding keeps NaN and Inf, and makes Inf of overflows
             return None
         low, mask = encode_low16(state, published)
         mask = mask.cpu()

@@ -26,10 +26,9 @@ import torch
 
 from ..artifacts.layout import STATE_DIR
 from ..engine.calibration import Calibrated
-from ..engine.step import finite
 from ..errors import ContMergeError
 from ..io.checkpoint import Checkpoint, TensorIndex
-from ..io.safetensors import TensorSpec
+from ..io.safetensors import TensorSpec, finite
 from ..io.writer import StreamingWriter, plan_shards
 from ..methods.base import CalibrationRequest
 from ..options import MergeOptions

@@ -36,7 +36,7 @@ from ..artifacts.layout import ADAPTER_WEIGHTS_PREFIX, LEFT, LOWRANK_PREFIX, PAS
 from ..artifacts.state import StepState
 from ..errors import ContMergeError
 from ..io.checkpoint import Checkpoint, TensorIndex
-from ..io.safetensors import SAFE_DTYPES, iter_row_chunks
+from ..io.safetensors import SAFE_DTYPES, finite, iter_row_chunks
 from ..io.writer import Share, StreamingWriter
 from ..methods.base import LowRankInputs, Method, StepContext, StepStats, TensorInputs, TensorOutput
 from ..methods.lowrank import LowRank
@@ -549,12 +549,6 @@ class StepWriter:
                                                   _on(raw.pop("extra"), self.device)))
         stats.add(u.key, out)
         return base, out.slots
-
-
-def finite(t: torch.Tensor) -> bool:
-    """Whether every value of a float tensor is finite: one reduction (a NaN/Inf makes the sum non-finite),
-    and the exact check only when the sum says otherwise (finite values may overflow a low-precision sum)."""
-    return not t.is_floating_point() or math.isfinite(t.sum()) or bool(torch.isfinite(t).all())
 
 
 def _on(tensors: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

@@ -215,3 +215,9 @@ def iter_row_chunks(shape: tuple[int, ...], itemsz: int, budget_bytes: int) -> I
         return
     for a in range(0, shape[0], step):
         yield (a, min(a + step, shape[0]))
+
+
+def finite(t: torch.Tensor) -> bool:
+    """Whether every value of a float tensor is finite: one reduction (a NaN/Inf makes the sum non-finite),
+    and the exact check only when the sum says otherwise (finite values may overflow a low-precision sum)."""
+    return not t.is_floating_point() or math.isfinite(t.sum()) or bool(torch.isfinite(t).all())
