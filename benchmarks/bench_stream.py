@@ -33,6 +33,11 @@ method, a base plus ``--items`` fine-tunes are merged one step per ``hf-contmerg
   published model (fsynced). ``merge ÷ floor copy`` is the step's time over it (issue 15's target:
   ≤ 1.5), and ``written ÷ published`` what the step wrote over its published model (target ≤ 2).
   Bytes read are the engine's own count (``--verbose``) where the measured version has it.
+- **engine step**: each step runs in a process of its own (``--resume``), so ``merge s`` includes the
+  process's start-up (its imports, ~1.5 s, measured below) and the sources' resolution, which a stream
+  merged in one process (``--stream A B C …``) pays once, not at every step. ``engine step s`` is the
+  step as the engine times it (``--verbose``: from its plan to the published folder: every read, kernel,
+  write and fsync), and ``engine step ÷ floor copy`` the per-step cost of such a stream against the floor.
 - **settle**: before every timed operation (merge, copy, floor copy, mergekit) the script syncs and
   waits ``--settle`` seconds (default 3). This project's machines are virtual machines that hand freed
   guest memory back to their host about 2 s after it is freed (free page reporting), and a page
@@ -147,6 +152,11 @@ class StepRow:
     load1: float
     floor_s: float = float("nan")  # the plain copy of what a continual step must move at the least
     published: int = 0  # bytes of the step's published model files
+    engine_s: float = float("nan")  # the step as the engine times it (--verbose), without the process start-up
+
+    @property
+    def engine_floor_ratio(self) -> float:
+        return self.engine_s / self.floor_s
 
     @property
     def floor_ratio(self) -> float:
@@ -338,6 +348,7 @@ def bench_method(depth: int, method: str, variant: Variant, folders: list[Path],
         # what the engine read, as it reports it (--verbose); an older engine: the files it reads whole
         said = re.search(rf"step {t}: read ([\d.]+) GB", output[0])
         read = round(float(said.group(1)) * GB) if said else sum(p.stat().st_size for p in inputs)
+        timed = re.search(rf"step {t}: read .* in ([\d.]+) s", output[0])
         settle(pause)
         copy_s, copy_bytes = timed_copy(inputs, written, scratch)
         # the least a continual step moves: read the base, the new model and the previous published model, write one
@@ -347,9 +358,10 @@ def bench_method(depth: int, method: str, variant: Variant, folders: list[Path],
         if t > 1:
             shutil.rmtree(prev)  # a resume needs only the last step; keeps the disk to two steps
         row = StepRow(depth, method, variant.name, t, read, written, wall, copy_s, copy_bytes, rss, cpu, load1, floor_s,
-                      published)
+                      published, float(timed.group(1)) if timed else float("nan"))
         log(f"  d{depth} {method} {variant.name} step {t}: merge {wall:.1f}s {row.merge_gbps:.3f} GB/s, copy {copy_s:.1f}s "
             f"{row.copy_gbps:.3f} GB/s, ratio {row.ratio:.2f}, floor copy {floor_s:.1f}s ({row.floor_ratio:.2f}×), "
+            f"engine step {row.engine_s:.1f}s ({row.engine_floor_ratio:.2f}×), "
             f"written/published {written / published:.2f}, RSS {rss / 2**20:.2f} GiB, CPU {cpu:.1f}s, load {load1:.1f}")
         rows.append(row)
     check_merge(method, base, items, run / f"step-{len(items)}")
@@ -427,19 +439,20 @@ def machine() -> str:
 
 def step_table(rows: list[StepRow]) -> str:
     head = ("| depth | method | variant | step | read GB | written GB | written ÷ published | merge s | merge GB/s | "
-            "copy s | copy GB/s | merge/copy | floor copy s | merge ÷ floor copy | peak RSS GiB | CPU s | load (1 min) |\n"
-            + "|---" * 17 + "|\n")
+            "copy s | copy GB/s | merge/copy | floor copy s | merge ÷ floor copy | engine step s | engine step ÷ floor copy | "
+            "peak RSS GiB | CPU s | load (1 min) |\n" + "|---" * 19 + "|\n")
     return head + "".join(
         f"| {r.depth} | {r.method} | {r.variant} | {r.step} | {r.read / GB:.2f} | {r.written / GB:.2f} | "
         f"{r.written / r.published:.2f} | {r.merge_s:.1f} | {r.merge_gbps:.3f} | {r.copy_s:.1f} | {r.copy_gbps:.3f} | "
-        f"{r.ratio:.2f} | {r.floor_s:.1f} | {r.floor_ratio:.2f} | {r.rss_kib / 2**20:.2f} | {r.cpu_s:.1f} | {r.load1:.1f} |\n"
+        f"{r.ratio:.2f} | {r.floor_s:.1f} | {r.floor_ratio:.2f} | {r.engine_s:.1f} | {r.engine_floor_ratio:.2f} | "
+        f"{r.rss_kib / 2**20:.2f} | {r.cpu_s:.1f} | {r.load1:.1f} |\n"
         for r in rows)
 
 
 def summary_table(rows: list[StepRow]) -> str:
     head = ("| depth | model GB | method | variant | merge GB/s | copy GB/s | merge/copy (≥ 0.7) | max peak RSS GiB (< 2) | "
             "step 2 s | step T s | T/2 (within ±15 %) | copy T/2 | T/2 ÷ copy T/2 | steps ÷ floor copies (≤ 1.5) | "
-            "max written ÷ published (≤ 2) |\n" + "|---" * 15 + "|\n")
+            "engine steps ÷ floor copies | max written ÷ published (≤ 2) |\n" + "|---" * 16 + "|\n")
     out = []
     for depth, method, variant in dict.fromkeys((r.depth, r.method, r.variant) for r in rows):
         rs = [r for r in rows if (r.depth, r.method, r.variant) == (depth, method, variant)]
@@ -450,6 +463,7 @@ def summary_table(rows: list[StepRow]) -> str:
         out.append(f"| {depth} | {make_synthetic.model_bytes(depth) / GB:.2f} | {method} | {variant} | {merge:.3f} | {copy:.3f} | "
                    f"{merge / copy:.2f} | {max(r.rss_kib for r in rs) / 2**20:.2f} | {s2:.1f} | {st:.1f} | {st / s2:.2f} | "
                    f"{ct / c2:.2f} | {st / s2 / (ct / c2):.2f} | {sum(r.merge_s for r in rs) / sum(r.floor_s for r in rs):.2f} | "
+                   f"{sum(r.engine_s for r in rs) / sum(r.floor_s for r in rs):.2f} | "
                    f"{max(r.written / r.published for r in rs):.2f} |")
     return head + "\n".join(out) + "\n"
 

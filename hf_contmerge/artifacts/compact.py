@@ -141,13 +141,19 @@ def decode_state(published: torch.Tensor, low: torch.Tensor, stored_ties: torch.
     """The float32 state of flat elements [start, start + n) of a tensor from their published bfloat16 values
     (any shape: the result's), their int16 low bits and the tensor's ties as stored (:func:`pack_ties`). The
     compiled codec (native.py), else :func:`decode_low16`'s torch ops: the same bits."""
-    lib = native.library() if published.device.type == "cpu" else None
     stop = start + published.numel()
+    bitmask = stored_ties.dtype == torch.uint8 and stored_ties.numel() > 0
+    # what a damaged or foreign step could hold instead (the compiled codec reads raw buffers: sizes first)
+    if (published.dtype != torch.bfloat16 or low.dtype != torch.int16 or low.numel() != published.numel()
+            or (bitmask and stored_ties.numel() < -(-stop // 8))):
+        raise ContMergeError(f"the low bits of a carried tensor do not fit its published weights ({low.dtype} x {low.numel()} "
+                             f"for {published.dtype} x {published.numel()}, ties {stored_ties.dtype} x {stored_ties.numel()}): "
+                             f"the step is damaged. {_REMOVE}")
+    lib = native.library() if published.device.type == "cpu" else None
     if lib is None:
         return decode_low16(published, low, ties_between(stored_ties, start, stop))
     top, rest = published.contiguous(), low.contiguous()
     out = torch.empty(published.shape, dtype=torch.float32)
-    bitmask = stored_ties.dtype == torch.uint8 and stored_ties.numel() > 0
     lib.cm_decode(top.data_ptr(), rest.data_ptr(), stored_ties.data_ptr() if bitmask else None, start, top.numel(),
                   out.data_ptr())
     if not bitmask and stored_ties.numel():  # sparse ties: their indices

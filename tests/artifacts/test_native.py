@@ -10,6 +10,7 @@ import torch
 
 from hf_contmerge.artifacts import compact, native
 from hf_contmerge.artifacts.compact import decode_low16, decode_state, encode_bf16, encode_low16, pack_mask, pack_ties
+from hf_contmerge.errors import ContMergeError
 
 needs_cc = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler on this machine")
 
@@ -112,3 +113,23 @@ def test_without_a_compiler_the_torch_ops_run(monkeypatch, tmp_path):
         assert native.library() is None
     finally:
         native.library.cache_clear()  # the next test builds (or loads) the real one again
+
+
+@pytest.mark.parametrize("damage", ["codes", "dtype", "ties"])
+def test_codes_or_ties_that_do_not_fit_are_refused_before_any_buffer_is_read(damage):
+    """A damaged step (fewer codes than weights, codes of another dtype, a bitmask shorter than the tensor):
+    refused with the remedy, on either codec path (the compiled one reads raw buffers)."""
+    x = _patterns(4099, seed=9)
+    published, low, bits, _ = _torch_encode(x)
+    if damage == "codes":
+        low = low[:-1]
+    elif damage == "dtype":
+        low = low.to(torch.int32)
+    else:
+        bits = bits[:-2]
+    for path in ("compiled", "torch"):
+        with pytest.MonkeyPatch.context() as m:
+            if path == "torch":
+                m.setattr(native, "library", lambda: None)
+            with pytest.raises(ContMergeError, match="damaged.*Remove that step folder"):
+                decode_state(published[8:], low[8:], bits, 8)
