@@ -3,8 +3,8 @@
    torch has no fused kernel for these bit operations: in eager torch, encoding is five passes (round, finite
    check, the low half, the tie compare, packing the ties) and decoding four more (unpacking the ties, widening,
    shift, add), each a full read and write of the slice. Both functions here compute the same bits as those
-   torch passes (tests/artifacts/test_native.py checks them against each other): plain C99, no intrinsics, so
-   the compiler vectorises it for whatever machine it is built on.
+   torch passes (tests/artifacts/test_native.py checks them against each other): C99 with two GCC/Clang
+   builtins (popcount, alignment), no intrinsics, so the compiler vectorises it for the machine it is built on.
 
    bfloat16 rounding is round-to-nearest-even on the bit pattern, as c10::BFloat16 does it. */
 
