@@ -19,7 +19,6 @@ import zstandard
 
 from hf_contmerge.artifacts import compact, native
 from hf_contmerge.engine.allocator import keep_freed_memory
-from hf_contmerge.io.safetensors import finite
 
 
 def state(n: int, models: int = 4, seed: int = 0) -> torch.Tensor:
@@ -56,17 +55,11 @@ def main() -> None:
     published, low, bits, count = encoded
     stored = compact.pack_ties(compact.packed_indices(bits), n)
 
-    def torch_encode():
-        weight = x.to(torch.bfloat16)
-        assert finite(weight)
-        low16, mask = compact.encode_low16(x, weight)
-        return compact.pack_mask(mask), int(torch.count_nonzero(mask))
-
     def torch_decode():
         return compact.decode_low16(published, low, compact.ties_between(stored, 0, n))
 
     rows = {
-        "encode (round, finite check, low bits, ties)": (torch_encode, lambda: compact.encode_bf16(x)),
+        "encode (round, finite check, low bits, ties)": (lambda: compact.encode_bf16_torch(x), lambda: compact.encode_bf16(x)),
         "decode (published + low bits + ties)": (torch_decode, lambda: compact.decode_state(published, low, stored, 0)),
     }
     print(f"{n} elements, ties {count / n:.3f} of them ({'bitmask' if stored.dtype == torch.uint8 else 'indices'}), "

@@ -84,7 +84,7 @@ _GATHER = 0x0102040810204080
 def encode_low16(state: torch.Tensor, published: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``state`` (float32) against ``published``, its bfloat16 rounding to nearest (the caller checks that
     ``published`` is ``state.to(torch.bfloat16)``): the int16 ``low16`` code, and the ties rounded down as a
-    bool mask of the slice (:class:`TieCollector` stores them, :func:`decode_low16` takes them).
+    bool mask of the slice (:func:`pack_mask` packs them for :class:`TieCollector`, :func:`decode_low16` takes them).
 
     The code is the low half of the float32's bits as it stands: ``bits(state) − bits(float32(published))``
     is that half when rounding went down, and that half minus 65536 when it went up, which is what the half
@@ -123,18 +123,23 @@ def encode_bf16(state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
     :func:`encode_low16`'s torch ops: the same bits."""
     lib = native.library() if state.device.type == "cpu" else None
     if lib is None:
-        published = state.to(torch.bfloat16)
-        if not finite(published):  # rounding keeps NaN and Inf, and makes Inf of overflows
-            return None
-        low, mask = encode_low16(state, published)
-        mask = mask.cpu()
-        return published, low.reshape(-1), pack_mask(mask), int(torch.count_nonzero(mask))
+        return encode_bf16_torch(state)
     flat = state.contiguous().reshape(-1)
     published = torch.empty(state.shape, dtype=torch.bfloat16)
     low = torch.empty(flat.numel(), dtype=torch.int16)
     ties = torch.empty(-(-flat.numel() // 8), dtype=torch.uint8)
     count = lib.cm_encode(flat.data_ptr(), flat.numel(), published.data_ptr(), low.data_ptr(), ties.data_ptr())
     return None if count < 0 else (published, low, ties, count)
+
+
+def encode_bf16_torch(state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None:
+    """:func:`encode_bf16` in torch ops, on any device (no compiler, or the state on a GPU)."""
+    published = state.to(torch.bfloat16)
+    if not finite(published):  # rounding keeps NaN and Inf, and makes Inf of overflows
+        return None
+    low, mask = encode_low16(state, published)
+    mask = mask.cpu()
+    return published, low.reshape(-1), pack_mask(mask), int(torch.count_nonzero(mask))
 
 
 def decode_state(published: torch.Tensor, low: torch.Tensor, stored_ties: torch.Tensor, start: int) -> torch.Tensor:
@@ -242,18 +247,6 @@ def pack_mask(mask: torch.Tensor) -> torch.Tensor:
     return (flat.view(torch.uint64) * _GATHER).view(torch.uint8).view(-1, 8)[:, 7].clone()
 
 
-def flat_nonzero(mask: torch.Tensor) -> torch.Tensor:
-    """The sorted flat indices of a sparse bool mask's True elements. A plain ``nonzero`` scans byte by
-    byte (~0.6 ns an element here); this scans the mask as 8-byte words and looks inside those that are
-    not zero, 8 candidates each (ties are sparse where indices are kept: at most 1 in 64)."""
-    flat = mask.reshape(-1)
-    if flat.numel() % 8 or flat.storage_offset() % 8 or not flat.is_contiguous():
-        return flat.nonzero().flatten()
-    words = flat.view(torch.uint8).view(torch.int64).nonzero().flatten()
-    at = (words[:, None] * 8 + torch.arange(8)).flatten()
-    return at[flat[at]]
-
-
 class TieCollector:
     """A tensor's ties rounded down, gathered slice by slice (in order) into what :func:`pack_ties` stores:
     indices while they are few, a bitmask from the slice on where they stop being so. Memory stays at most
@@ -264,28 +257,23 @@ class TieCollector:
         self.parts: list[torch.Tensor] = []
         self.bits: torch.Tensor | None = None
 
-    def add(self, ties: torch.Tensor, offset: int) -> TieCollector:
-        """The ties of the slice starting at flat element ``offset``, as :func:`encode_low16` gives them."""
-        mask = ties.dtype == torch.bool
-        found = int(torch.count_nonzero(ties)) if mask else ties.numel()
-        if not found:
+    def add(self, indices: torch.Tensor, offset: int) -> TieCollector:
+        """The ties of the slice starting at flat element ``offset``: their sorted indices in the slice."""
+        if not indices.numel():
             return self
-        self.count += found
+        self.count += indices.numel()
         if self.bits is None and self.count * 64 <= self.numel:
-            self.parts.append((flat_nonzero(ties) if mask else ties) + offset)
+            self.parts.append(indices + offset)
             return self
         if self.bits is None:
             self._to_bitmask()
-        if mask and offset % 8 == 0 and (ties.numel() % 8 == 0 or offset + ties.numel() == self.numel):
-            packed = pack_mask(ties)  # the slice's whole bytes at once
-            self.bits[offset // 8 : offset // 8 + packed.numel()] |= packed
-        else:
-            self._set((flat_nonzero(ties) if mask else ties) + offset)
+        self._set(indices + offset)
         return self
 
-    def add_packed(self, bits: torch.Tensor, count: int, offset: int, numel: int) -> TieCollector:
-        """The ties of the ``numel`` elements from flat element ``offset``, as :func:`encode_bf16` gives them:
-        the slice's bitmask bytes and their ``count``."""
+    def add_packed(self, bits: torch.Tensor, count: int, offset: int) -> TieCollector:
+        """The ties of the slice starting at flat element ``offset``, as :func:`encode_bf16` gives them: the
+        slice's bitmask bytes and their ``count``. A slice starting on a whole byte ORs its bytes in (its
+        padding bits are zero); one that does not, or while ties are few, goes by their indices."""
         if not count:
             return self
         if offset % 8 or (self.bits is None and (self.count + count) * 64 <= self.numel):
@@ -293,7 +281,7 @@ class TieCollector:
         self.count += count
         if self.bits is None:
             self._to_bitmask()
-        self.bits[offset // 8 : offset // 8 + bits.numel()] |= bits  # padding bits past ``numel`` are zero
+        self.bits[offset // 8 : offset // 8 + bits.numel()] |= bits
         return self
 
     def _to_bitmask(self) -> None:

@@ -476,7 +476,7 @@ class StepWriter:
             raise RuntimeError(f"internal: {key!r} has a value that is not finite, yet it passed the check")
         weight, low, bits, count = encoded
         collector = self._ties.setdefault(key, TieCollector(math.prod(self.kp[key].shape)))
-        collector.add_packed(bits, count, start, stop - start)
+        collector.add_packed(bits, count, start)
         out = [(state[LOW16_PREFIX + slot], block_name(key, start, stop) if plan.compressed else key,
                 low.view(value.shape))]  # BlockWriter compresses
         if stop == collector.numel:  # the tensor is complete: its ties, if any, in one tensor

@@ -38,7 +38,6 @@ def test_low_bits_over_the_rounded_weight_give_back_every_float32_bit(monkeypatc
     low, mask = encode_low16(x, published)
     assert low.dtype == torch.int16 and mask.dtype == torch.bool and mask.shape == x.shape
     ties = mask.nonzero().flatten()
-    assert torch.equal(compact.flat_nonzero(mask), ties)
     for given in (mask, ties, mask.to(torch.uint8)):  # a mask, indices (kept while few), a bitmask's 0/1 read
         assert torch.equal(decode_low16(published, low, given).view(torch.int32), x.view(torch.int32))
     bits = x.view(torch.int32)
@@ -62,17 +61,6 @@ def test_slices_decode_alone_with_their_offset():
         assert torch.equal(decode_low16(published[a:b], low[a:b], inside).view(torch.int32), x[a:b].view(torch.int32))
 
 
-@pytest.mark.parametrize("size", [8, 6000, 6003])
-def test_sparse_nonzero_by_words_is_nonzero(size):
-    """Words scanned 8 bytes at a time, aligned or not (a slice at an odd offset, a size off the words)."""
-    g = torch.Generator().manual_seed(size)
-    mask = torch.rand(size + 5, generator=g) < 0.01
-    mask[[0, size - 1]] = True
-    for part in (mask[:size], mask[3 : size + 3], mask[:size].reshape(-1, 2) if size % 2 == 0 else mask[:size]):
-        assert torch.equal(compact.flat_nonzero(part), part.reshape(-1).nonzero().flatten())
-    assert compact.flat_nonzero(torch.zeros(64, dtype=torch.bool)).numel() == 0
-
-
 @pytest.mark.parametrize("count", [3, 400])
 def test_ties_are_kept_as_indices_while_few_and_as_a_bitmask_else(count):
     numel = 1000 * 7 + 3
@@ -80,14 +68,14 @@ def test_ties_are_kept_as_indices_while_few_and_as_a_bitmask_else(count):
     stored = pack_ties(found, numel)
     assert stored.dtype == (torch.int64 if count == 3 else torch.uint8)
     # gathered slice by slice (the step's way; 400 ties cross from indices to the bitmask on the way)
-    for as_mask in (False, True):  # indices, or bool masks of the slices (as encode_low16 gives dense ties)
+    for as_mask in (False, True):  # indices, or the slices' bitmask bytes (as encode_bf16 gives them)
         collector = TieCollector(numel)
         for a, b in ((0, 1000), (1000, 1001), (1001, 5000), (5000, 6400), (6400, numel)):  # aligned or not
             inside = found[(found >= a) & (found < b)] - a
             if as_mask:
                 mask = torch.zeros(b - a, dtype=torch.bool)
                 mask[inside] = True
-                collector.add(mask, a)
+                collector.add_packed(compact.pack_mask(mask), inside.numel(), a)
             else:
                 collector.add(inside, a)
         assert collector.count == count and torch.equal(collector.stored(), stored), as_mask
@@ -121,7 +109,8 @@ def test_many_ties_come_as_a_mask_and_decode_exactly():
     assert torch.equal(compact.pack_mask(ties), stored)
     collector = TieCollector(6000)
     for start, stop in ((0, 2048), (2048, 3001), (3001, 6000)):  # the middle cut is not on a byte
-        collector.add(encode_low16(x[start:stop], published[start:stop])[1], start)
+        mask = encode_low16(x[start:stop], published[start:stop])[1]
+        collector.add_packed(compact.pack_mask(mask), int(mask.sum()), start)
     assert torch.equal(collector.stored(), stored)
     for start, stop in ((0, 6000), (3, 17), (2048, 3001)):
         got = ties_between(stored, start, stop)

@@ -90,7 +90,7 @@ def test_collector_takes_packed_slices_as_it_takes_masks():
     collector = compact.TieCollector(numel)
     for a, b in ((0, 1000), (1000, 2997), (2997, 3000), (3000, 4096), (4096, 6000)):
         _, _, bits, count = _torch_encode(x[a:b])
-        collector.add_packed(bits, count, a, b - a)
+        collector.add_packed(bits, count, a)
     assert torch.equal(collector.stored(), want) and want.dtype == torch.uint8
 
 
