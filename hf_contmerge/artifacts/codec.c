@@ -9,6 +9,8 @@
    bfloat16 rounding is round-to-nearest-even on the bit pattern, as c10::BFloat16 does it. */
 
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
 
 #define BLOCK 256 /* elements whose tie flags are gathered before packing: a multiple of 8, in L1 */
 
@@ -70,4 +72,93 @@ void cm_decode(const uint16_t *restrict pub, const int16_t *restrict low, const 
     }
     for (int k = 0; i < n; i++, k++)
         out[i] = (((uint32_t)pub[i] + ((*t >> k) & 1u)) << 16) + (uint32_t)(int32_t)low[i];
+}
+
+/* The palette of the int16 codes (state format 5, compact.py): the 255 codes most frequent in a block (counted
+   on every stride-th code, stride = max(1, n >> 18)), most frequent first, equal counts in ascending code order, and zero-count codes after all others in ascending
+   order (the order of a stable sort by descending count of the 65536 codes, which compact.py's torch path
+   takes). Then each code as its index in the palette, PAL_ESCAPE for the codes outside it, whose values go to
+   esc in order. Returns the number of escapes, or -1 when out of memory. */
+#define PAL_SIZE 255
+#define PAL_ESCAPE 255
+#define PAL_SAMPLE_LOG 18 /* compact.PALETTE_SAMPLE_LOG */
+
+typedef struct { uint32_t count; uint32_t code; } pal_entry; /* code: int16 value + 32768 */
+
+/* a worse than b: fewer occurrences, or as many and a higher code */
+static int pal_worse(pal_entry a, pal_entry b) { return a.count < b.count || (a.count == b.count && a.code > b.code); }
+
+static void pal_sift_down(pal_entry *h, int n, int i) { /* a heap with the worst entry on top */
+    for (;;) {
+        int w = i, l = 2 * i + 1, r = l + 1;
+        if (l < n && pal_worse(h[l], h[w])) w = l;
+        if (r < n && pal_worse(h[r], h[w])) w = r;
+        if (w == i) return;
+        pal_entry t = h[i]; h[i] = h[w]; h[w] = t;
+        i = w;
+    }
+}
+
+int64_t cm_palette(const int16_t *restrict codes, int64_t n, void *restrict table_out, uint8_t *restrict ranks,
+                   int16_t *restrict esc) {
+    int16_t table[PAL_SIZE]; /* table_out: 2 * PAL_SIZE bytes, of any alignment (they precede the indices) */
+    uint32_t *counts = calloc(65536, sizeof(uint32_t));
+    uint8_t *lut = malloc(65536);
+    if (!counts || !lut) { free(counts); free(lut); return -1; }
+    /* counted on every stride-th code: the palette only decides the frame's size, never its content, and a
+       sample of 2^18 codes ranks the frequent ones as the whole block does at a sixteenth of the cost (the
+       counts of one code in a row also stall on each other) */
+    int64_t stride = n >> PAL_SAMPLE_LOG > 1 ? n >> PAL_SAMPLE_LOG : 1;
+    for (int64_t i = 0; i < n; i += stride)
+        counts[(uint16_t)(codes[i] + 32768)]++;
+    /* the best PAL_SIZE codes, scanning in ascending order: a code replaces the heap's worst only when better */
+    pal_entry heap[PAL_SIZE];
+    for (int v = 0; v < PAL_SIZE; v++)
+        heap[v] = (pal_entry){counts[v], (uint32_t)v};
+    for (int i = PAL_SIZE / 2 - 1; i >= 0; i--)
+        pal_sift_down(heap, PAL_SIZE, i);
+    for (uint32_t v = PAL_SIZE; v < 65536; v++) {
+        pal_entry e = {counts[v], v};
+        if (pal_worse(heap[0], e)) { heap[0] = e; pal_sift_down(heap, PAL_SIZE, 0); }
+    }
+    /* best first: popping the worst fills the table from its end */
+    for (int k = PAL_SIZE - 1; k >= 0; k--) {
+        table[k] = (int16_t)((int32_t)heap[0].code - 32768);
+        heap[0] = heap[k];
+        pal_sift_down(heap, k, 0);
+    }
+    memcpy(table_out, table, sizeof table);
+    memset(lut, PAL_ESCAPE, 65536);
+    for (int k = 0; k < PAL_SIZE; k++)
+        lut[(uint16_t)(table[k] + 32768)] = (uint8_t)k;
+    int64_t m = 0;
+    for (int64_t i = 0; i < n; i++) { /* no branch: esc[m] is overwritten until an escape keeps it (m <= i) */
+        uint8_t r = lut[(uint16_t)(codes[i] + 32768)];
+        ranks[i] = r;
+        esc[m] = codes[i];
+        m += r == PAL_ESCAPE;
+    }
+    free(counts);
+    free(lut);
+    return m;
+}
+
+/* The n codes back from their palette indices, the table and the n_esc escaped codes in order. Returns the
+   number of escapes the indices call for (the caller refuses a block where it differs from n_esc); reads no
+   more than n_esc of them. */
+int64_t cm_unpalette(const uint8_t *restrict ranks, int64_t n, const int16_t *restrict table,
+                     const int16_t *restrict esc, int64_t n_esc, int16_t *restrict codes) {
+    int16_t full[256];
+    memcpy(full, table, PAL_SIZE * sizeof(int16_t));
+    full[PAL_ESCAPE] = 0;
+    int64_t m = 0;
+    for (int64_t i = 0; i < n; i++) {
+        uint8_t r = ranks[i];
+        codes[i] = full[r];
+        if (r == PAL_ESCAPE) {
+            codes[i] = m < n_esc ? esc[m] : 0;
+            m++;
+        }
+    }
+    return m;
 }

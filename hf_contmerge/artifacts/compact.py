@@ -1,4 +1,4 @@
-"""The carried state of a method's weight slot, stored exactly in far fewer bytes (state format 4).
+"""The carried state of a method's weight slot, stored exactly in far fewer bytes (state format 5).
 
 A method whose published weight *is* one of its float32 slots (``Method.carried_weight_slot``, ``merged``
 for most: the published tensor is that slot rounded to the output dtype) does not need the slot
@@ -16,17 +16,25 @@ written in full beside the weights:
   element in 65536), else a bitmask of the flattened tensor (uint8, 1 bit a parameter: the running
   mean of two bfloat16 models is such a case, a tie wherever their last bits differ); the reader adds
   65536 there.
-- **The low bits compressed** (format 4, ``--state-compression zstd``, the default): each slice the
-  engine writes is one zstd frame (level 1, with a checksum) of its int16 codes, the uint8 tensor
-  ``KEY::low16[a:b]`` of ``low16-{slot}`` for flat elements [a, b). The codes of a merge of bfloat16
-  models are far from random: a sum of bfloat16 task vectors has few significant bits and a scaling such
-  as 0.3 repeats its binary digits, so they compress to 0.2–0.65 of their 2 bytes
-  (benchmarks/RESULTS.md); random codes stay at 2 bytes and a few bytes of frame. Why zstd
-  (``zstandard``, no dependencies of its own): its entropy coder is what these codes need (LZ4, without
-  one, saves 5–12 %), at ~1.5 ns an element to decode. A step thus writes at most 4 bytes a parameter (2
-  published + 2), at most 4.125 when ties abound, and ~2.4–3.3 typically. ``--state-compression none``
-  writes the codes as they are, one int16 tensor ``KEY`` of ``low16-{slot}`` (format 3's layout, read
-  the same way): 2 bytes a parameter and no CPU, for a fast local disk and few cores.
+- **The low bits compressed** (``--state-compression zstd``, the default): each slice the engine writes is
+  one zstd frame (level 1, with a checksum) of its int16 codes palette-coded (format 5), the uint8 tensor
+  ``KEY::pal16[a:b]`` of ``low16-{slot}`` for flat elements [a, b). The codes of a merge of bfloat16 models
+  are far from random: a task vector of bfloat16 models is a small multiple of the base's last bit, so a
+  scaled sum of a few has few distinct low halves, and a scaling such as 0.3 or the mean's 1/t repeats
+  its binary digits. In a 4-million-element slice of the benchmark's task-arithmetic states (bench_stream.py)
+  5 000–10 000 distinct codes occur and the 255 most frequent make up 97–99 % of them: their order-0 entropy is 5–6 bits of the 16
+  (benchmarks/RESULTS.md). A frame therefore holds the block's **palette** (its 255 most frequent codes,
+  counted on a sample of 2^18 of them, most frequent first, int16), each code as its index in the palette
+  (a byte; 255 for a code outside it) and the escaped codes in order (int16); zstd's entropy coder then
+  sees bytes, the unit it codes, rather than pairs of bytes it cannot relate: 0.32–0.38 of the codes'
+  bytes for task arithmetic where zstd on the codes themselves (format 4, ``KEY::low16[a:b]``, read as
+  before) gave 0.52–0.60, at about half the compression time (the palette is one pass of codec.c).
+  Random codes stay at 2 bytes and ~1 %. Why zstd (``zstandard``, no dependencies of its own): its
+  entropy coder is what these codes need (LZ4, without one, saves 5–12 %), at ~1 ns an element to decode.
+  A step thus writes at most 4 bytes a parameter (2 published + 2), at most 4.125 when ties abound, and
+  ~2.3–2.8 typically. ``--state-compression none`` writes the codes as they are, one int16 tensor ``KEY``
+  of ``low16-{slot}`` (format 3's layout, read the same way): 2 bytes a parameter and no CPU, for a fast
+  local disk and few cores.
 - **Compressed slots** (``Method.compressible_slots``: MagMax's τmax): slots that hold task-vector
   entries as they came, differences of the stored models, exact in float32 with as few significant
   bits as the models' dtype. Each slice is one zstd frame of the high halves of its bits, then the low
@@ -36,11 +44,13 @@ written in full beside the weights:
   mantissas) and ``--allow-nonfinite`` runs keep the float32 file ``{slot}``, as does every slot
   with ``--state-compression none``.
 
-Reading is exact for every encoding (:class:`CompactSlot`); steps of state format 3 (the int16 codes
-uncompressed, tensor ``KEY`` of ``low16-{slot}``) and 2 (float32 throughout) are read as before. A step
-encodes and decodes with :func:`encode_bf16` and :func:`decode_state`: one pass each of the compiled codec
+Reading is exact for every encoding (:class:`CompactSlot`); steps of state format 4 (zstd frames of the
+plain codes), 3 (the int16 codes uncompressed, tensor ``KEY`` of ``low16-{slot}``) and 2 (float32
+throughout) are read as before. A step encodes and decodes with :func:`encode_bf16` and
+:func:`decode_state`, and palette-codes with :func:`palette`: one pass each of the compiled codec
 (``codec.c``, built on first use: native.py) where the machine has a C compiler, else the torch ops below
-(:func:`encode_low16`, :func:`decode_low16`, the tie packing), which write the same bytes.
+(:func:`encode_low16`, :func:`decode_low16`, the tie packing, :func:`palette_torch`), which write the
+same bytes.
 """
 
 from __future__ import annotations
@@ -63,8 +73,11 @@ from .layout import LEFT, LOWRANK_PREFIX, STATE_DIR
 LOW16_PREFIX = "low16-"
 TIES_PREFIX = "ties-"
 TIE = -32768  # the int16 code shared by the two exact ties (see the module docstring)
+PALETTE = 255  # codes in a block's palette (state format 5); index ESCAPE marks a code outside it
+ESCAPE = 255
+PALETTE_SAMPLE_LOG = 18  # the palette is chosen on every (n >> 18)-th code of a block of n (codec.c says why)
 _REMOVE = "Remove that step folder and resume from the one before."  # what a damaged step's reader says to do
-_BLOCK = re.compile(r"^(.+)::(low16|f32)\[(\d+):(\d+)\]$")
+_BLOCK = re.compile(r"^(.+)::(pal16|low16|f32)\[(\d+):(\d+)\]$")
 SHAPES = "contmerge_shapes"  # metadata of a compressed float32 slot's files: the shape of each tensor (JSON)
 # Level 1 with a smaller match table: the codes' gain is in the entropy coder more than in matches, and
 # the table is what costs (hash_log 14 → 12: task arithmetic's codes 2× faster, 1.5 % larger). Worker
@@ -166,9 +179,9 @@ def decode_state(published: torch.Tensor, low: torch.Tensor, stored_ties: torch.
     return out
 
 
-def block_name(key: str, start: int, stop: int, kind: str = "low16") -> str:
+def block_name(key: str, start: int, stop: int, kind: str = "pal16") -> str:
     """The name of the compressed block of flat elements [start, stop) of tensor ``key``: its low bits
-    (``low16``) or its float32 values (``f32``, a compressed slot)."""
+    (``pal16``; ``low16`` in a format-4 step) or its float32 values (``f32``, a compressed slot)."""
     return f"{key}::{kind}[{start}:{stop}]"
 
 
@@ -196,6 +209,81 @@ def decompress_low16(frame: torch.Tensor, numel: int, what: str) -> torch.Tensor
     return torch.frombuffer(bytearray(raw), dtype=torch.int16) if numel else torch.zeros(0, dtype=torch.int16)
 
 
+def palette(codes: torch.Tensor) -> torch.Tensor:
+    """A block's int16 ``codes`` (flat) palette-coded, as the bytes a ``pal16`` frame holds (uint8): the
+    palette (the :data:`PALETTE` codes most frequent in it, most frequent first, equal counts in ascending code
+    order; int16), each code's index in it (a byte; :data:`ESCAPE` for a code outside it), then the escaped
+    codes in order (int16). The compiled codec (native.py), else the torch ops of :func:`palette_torch`: the
+    same bytes."""
+    codes = codes.contiguous().reshape(-1)
+    lib = native.library()
+    if lib is None:
+        return palette_torch(codes)
+    n, head = codes.numel(), 2 * PALETTE + codes.numel()
+    out = torch.empty(head + 2 * n, dtype=torch.uint8)  # the escapes' room is only touched where used
+    escaped = torch.empty(n, dtype=torch.int16)
+    count = lib.cm_palette(codes.data_ptr(), n, out.data_ptr(), out.data_ptr() + 2 * PALETTE, escaped.data_ptr())
+    if count < 0:
+        raise MemoryError("the palette of a block of low bits")
+    out[head : head + 2 * count] = escaped[:count].view(torch.uint8)
+    return out[: head + 2 * count]
+
+
+def palette_torch(codes: torch.Tensor) -> torch.Tensor:
+    """:func:`palette` in torch ops: a stable sort of the 65536 codes by descending count orders the table."""
+    flat = codes.reshape(-1)
+    at = flat.to(torch.int32) + 32768
+    stride = max(1, at.numel() >> PALETTE_SAMPLE_LOG)
+    order = torch.sort(torch.bincount(at[::stride], minlength=65536), descending=True, stable=True).indices[:PALETTE]
+    lut = torch.full((65536,), ESCAPE, dtype=torch.uint8)
+    lut[order] = torch.arange(PALETTE, dtype=torch.uint8)
+    ranks = lut[at]
+    parts = [(order - 32768).to(torch.int16).view(torch.uint8), ranks, flat[ranks == ESCAPE].view(torch.uint8)]
+    return torch.cat(parts)
+
+
+def unpalette(payload: torch.Tensor, numel: int, what: str) -> torch.Tensor:
+    """The ``numel`` int16 codes of :func:`palette`'s bytes; bytes that do not fit (a size, escapes the
+    indices do not call for) are refused (``what``)."""
+    head = 2 * PALETTE + numel
+    if payload.numel() < head or (payload.numel() - head) % 2:
+        raise ContMergeError(f"{what} holds {payload.numel()} bytes, not the palette and indices of {numel} codes: the "
+                             f"step is damaged. {_REMOVE}")
+    table, ranks = payload[: 2 * PALETTE].view(torch.int16), payload[2 * PALETTE : head]
+    escaped = payload[head:].clone().view(torch.int16)  # at an odd offset where numel is odd: copied, so aligned
+    lib = native.library()
+    if lib is None:
+        codes = torch.cat([table, table.new_zeros(1)])[ranks.long()]
+        out = ranks == ESCAPE
+        wanted = int(out.sum())
+        if wanted == escaped.numel():
+            codes[out] = escaped
+    else:
+        codes = torch.empty(numel, dtype=torch.int16)
+        wanted = lib.cm_unpalette(ranks.data_ptr(), numel, table.data_ptr(), escaped.data_ptr(), escaped.numel(),
+                                  codes.data_ptr())
+    if wanted != escaped.numel():
+        raise ContMergeError(f"{what} calls for {wanted} codes outside its palette and holds {escaped.numel()}: "
+                             f"the step is damaged. {_REMOVE}")
+    return codes
+
+
+def compress_codes(low: torch.Tensor) -> torch.Tensor:
+    """A slice's int16 codes as one zstd frame of their :func:`palette` bytes (uint8, block kind ``pal16``;
+    see the module docstring)."""
+    frame = zstandard.ZstdCompressor(compression_params=_ZSTD).compress(palette(low).numpy())
+    return torch.frombuffer(bytearray(frame), dtype=torch.uint8)
+
+
+def decompress_codes(frame: torch.Tensor, numel: int, what: str) -> torch.Tensor:
+    """The ``numel`` int16 codes of a frame of :func:`compress_codes`; a damaged one is refused (``what``)."""
+    try:
+        raw = zstandard.ZstdDecompressor().decompress(frame.contiguous().numpy(), max_output_size=2 * PALETTE + 3 * numel)
+    except zstandard.ZstdError as e:
+        raise ContMergeError(f"{what} is damaged ({e}). {_REMOVE}") from e
+    return unpalette(torch.frombuffer(bytearray(raw), dtype=torch.uint8), numel, what)
+
+
 def compress_f32(values: torch.Tensor) -> torch.Tensor:
     """A slice of a compressed float32 slot as one zstd frame: the high halves of its bits, then the low
     halves (int16 each). Split so the coder sees the low halves together: a difference of two close
@@ -212,6 +300,9 @@ def decompress_f32(frame: torch.Tensor, numel: int, what: str) -> torch.Tensor:
     return bits.bitwise_or_(halves[numel:].to(torch.int32).bitwise_and_(0xFFFF)).view(torch.float32)
 
 
+_DECODERS = {"pal16": decompress_codes, "low16": decompress_low16, "f32": decompress_f32}  # block kind -> decoder
+
+
 class BlockWriter:
     """Compressed blocks of a step (the weight slot's low bits, a compressed slot): each slice compressed as
     it is written (in the engine's writer thread, beside the kernels) and appended to ``real`` under its
@@ -219,7 +310,7 @@ class BlockWriter:
 
     def __init__(self, real, kind: str = "low16"):
         self.real = real  # an appended StreamingWriter
-        self.encode = compress_low16 if kind == "low16" else compress_f32
+        self.encode = compress_codes if kind == "low16" else compress_f32
 
     def write(self, name: str, chunk: torch.Tensor) -> None:
         self.real.write(name, self.encode(chunk))
@@ -323,11 +414,11 @@ def ties_between(stored: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     return stored[lo:hi] - start
 
 
-def _blocks_by_key(names, kind: str) -> dict[str, list[tuple[int, int, str]]]:
-    """The blocks of ``kind`` among ``names`` (:func:`block_name`), by tensor: (start, stop, name) each."""
+def _blocks_by_key(names, *kinds: str) -> dict[str, list[tuple[int, int, str]]]:
+    """The blocks of ``kinds`` among ``names`` (:func:`block_name`), by tensor: (start, stop, name) each."""
     found: dict[str, list[tuple[int, int, str]]] = {}
     for name in names:
-        if (m := _BLOCK.match(name)) is not None and m[2] == kind:
+        if (m := _BLOCK.match(name)) is not None and m[2] in kinds:
             found.setdefault(m[1], []).append((int(m[3]), int(m[4]), name))
     return found
 
@@ -366,7 +457,8 @@ class CompactSlot(TensorIndex):
         self.weights = Checkpoint.open(Path(step_folder), label=f"published weights of {step_folder}") if is_weight else None
         self._info = dict(self.full._info)
         self._encoding: dict[str, str] = {}
-        self._blocks = _blocks_by_key(self.low.keys() if self.low is not None else (), "low16")  # compressed low bits
+        # the compressed low bits: palette-coded (format 5) or plain int16 (format 4) frames
+        self._blocks = _blocks_by_key(self.low.keys() if self.low is not None else (), "pal16", "low16")
         # a compressed slot (Method.compressible_slots): its float32 tensors as blocks, shapes in the metadata
         self._f32 = _blocks_by_key(self._info, "f32")
         for spans in self._f32.values():
@@ -406,24 +498,24 @@ class CompactSlot(TensorIndex):
         if kind == "f32":
             shape = self._info[key].shape
             start, stop = unit_span(shape, rows)
-            flat = self._between(self.full, self._f32[key], start, stop, decompress_f32)
+            flat = self._between(self.full, self._f32[key], start, stop)
             return flat.view(shape if rows is None or not shape else (rows[1] - rows[0], *shape[1:]))
         published = self.weights.read(key, rows)
         if kind == "weight":
             return published.to(torch.float32)
         start, stop = unit_span(self._info[key].shape, rows)
-        low = self.low.read(key, rows) if key in self.low else self._between(self.low, self._blocks[key], start, stop,
-                                                                              decompress_low16)
+        low = self.low.read(key, rows) if key in self.low else self._between(self.low, self._blocks[key], start, stop)
         return decode_state(published, low, self._ties(key), start)
 
-    def _between(self, ck: Checkpoint, blocks: list[tuple[int, int, str]], start: int, stop: int, decode) -> torch.Tensor:
-        """Flat elements [start, stop) of a tensor stored as compressed ``blocks`` of ``ck`` (``decode``: their
-        decoder). The last block decoded is kept: a reader whose slices cut a block decodes it once."""
+    def _between(self, ck: Checkpoint, blocks: list[tuple[int, int, str]], start: int, stop: int) -> torch.Tensor:
+        """Flat elements [start, stop) of a tensor stored as compressed ``blocks`` of ``ck``, each decoded as its
+        name's kind says. The last block decoded is kept: a reader whose slices cut a block decodes it once."""
         parts = []
         for a, b, name in blocks:
             if b <= start or a >= stop:
                 continue
             if self._block_cache is None or self._block_cache[0] != name:
+                decode = _DECODERS[_BLOCK.match(name)[2]]
                 self._block_cache = (name, decode(ck.read(name), b - a, f"{self.label}: block {name!r}"))
             parts.append(self._block_cache[1][max(start, a) - a : min(stop, b) - a])
         return parts[0] if len(parts) == 1 else torch.cat(parts)

@@ -71,4 +71,9 @@ def library() -> ctypes.CDLL | None:
     lib.cm_decode.restype = None
     lib.cm_decode.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                               ctypes.c_void_p]
+    lib.cm_palette.restype = ctypes.c_int64
+    lib.cm_palette.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    lib.cm_unpalette.restype = ctypes.c_int64
+    lib.cm_unpalette.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                 ctypes.c_void_p]
     return lib

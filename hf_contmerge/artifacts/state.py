@@ -34,7 +34,9 @@ FORMAT = "hf-contmerge/state"
 # 4: those low bits compressed, one zstd frame per slice (``KEY::low16[a:b]``), and so are the compressible
 # slots (MagMax's τmax: ``KEY::f32[a:b]``), unless --state-compression none (format 3's layout); format-3
 # steps are read as before.
-FORMAT_VERSION = 4
+# 5: each frame of low bits holds their palette coding (``KEY::pal16[a:b]``: the block's 255 most frequent codes,
+# a byte an element, the rest escaped); format-4 frames are read as before.
+FORMAT_VERSION = 5
 
 
 @dataclass
@@ -61,7 +63,8 @@ class StepState:
         data = asdict(self)
         data["tensors"] = {"dir": STATE_DIR, "dtype": "float32", "slots": self.slots,
                            **({"compact": f"{self.weight_slot}: the published weights, plus {LOW16_PREFIX}{self.weight_slot} "
-                                          "(int16 low bits: zstd frames KEY::low16[a:b], or KEY with --state-compression none) "
+                                          "(int16 low bits: zstd frames of their palette coding KEY::pal16[a:b], "
+                                          "or KEY with --state-compression none) "
                                           f"and {TIES_PREFIX}{self.weight_slot} for bfloat16 ones"}
                               if self.weight_slot else {})}
         return json.dumps(data, indent=2, sort_keys=True) + "\n"

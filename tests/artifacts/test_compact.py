@@ -1,4 +1,4 @@
-"""The compact carried state (state formats 3 and 4): exact for every float32 value, and what a step writes."""
+"""The compact carried state (state formats 3 to 5): exact for every float32 value, and what a step writes."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import zstandard
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -160,6 +161,42 @@ def test_compressed_codes_come_back_exactly_and_structured_ones_shrink():
     assert compact.compress_f32(taus[0]).numel() < 0.6 * 4 * taus[0].numel()  # bf16 differences: mostly-zero low halves
 
 
+def _structured_codes(n: int, seed: int = 0) -> torch.Tensor:
+    """The int16 codes of a scaled sum of bfloat16 task vectors (task arithmetic's state)."""
+    g = torch.Generator().manual_seed(seed)
+    base = (torch.randn(n, generator=g) * 0.02).bfloat16().float()
+    taus = [(base + torch.randn(n, generator=g) * 0.002).bfloat16().float() - base for _ in range(2)]
+    state = base + 0.3 * taus[0] + 0.3 * taus[1]
+    return encode_low16(state, state.to(torch.bfloat16))[0]
+
+
+def test_palette_coded_codes_come_back_exactly_in_fewer_bytes_than_plain_frames():
+    """Format 5's blocks (``pal16``): each code as its index in the block's palette of 255, the others
+    escaped. Every code comes back (random ones, nearly all escaped, cost their 2 bytes and ~1 % of
+    indices); the codes of a task-arithmetic state take far fewer bytes than a zstd frame of the codes
+    themselves (format 4), since few distinct codes make up most of them; damaged blocks are refused."""
+    g = torch.Generator().manual_seed(1)
+    noise = torch.randint(-32768, 32768, (1 << 16,), generator=g, dtype=torch.int32).to(torch.int16)
+    structured = _structured_codes(1 << 16)
+    for codes in (noise, structured, noise[:0], noise[:1], structured[:255], torch.full((300,), compact.TIE, dtype=torch.int16)):
+        frame = compact.compress_codes(codes)
+        assert frame.dtype == torch.uint8 and torch.equal(compact.decompress_codes(frame, codes.numel(), "block"), codes)
+    assert compact.compress_codes(noise).numel() <= 1.02 * 2 * noise.numel() + 1024  # the indices of the few not escaped
+    plain, coded = compact.compress_low16(structured).numel(), compact.compress_codes(structured).numel()
+    assert coded < 0.8 * plain, (coded, plain)
+    frame = compact.compress_codes(structured).clone()
+    frame[frame.numel() // 2] ^= 0xFF
+    with pytest.raises(ContMergeError, match="damaged"):
+        compact.decompress_codes(frame, structured.numel(), "block")
+    for numel in (structured.numel() - 1, structured.numel() + 1):  # the size the block's name gives is off
+        with pytest.raises(ContMergeError, match="damaged"):
+            compact.decompress_codes(compact.compress_codes(structured), numel, "block")
+    payload = compact.palette(noise)
+    short = zstandard.ZstdCompressor().compress(payload[:-2].numpy())  # one escaped code missing
+    with pytest.raises(ContMergeError, match="calls for .* codes outside its palette"):
+        compact.decompress_codes(torch.frombuffer(bytearray(short), dtype=torch.uint8), noise.numel(), "block")
+
+
 def test_a_weight_that_is_not_the_carried_slot_is_caught(tmp_path, streams, cli, monkeypatch):
     """A method that says its weight is its slot (``weight_slot``) but publishes something else would make
     the low bits meaningless: the step refuses to write rather than carry a state it cannot give back."""
@@ -193,12 +230,12 @@ def test_a_bf16_stream_carries_its_state_exactly_in_four_bytes_a_parameter(tmp_p
     _merge(cli, base, items, tmp_path / "bf16", method, "--state-compression", compression)
     with safe_open(tmp_path / "bf16/step-2/contmerge_state/low16-merged.safetensors", "pt") as f:
         names = set(f.keys())
-    assert names == ({k for k in names if "::low16[" in k} if compression == "zstd" else set(weights(tmp_path / "bf16/step-2")))
+    assert names == ({k for k in names if "::pal16[" in k} if compression == "zstd" else set(weights(tmp_path / "bf16/step-2")))
     _merge(cli, base, items, tmp_path / "f32", method, "--dtype", "float32")
     for t in range(1, 5):
         step, wide = tmp_path / f"bf16/step-{t}", tmp_path / f"f32/step-{t}"
         state = json.loads((step / "contmerge_state.json").read_text())
-        assert state["format_version"] == 4 and state["weight_slot"] == "merged"
+        assert state["format_version"] == 5 and state["weight_slot"] == "merged"
         assert not load_file(step / "contmerge_state" / "merged.safetensors")  # nothing float32 beside the weights
         assert not load_file(wide / "contmerge_state" / "merged.safetensors") and not list(
             (wide / "contmerge_state").glob("low16-*"))
@@ -278,7 +315,7 @@ def test_slices_that_cut_the_written_blocks_read_exactly(tmp_path, streams, cli)
     _merge(cli, base, items, tmp_path / "out", "average", "--chunk-mb", "0.004")
     slot = open_slot(tmp_path / "out/step-2", "merged", "merged")
     try:
-        blocks = [k for k in slot.low.keys() if k.startswith("lm_head.weight::low16[")]
+        blocks = [k for k in slot.low.keys() if k.startswith("lm_head.weight::pal16[")]
         assert len(blocks) > 2  # the tensor was written in slices
         whole = slot.read("lm_head.weight")
         rows = whole.shape[0]
@@ -304,7 +341,7 @@ def test_damaged_low_bits_are_refused_and_nothing_is_written(tmp_path, streams, 
         _merge(cli, base, items[:2], out, "task_arithmetic")
 
         def change(tensors, damage=damage):
-            name = next(k for k in tensors if k.startswith("lm_head.weight::low16["))
+            name = next(k for k in tensors if k.startswith("lm_head.weight::pal16["))
             if damage == "corrupt":
                 tensors[name][len(tensors[name]) // 2] ^= 0xFF
             else:
@@ -325,13 +362,39 @@ def test_a_format_3_step_is_read_and_continued_bit_identically(tmp_path, streams
     step = tmp_path / "old/step-2"
 
     def uncompress(tensors):
-        blocks = sorted(tensors)
-        for key in dict.fromkeys(k.split("::low16[")[0] for k in blocks):
-            spans = sorted((int(k.split("[")[1].split(":")[0]), k) for k in blocks if k.startswith(key + "::low16["))
-            codes = [compact.decompress_low16(tensors.pop(k), int(k.split(":")[-1].rstrip("]")) - a, k) for a, k in spans]
+        for key, spans in _palette_blocks(tensors).items():
+            codes = [compact.decompress_codes(tensors.pop(k), b - a, k) for a, b, k in spans]
             tensors[key] = torch.cat(codes).reshape(weights(step)[key].shape)
     _rewrite_low16(step, uncompress)
     _continue_as_format(tmp_path, cli, base, items, "average", 3)
+
+
+def _palette_blocks(tensors) -> dict[str, list[tuple[int, int, str]]]:
+    """A format-5 low16 file's blocks (``KEY::pal16[a:b]``) by tensor, in order: (a, b, name) each."""
+    found: dict[str, list[tuple[int, int, str]]] = {}
+    for name in tensors:
+        key, span = name.split("::pal16[")
+        a, b = span.rstrip("]").split(":")
+        found.setdefault(key, []).append((int(a), int(b), name))
+    return {k: sorted(v) for k, v in found.items()}
+
+
+@pytest.mark.parametrize("method", ["average", "task_arithmetic"])
+def test_a_format_4_step_is_read_and_continued_bit_identically(tmp_path, streams, cli, method):
+    """A step whose low bits are zstd frames of the plain int16 codes (format 4, ``KEY::low16[a:b]``) is
+    resumed as before: the next step is the uninterrupted run's, byte for byte."""
+    base, items = streams("llama", n=3, dtype=torch.bfloat16)
+    _merge(cli, base, items, tmp_path / "whole", method)
+    _merge(cli, base, items[:2], tmp_path / "old", method)
+
+    def recode(tensors):
+        for key, spans in _palette_blocks(tensors).items():
+            for a, b, name in spans:
+                codes = compact.decompress_codes(tensors.pop(name), b - a, name)
+                tensors[f"{key}::low16[{a}:{b}]"] = compact.compress_low16(codes)
+    _rewrite_low16(tmp_path / "old/step-2", recode)
+    assert all("::low16[" in k for k in load_file(tmp_path / "old/step-2/contmerge_state/low16-merged.safetensors"))
+    _continue_as_format(tmp_path, cli, base, items, method, 4)
 
 
 def test_a_resume_may_change_the_state_compression(tmp_path, streams, cli):
@@ -342,7 +405,7 @@ def test_a_resume_may_change_the_state_compression(tmp_path, streams, cli):
     _merge(cli, base, items[:2], tmp_path / "mixed", "task_arithmetic")
     _merge(cli, base, items[:3], tmp_path / "mixed", "task_arithmetic", "--resume", "--state-compression", "none")
     _merge(cli, base, items, tmp_path / "mixed", "task_arithmetic", "--resume")
-    assert "::low16[" not in "".join(load_file(tmp_path / "mixed/step-3/contmerge_state/low16-merged.safetensors"))
+    assert "::" not in "".join(load_file(tmp_path / "mixed/step-3/contmerge_state/low16-merged.safetensors"))
     for t in (3, 4):
         ref, got = tmp_path / f"zstd/step-{t}", tmp_path / f"mixed/step-{t}"
         for p in sorted(ref.glob("*.safetensors")):

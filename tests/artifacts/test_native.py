@@ -133,3 +133,57 @@ def test_codes_or_ties_that_do_not_fit_are_refused_before_any_buffer_is_read(dam
                 m.setattr(native, "library", lambda: None)
             with pytest.raises(ContMergeError, match="damaged.*Remove that step folder"):
                 decode_state(published[8:], low[8:], bits, 8)
+
+
+def _palette_cases():
+    g = torch.Generator().manual_seed(3)
+    few = torch.randint(-3, 4, (4099,), generator=g, dtype=torch.int32).to(torch.int16)
+    spread = torch.randint(-32768, 32768, (4099,), generator=g, dtype=torch.int32).to(torch.int16)
+    level = (torch.arange(3000, dtype=torch.int32) % 300 - 150).to(torch.int16)  # 300 codes, equal counts: order by code
+    skewed = (torch.randn(1 << 20 | 3, generator=g) * 40).round().clamp(-32768, 32767).to(torch.int16)  # sampled counts
+    return {"empty": few[:0], "one": few[:1], "254": spread[:254], "255": spread[:255], "256": spread[:256], "few": few,
+            "spread": spread, "level": level, "ends": torch.tensor([-32768, 32767, 0, -32768], dtype=torch.int16),
+            "skewed": skewed}
+
+
+@needs_cc
+@pytest.mark.parametrize("case", list(_palette_cases()))
+def test_compiled_palette_is_the_torch_ops_byte_for_byte_and_the_specified_order(case):
+    """The block's palette bytes (table, indices, escapes) from the compiled codec are the torch path's, and
+    the table is the specified one, computed here from a plain count: most frequent first, equal counts in
+    ascending code order, unseen codes last in ascending order (counted on every (n >> 18)-th code)."""
+    from collections import Counter
+
+    codes = _palette_cases()[case]
+    got = compact.palette(codes)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(native, "library", lambda: None)
+        want = compact.palette(codes)
+        back = compact.unpalette(got, codes.numel(), "block")  # the torch decoder on the compiled bytes
+    assert torch.equal(got, want)
+    assert torch.equal(back, codes) and torch.equal(compact.unpalette(got, codes.numel(), "block"), codes)
+    stride = max(1, codes.numel() >> compact.PALETTE_SAMPLE_LOG)
+    counts = Counter(codes[::stride].tolist())
+    ranked = sorted(counts, key=lambda c: (-counts[c], c))
+    ranked += [c for c in range(-32768, 32768) if c not in counts][: compact.PALETTE - len(ranked)]
+    assert got[: 2 * compact.PALETTE].view(torch.int16).tolist() == ranked[: compact.PALETTE]
+    inside = set(ranked[: compact.PALETTE])
+    assert int((got[2 * compact.PALETTE : 2 * compact.PALETTE + codes.numel()] == compact.ESCAPE).sum()) == sum(
+        c not in inside for c in codes.tolist())
+
+
+@pytest.mark.parametrize("path", ["compiled", "torch"])
+@pytest.mark.parametrize("damage", ["fewer", "more"])
+def test_palette_bytes_with_other_escapes_than_their_indices_call_for_are_refused(path, damage):
+    """A damaged block whose escaped codes are fewer (the compiled decoder must not read past them) or more
+    than its indices call for: refused with the remedy, on either path."""
+    if path == "compiled" and native.library() is None:
+        pytest.skip("no C compiler on this machine")
+    codes = _palette_cases()["spread"]
+    payload = compact.palette(codes)
+    payload = payload[:-2] if damage == "fewer" else torch.cat([payload, payload[-2:]])
+    with pytest.MonkeyPatch.context() as m:
+        if path == "torch":
+            m.setattr(native, "library", lambda: None)
+        with pytest.raises(ContMergeError, match="outside its palette.*damaged.*Remove that step folder"):
+            compact.unpalette(payload, codes.numel(), "block")

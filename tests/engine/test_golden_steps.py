@@ -2,7 +2,7 @@
 (on a processor whose LAPACK gives other last bits, the OPCM cases equal them up to rounding: see
 ``support/golden_steps.py``). The configs transformers writes carry its version
 (``transformers_version``), which the loose requirement lets a fresh install move on: they must be
-the recorded ones but for that field. The compressed blocks of a carried state (state format 4: the low
+the recorded ones but for that field. The compressed blocks of a carried state (state formats 4 and 5: the low
 bits ``low16-*``, MagMax's ``tau_max``) must give back the recorded float32 state, whatever their bytes."""
 
 from __future__ import annotations

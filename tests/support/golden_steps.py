@@ -22,7 +22,10 @@ other processors, as before. And for state format 4 (the low bits compressed): o
 (``format_version``, the ``tensors`` description) and the ``low16-*`` files changed, these giving back
 the recorded float32 state bit for bit (checked against the recorded summaries); their hashes were
 updated in place, and the test compares files of compressed blocks (``low16-*``, and MagMax's
-``tau_max``, compressed as well) by that state, not by their zstd bytes.
+``tau_max``, compressed as well) by that state, not by their zstd bytes. And for state format 5 (the low
+bits' frames palette-coded, ``KEY::pal16[a:b]``): the same two kinds of file changed, the state JSON in
+``format_version`` and the ``tensors`` description only, the ``low16-*`` files giving back the recorded
+state (checked against the recorded summaries); hashes updated in place again.
 
 Fixtures are built deterministically in a scratch folder and every source is given by a relative
 path (the state and card record sources as given), so the bytes do not depend on where it runs.
@@ -137,7 +140,7 @@ def machine() -> str:
     return f"{vendor}/{torch.backends.cpu.get_cpu_capability()}"
 
 
-BLOCK = re.compile(r"::(low16|f32)\[\d+:\d+\]$")
+BLOCK = re.compile(r"::(pal16|low16|f32)\[\d+:\d+\]$")
 
 
 def holds_blocks(path: Path) -> bool:
