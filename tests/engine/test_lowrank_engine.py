@@ -17,6 +17,7 @@ from peft import LoraConfig
 from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 
+from hf_contmerge.artifacts.state import FORMAT_VERSION
 from support.tiny_models import carried, llama, perturb, save, save_lora, weights
 
 PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -116,8 +117,9 @@ def test_factors_of_an_older_state_format_are_refused(tmp_path, cli, adapters):
     _run(cli, base, items[:1], tmp_path / "o")
     path = tmp_path / "o/step-1/contmerge_state.json"
     text = path.read_text()
-    assert '"format_version": 4' in text
-    path.write_text(text.replace('"format_version": 4', '"format_version": 1'))
+    current = f'"format_version": {FORMAT_VERSION}'
+    assert current in text
+    path.write_text(text.replace(current, '"format_version": 1'))
     code, _, err = cli("merge", "--base", base, "--stream", *items[:2], "--method", "opcm", "--out", tmp_path / "o",
                        "--quiet", "--resume", "--dtype", "float32")
     assert code == 2 and "state format 1" in err and not (tmp_path / "o/step-2").exists()
