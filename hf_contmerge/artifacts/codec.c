@@ -2,9 +2,10 @@
 
    torch has no fused kernel for these bit operations: in eager torch, encoding is five passes (round, finite
    check, the low half, the tie compare, packing the ties) and decoding four more (unpacking the ties, widening,
-   shift, add), each a full read and write of the slice. Both functions here compute the same bits as those
-   torch passes (tests/artifacts/test_native.py checks them against each other): C99 with two GCC/Clang
-   builtins (popcount, alignment), no intrinsics, so the compiler vectorises it for the machine it is built on.
+   shift, add), each a full read and write of the slice; the palette coding of the codes (state format 5) is a
+   histogram, a sort and two gathers. The functions here compute the same bytes as those torch ops
+   (tests/artifacts/test_native.py checks them against each other): C99 with one GCC/Clang attribute (an
+   alignment), no intrinsics, so the compiler vectorises what it can for the machine it is built on.
 
    bfloat16 rounding is round-to-nearest-even on the bit pattern, as c10::BFloat16 does it. */
 
@@ -41,11 +42,11 @@ int64_t cm_encode(const uint32_t *restrict state, int64_t n, uint16_t *restrict 
             /* 8 flags (0/1) as one little-endian word: the multiply moves flag k to bit 56 + k, and no partial
                product carries into the top byte (compact._GATHER) */
             uint64_t x = 0;
-            for (int k = 0; k < 8; k++)
+            for (int k = 0; k < 8; k++) {
                 x |= (uint64_t)flag[8 * w + k] << (8 * k);
-            uint8_t byte = (uint8_t)((x * 0x0102040810204080ull) >> 56);
-            ties[a / 8 + w] = byte;
-            count += __builtin_popcount(byte);
+                count += flag[8 * w + k]; /* not __builtin_popcount: a libgcc call without -mpopcnt */
+            }
+            ties[a / 8 + w] = (uint8_t)((x * 0x0102040810204080ull) >> 56);
         }
     }
     return bad ? -1 : count;
