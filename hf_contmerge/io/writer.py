@@ -24,21 +24,17 @@ must know the header before the data. Two cases, one writer:
 Either way the files follow the transformers conventions: ``{prefix}.safetensors`` for one shard,
 else ``{prefix}-0000i-of-0000N.safetensors`` plus ``{prefix}.safetensors.index.json``
 (``metadata.total_size``, ``weight_map``), and ``{"format": "pt"}`` metadata. Every file is fsynced
-when closed. Files are written with direct I/O where the file system allows it (:class:`OutputFile`:
-no copy into the page cache, the largest single cost of a step's CPU time); elsewhere, and for the
-shared shards, through the page cache, with the disk started on a file's pages as they come
-(:func:`start_writeback`), so that the fsync waits for the last few MiB, not the whole file. The tests
-read them back with the ``safetensors`` library.
+when closed, and the disk is started on a file's pages as they come (:func:`start_writeback`), so that
+the fsync waits for the last few MiB, not the whole file. The tests read them back with the
+``safetensors`` library.
 """
 
 from __future__ import annotations
 
 import ctypes
-import errno
 import functools
 import json
 import math
-import mmap
 import os
 import struct
 import sys
@@ -52,9 +48,6 @@ from huggingface_hub import split_state_dict_into_shards_factory
 from .safetensors import DTYPE_NAMES, TensorSpec
 
 WRITEBACK_BYTES = 64 << 20  # a file's pages are handed to the disk every this many bytes written
-STAGE_BYTES = 8 << 20  # direct I/O: bytes gathered in a page-aligned buffer per write to the disk
-DIRECT_ALIGN = 4096  # direct I/O: offsets, lengths and addresses in multiples of this (the common logical block)
-_NO_DIRECT = {errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP}  # what a file system without direct I/O answers
 SYNC_FILE_RANGE_WRITE = 2  # linux/fs.h
 _ENTRY = len('"":{"dtype":"BF16","shape":[],"data_offsets":[,]},') + 2 * 20 + 4 * 21  # reserved per name
 
@@ -80,124 +73,6 @@ def start_writeback(fd: int) -> None:
     call = _sync_file_range()
     if call is not None:
         call(fd, 0, 0, SYNC_FILE_RANGE_WRITE)  # offset 0, nbytes 0: the whole file
-
-
-def direct_io() -> bool:
-    """Whether output files are written with direct I/O where the file system allows it (the default;
-    ``HF_CONTMERGE_DIRECT_IO=0``: through the page cache)."""
-    return os.environ.get("HF_CONTMERGE_DIRECT_IO", "1") != "0" and hasattr(os, "O_DIRECT")
-
-
-def _pwrite_all(fd: int, data, offset: int) -> None:
-    done = 0
-    while done < len(data):  # pwrite may write less than asked (Linux: at most 2 GiB a call)
-        done += os.pwrite(fd, data[done:], offset + done)
-
-
-class OutputFile:
-    """One output file, written front to back, then its first bytes once more (an appended shard's header).
-
-    With direct I/O (``O_DIRECT``, :func:`direct_io`), the bytes go from a page-aligned staging buffer to
-    the disk without a copy into the page cache: in a step that copy was the largest single cost, 28 % of
-    its CPU time against 4 % for the palette coding (``perf`` of a task-arithmetic step, benchmarks/
-    RESULTS.md), and the closing fsync has nothing left to flush. The tail is written padded to a whole
-    block and the file cut to its size. A file system that refuses direct I/O, at the open or at a
-    write, gets the rest through the page cache, with the disk started every ``WRITEBACK_BYTES``
-    (:func:`start_writeback`)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path, self.pos, self.fill, self._unstarted = path, 0, 0, 0  # pos: bytes handed to the kernel
-        self.fd, self._stage = -1, None
-        if direct_io():
-            try:
-                self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o666)
-                self._stage = mmap.mmap(-1, STAGE_BYTES)  # anonymous: page-aligned
-                self._view = memoryview(self._stage)
-            except OSError as e:
-                if e.errno not in _NO_DIRECT:
-                    raise
-        if self.fd < 0:
-            self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
-
-    @property
-    def direct(self) -> bool:
-        return self._stage is not None
-
-    def write(self, data) -> None:
-        if not self.direct:
-            self._buffered(data)
-            return
-        data = memoryview(data).cast("B")
-        while len(data):
-            if not self.direct:  # refused at the last drain
-                self._buffered(data)
-                return
-            n = min(len(data), STAGE_BYTES - self.fill)
-            self._view[self.fill : self.fill + n] = data[:n]
-            self.fill += n
-            data = data[n:]
-            if self.fill == STAGE_BYTES:
-                self._drain(STAGE_BYTES)
-
-    def _buffered(self, data) -> None:
-        _pwrite_all(self.fd, data, self.pos)
-        self.pos += len(data)
-        self._unstarted += len(data)
-        if self._unstarted >= WRITEBACK_BYTES:
-            start_writeback(self.fd)
-            self._unstarted = 0
-
-    def _drain(self, n: int) -> None:
-        """The staged bytes to the disk (``n``: their count, rounded up to a block), the buffer emptied."""
-        try:
-            _pwrite_all(self.fd, self._view[:n], self.pos)
-            refused = False
-        except OSError as e:
-            if e.errno not in _NO_DIRECT:
-                raise
-            refused = True  # some file systems check only at a write; handled once the error's frames are gone
-        if refused:
-            self._to_buffered()  # the page cache, from the staged bytes on
-            return
-        self.pos += self.fill if n > self.fill else n
-        self.fill = 0
-
-    def _to_buffered(self) -> None:
-        staged = bytes(self._view[: self.fill])
-        os.close(self.fd)
-        self.fd = os.open(self.path, os.O_WRONLY)
-        self._view.release()
-        self._stage.close()
-        self._stage, self.fill = None, 0
-        self._buffered(staged)
-
-    def close(self, header: bytes | None = None) -> None:
-        """Everything to the disk, ``header`` (if any) over the first bytes, fsync, close."""
-        if self.direct and header is not None and self.pos == 0 and len(header) <= self.fill:
-            self._view[: len(header)] = header  # the whole file is still staged
-            header = None
-        if self.direct and self.fill:
-            size = self.pos + self.fill
-            pad = -self.fill % DIRECT_ALIGN
-            self._view[self.fill : self.fill + pad] = bytes(pad)
-            self._drain(self.fill + pad)
-            if self.direct:
-                os.ftruncate(self.fd, size)
-        if header is not None:
-            # through the page cache, whose read of the first block sees the direct writes (complete: pwrite waited)
-            fd = os.open(self.path, os.O_WRONLY) if self.direct else self.fd
-            try:
-                _pwrite_all(fd, header, 0)
-                if fd != self.fd:
-                    os.fsync(fd)
-            finally:
-                if fd != self.fd:
-                    os.close(fd)
-        os.fsync(self.fd)
-        os.close(self.fd)
-        if self._stage is not None:
-            self._view.release()
-            self._stage.close()
 
 
 @dataclass(frozen=True)
@@ -359,14 +234,18 @@ class StreamingWriter:
             return
         self._file.write(data)
         self._offset += len(data)
+        self._written(self._file, len(data))
         self._current = (name, self._current[1] - len(data)) if len(data) < self._current[1] else None
 
-    def _written(self, fd: int, nbytes: int) -> None:
-        """Count ``nbytes`` just written to ``fd`` (a shared shard); every ``WRITEBACK_BYTES``, start the
-        disk on them."""
+    def _written(self, file, nbytes: int) -> None:
+        """Count ``nbytes`` just written to ``file`` (a file object or a descriptor); every
+        ``WRITEBACK_BYTES``, start the disk on them."""
         self._unstarted += nbytes
         if self._unstarted >= WRITEBACK_BYTES:
-            start_writeback(fd)
+            if not isinstance(file, int):
+                file.flush()
+                file = file.fileno()
+            start_writeback(file)
             self._unstarted = 0
 
     def _begin(self, name: str, chunk: torch.Tensor) -> None:
@@ -428,15 +307,19 @@ class StreamingWriter:
         self._headers.append({"__metadata__": self.metadata})
 
     def _start_file(self, path: Path, head: bytes) -> None:
-        self._file = OutputFile(path)
+        self._file = open(path, "wb")
         self._file.write(head)
         self._offset = 0
 
     def _close_file(self) -> None:
         if self._file is None:
             return
-        # appended: the real header, into the room reserved at the start
-        self._file.close(_header_blob(self._headers[-1], self._reserved) if self._names is not None else None)
+        if self._names is not None:  # the real header, into the room reserved at the start
+            self._file.seek(0)
+            self._file.write(_header_blob(self._headers[-1], self._reserved))
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
         self._file = None
 
     # ------------------------------------------------------------------ closing

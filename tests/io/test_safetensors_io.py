@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -207,7 +206,6 @@ def test_writers_start_the_disk_on_what_they_wrote_every_writeback_bytes(tmp_pat
         finally:
             os.close(fd)
     started: list[tuple[int, int]] = []
-    monkeypatch.setenv("HF_CONTMERGE_DIRECT_IO", "0")  # through the page cache (direct I/O has no dirty pages)
     monkeypatch.setattr(wr, "WRITEBACK_BYTES", 100)
     monkeypatch.setattr(wr, "start_writeback", lambda fd: started.append((fd, os.fstat(fd).st_size)))
     specs = [TensorSpec(f"t{i}", (10, 5), "F32") for i in range(3)]  # 200 bytes each, written 40 at a time
@@ -218,80 +216,8 @@ def test_writers_start_the_disk_on_what_they_wrote_every_writeback_bytes(tmp_pat
         for a in range(0, 10, 2):
             writer.write(k, tensors[k][a:a + 2])
     head = 8 + int.from_bytes((tmp_path / "out" / "model.safetensors").read_bytes()[:8], "little")
-    # the header, then 15 chunks of 40 bytes: a start once 100 are unstarted
-    want, size, since = ([head], head, 0) if head >= 100 else ([], head, head)
-    for _ in range(15):
-        size, since = size + 40, since + 40
-        if since >= 100:
-            want.append(size)
-            since = 0
-    assert [size for _, size in started] == want, (head, started)
+    assert [size for _, size in started] == [head + 120 * i for i in range(1, 6)]  # every third chunk, flushed
     assert len({fd for fd, _ in started}) == 1
     writer.close()
     loaded = load_file(tmp_path / "out" / "model.safetensors")
     assert loaded.keys() == tensors.keys() and all(torch.equal(loaded[k], t) for k, t in tensors.items())
-
-
-def _write_both_kinds(folder):
-    """A planned sharded set and an appended set whose sizes are no multiple of a block, some over the
-    staging buffer: the files' bytes by name."""
-    g = torch.Generator().manual_seed(0)
-    specs = [TensorSpec(f"t{i}", (37 + 100 * i, 13), "F32") for i in range(6)]
-    tensors = {s.key: torch.randn(*s.shape, generator=g) for s in specs}
-    folder.mkdir()
-    planned = StreamingWriter.planned(folder, specs, plan_shards(specs, 40000))
-    for k in planned.sequence:
-        for a in range(0, tensors[k].shape[0], 50):
-            planned.write(k, tensors[k][a:a + 50])
-    appended = StreamingWriter.appended(folder, ["x", "y", "z"], max_shard_size=30000, prefix="lowrank-merged")
-    for k, n in (("x", 5), ("y", 3000), ("z", 20000)):
-        appended.write(k, torch.randn(n, generator=g))
-    files = planned.close() + appended.close()
-    assert len(files) > 4
-    return {p.name: p.read_bytes() for p in files}
-
-
-def test_direct_io_writes_the_bytes_of_the_page_cache_path_and_falls_back_where_refused(tmp_path, monkeypatch):
-    """Output files written with O_DIRECT (through a staging buffer made small here, so that it drains
-    mid-tensor, and a padded, cut tail) hold the bytes of the page-cache path; an appended shard's header
-    lands over its reserved room, staged or already on the disk. A file system that refuses direct I/O at
-    the open or at the first write gets the same bytes through the page cache."""
-    import errno
-    import fcntl
-    import os
-
-    from hf_contmerge.io import writer as wr
-
-    monkeypatch.setattr(wr, "STAGE_BYTES", 8192)
-    monkeypatch.setenv("HF_CONTMERGE_DIRECT_IO", "0")
-    want = _write_both_kinds(tmp_path / "buffered")
-    monkeypatch.setenv("HF_CONTMERGE_DIRECT_IO", "1")
-    probe = wr.OutputFile(tmp_path / "probe")
-    probe.close()
-    if not probe.direct:
-        pytest.skip("this file system refuses O_DIRECT")
-    modes = []
-    real_init = wr.OutputFile.__init__
-
-    def recording(self, path):
-        real_init(self, path)
-        modes.append(self.direct)
-    monkeypatch.setattr(wr.OutputFile, "__init__", recording)
-    assert _write_both_kinds(tmp_path / "direct") == want
-    assert modes and all(modes)  # every file of the run was written directly
-
-    real_open, real_pwrite = os.open, os.pwrite
-    monkeypatch.setattr(os, "open", lambda path, flags, *a: (_ for _ in ()).throw(OSError(errno.EINVAL, "no O_DIRECT"))
-                        if flags & os.O_DIRECT else real_open(path, flags, *a))
-    assert _write_both_kinds(tmp_path / "refused-open") == want
-    monkeypatch.setattr(os, "open", real_open)
-    refused = []
-
-    def pwrite_refusing(fd, data, offset):
-        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
-            refused.append(fd)
-            raise OSError(errno.EINVAL, "no O_DIRECT here")
-        return real_pwrite(fd, data, offset)
-    monkeypatch.setattr(os, "pwrite", pwrite_refusing)
-    assert _write_both_kinds(tmp_path / "refused-write") == want
-    assert refused  # the opens were direct, the writes went through the page cache
