@@ -28,6 +28,7 @@ int64_t cm_encode(const uint32_t *restrict state, int64_t n, uint16_t *restrict 
         int64_t m = n - a < BLOCK ? n - a : BLOCK;
         const uint32_t *s = state + a;
         uint16_t *p16 = pub + a, *l16 = low + a;
+        uint32_t ties_here = 0;
         for (int64_t i = 0; i < m; i++) { /* vectorised: no branch, no cross-element dependency */
             uint32_t b = s[i];
             uint32_t p = (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;
@@ -35,17 +36,17 @@ int64_t cm_encode(const uint32_t *restrict state, int64_t n, uint16_t *restrict 
             p16[i] = (uint16_t)p;
             l16[i] = (uint16_t)b;
             flag[i] = (uint8_t)(b == (p << 16) + 0x8000u); /* kept the high half on an exact tie */
+            ties_here += flag[i]; /* not __builtin_popcount below: a libgcc call without -mpopcnt */
         }
+        count += ties_here;
         for (int64_t i = m; i < ((m + 7) & ~(int64_t)7); i++)
             flag[i] = 0;
         for (int64_t w = 0; w < (m + 7) / 8; w++) {
             /* 8 flags (0/1) as one little-endian word: the multiply moves flag k to bit 56 + k, and no partial
                product carries into the top byte (compact._GATHER) */
             uint64_t x = 0;
-            for (int k = 0; k < 8; k++) {
+            for (int k = 0; k < 8; k++)
                 x |= (uint64_t)flag[8 * w + k] << (8 * k);
-                count += flag[8 * w + k]; /* not __builtin_popcount: a libgcc call without -mpopcnt */
-            }
             ties[a / 8 + w] = (uint8_t)((x * 0x0102040810204080ull) >> 56);
         }
     }
