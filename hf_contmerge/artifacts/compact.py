@@ -28,13 +28,15 @@ written in full beside the weights:
   (a byte; 255 for a code outside it) and the escaped codes in order (int16); zstd's entropy coder then
   sees bytes, the unit it codes, rather than pairs of bytes it cannot relate: 0.32–0.38 of the codes'
   bytes for task arithmetic where zstd on the codes themselves (format 4, ``KEY::low16[a:b]``, read as
-  before) gave 0.52–0.60, at about half the compression time (the palette is one pass of codec.c).
-  Random codes stay at 2 bytes and ~1 %. Why zstd (``zstandard``, no dependencies of its own): its
+  before) gave 0.52–0.60, in less compression time (bench_codec.py: 1.8 against 2.6–4.0 ns an element;
+  the palette is 0.85 of it, one pass of codec.c); on real fine-tunes in bfloat16, 0.17–0.19 against
+  0.28–0.31 (the running mean: 0.075–0.099 against 0.100–0.133, in about the same time). Random codes
+  stay at 2 bytes and ~1 %. Why zstd (``zstandard``, no dependencies of its own): its
   entropy coder is what these codes need (LZ4, without one, saves 5–12 %), at ~1 ns an element to decode.
   A step thus writes at most 4 bytes a parameter (2 published + 2), at most 4.125 when ties abound, and
-  ~2.3–2.8 typically. ``--state-compression none`` writes the codes as they are, one int16 tensor ``KEY``
-  of ``low16-{slot}`` (format 3's layout, read the same way): 2 bytes a parameter and no CPU, for a fast
-  local disk and few cores.
+  ~2.5–2.9 in the benchmark's streams (1.27–1.44× the published bytes). ``--state-compression none``
+  writes the codes as they are, one int16 tensor ``KEY`` of ``low16-{slot}`` (format 3's layout, read
+  the same way): 2 bytes a parameter and no CPU, for a fast local disk and few cores.
 - **Compressed slots** (``Method.compressible_slots``: MagMax's τmax): slots that hold task-vector
   entries as they came, differences of the stored models, exact in float32 with as few significant
   bits as the models' dtype. Each slice is one zstd frame of the high halves of its bits, then the low
