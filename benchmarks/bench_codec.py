@@ -73,14 +73,11 @@ def frames(codes: list[torch.Tensor], repeats: int) -> tuple[float, float, float
 
 def step_codes(step: Path) -> list[torch.Tensor]:
     """The int16 codes of a step's weight slot, block by block, whatever their frames."""
-    from hf_contmerge.artifacts.folder import open_slot
+    from safetensors.torch import load_file
 
-    slot = open_slot(step, "merged", "merged")
-    try:
-        return [compact._DECODERS[compact._BLOCK.match(name)[2]](slot.low.read(name), b - a, name)
-                for spans in slot._blocks.values() for a, b, name in spans]
-    finally:
-        slot.close()
+    files = sorted((step / "contmerge_state").glob(f"{compact.LOW16_PREFIX}merged*.safetensors"))
+    blocks = {name: frame for f in files for name, frame in load_file(f).items() if compact.parse_block(name)}
+    return [compact.decode_block(name, blocks[name], name) for name in sorted(blocks, key=compact.parse_block)]
 
 
 def real_rows(folder: Path, repeats: int) -> None:
@@ -151,6 +148,7 @@ def main() -> None:
           f"compress {e:.2f}, decompress {f:.2f}.")
     if args.real is not None:
         real_rows(args.real, max(3, args.repeats // 5))
+
 
 if __name__ == "__main__":
     main()

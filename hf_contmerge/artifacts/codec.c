@@ -77,10 +77,11 @@ void cm_decode(const uint16_t *restrict pub, const int16_t *restrict low, const 
 }
 
 /* The palette of the int16 codes (state format 5, compact.py): the 255 codes most frequent in a block (counted
-   on every stride-th code, stride = max(1, n >> 18)), most frequent first, equal counts in ascending code order, and zero-count codes after all others in ascending
-   order (the order of a stable sort by descending count of the 65536 codes, which compact.py's torch path
-   takes). Then each code as its index in the palette, PAL_ESCAPE for the codes outside it, whose values go to
-   esc in order. Returns the number of escapes, or -1 when out of memory. */
+   on every stride-th code, stride = max(1, n >> 18)), most frequent first, equal counts in ascending code
+   order, and zero-count codes after all others in ascending order (the order of a stable sort by descending
+   count of the 65536 codes, which compact.py's torch path takes). Then each code as its index in the palette,
+   PAL_ESCAPE for the codes outside it, whose values go to esc in order. Returns the number of escapes, or -1
+   when out of memory. */
 #define PAL_SIZE 255
 #define PAL_ESCAPE 255
 #define PAL_SAMPLE_LOG 18 /* compact.PALETTE_SAMPLE_LOG */

@@ -21,22 +21,23 @@ written in full beside the weights:
   ``KEY::pal16[a:b]`` of ``low16-{slot}`` for flat elements [a, b). The codes of a merge of bfloat16 models
   are far from random: a task vector of bfloat16 models is a small multiple of the base's last bit, so a
   scaled sum of a few has few distinct low halves, and a scaling such as 0.3 or the mean's 1/t repeats
-  its binary digits. In a 4-million-element slice of the benchmark's task-arithmetic states (bench_stream.py)
-  5 000–10 000 distinct codes occur and the 255 most frequent make up 97–99 % of them: their order-0 entropy is 5–6 bits of the 16
-  (benchmarks/RESULTS.md). A frame therefore holds the block's **palette** (its 255 most frequent codes,
-  counted on a sample of 2^18 of them, most frequent first, int16), each code as its index in the palette
-  (a byte; 255 for a code outside it) and the escaped codes in order (int16); zstd's entropy coder then
-  sees bytes, the unit it codes, rather than pairs of bytes it cannot relate: 0.32–0.38 of the codes'
-  bytes for task arithmetic where zstd on the codes themselves (format 4, ``KEY::low16[a:b]``, read as
-  before) gave 0.52–0.60, in less compression time (bench_codec.py: 1.8 against 2.6–4.0 ns an element;
-  the palette is 0.85 of it, one pass of codec.c); on real fine-tunes in bfloat16, 0.17–0.19 against
-  0.28–0.31 (the running mean: 0.075–0.099 against 0.100–0.133, in about the same time). Random codes
-  stay at 2 bytes and ~1 %. Why zstd (``zstandard``, no dependencies of its own): its
-  entropy coder is what these codes need (LZ4, without one, saves 5–12 %), at ~1 ns an element to decode.
-  A step thus writes at most 4 bytes a parameter (2 published + 2), at most 4.125 when ties abound, and
-  ~2.5–2.9 in the benchmark's streams (1.27–1.44× the published bytes). ``--state-compression none``
-  writes the codes as they are, one int16 tensor ``KEY`` of ``low16-{slot}`` (format 3's layout, read
-  the same way): 2 bytes a parameter and no CPU, for a fast local disk and few cores.
+  its binary digits. In a 4-million-element slice of the benchmark's task-arithmetic states
+  (bench_stream.py) 5 000–10 000 distinct codes occur and the 255 most frequent make up 97–99 % of them:
+  their order-0 entropy is 5–6 bits of the 16 (benchmarks/RESULTS.md). A frame therefore holds the
+  block's **palette** (its 255 most frequent codes, counted on a sample of 2^18 of them, most frequent
+  first, int16), each code as its index in the palette (a byte; 255 for a code outside it) and the
+  escaped codes in order (int16); zstd's entropy coder then sees bytes, the unit it codes, rather than
+  pairs of bytes it cannot relate: 0.32–0.38 of the codes' bytes for task arithmetic where zstd on the
+  codes themselves (format 4, ``KEY::low16[a:b]``, read as before) gave 0.52–0.60, in less compression
+  time (bench_codec.py: 1.8 against 2.6–4.0 ns an element; the palette is 0.85 of it, one pass of
+  codec.c); on real fine-tunes in bfloat16, 0.17–0.19 against 0.28–0.31 (the running mean: 0.075–0.099
+  against 0.100–0.133, in about the same time). Random codes stay at 2 bytes and ~1 %. Why zstd
+  (``zstandard``, no dependencies of its own): its entropy coder is what these codes need (LZ4, without
+  one, saves 5–12 %), at ~1.5 ns an element to decode. A step thus writes at most 4 bytes a parameter (2
+  published + 2), at most 4.125 when ties abound, and ~2.5–2.9 in the benchmark's streams (1.27–1.44×
+  the published bytes). ``--state-compression none`` writes the codes as they are, one int16 tensor
+  ``KEY`` of ``low16-{slot}`` (format 3's layout, read the same way): 2 bytes a parameter and no CPU, for
+  a fast local disk and few cores.
 - **Compressed slots** (``Method.compressible_slots``: MagMax's τmax): slots that hold task-vector
   entries as they came, differences of the stored models, exact in float32 with as few significant
   bits as the models' dtype. Each slice is one zstd frame of the high halves of its bits, then the low
@@ -213,8 +214,8 @@ def decompress_low16(frame: torch.Tensor, numel: int, what: str) -> torch.Tensor
 
 def palette(codes: torch.Tensor) -> torch.Tensor:
     """A block's int16 ``codes`` (flat) palette-coded, as the bytes a ``pal16`` frame holds (uint8): the
-    palette (the :data:`PALETTE` codes most frequent in it, most frequent first, equal counts in ascending code
-    order; int16), each code's index in it (a byte; :data:`ESCAPE` for a code outside it), then the escaped
+    palette (the :data:`PALETTE` codes most frequent in it, counted on every (n >> 18)-th, most frequent first,
+    equal counts in ascending code order; int16), each code's index in it (a byte; :data:`ESCAPE` for a code outside it), then the escaped
     codes in order (int16). The compiled codec (native.py), else the torch ops of :func:`palette_torch`: the
     same bytes."""
     codes = codes.contiguous().reshape(-1)
@@ -303,6 +304,19 @@ def decompress_f32(frame: torch.Tensor, numel: int, what: str) -> torch.Tensor:
 
 
 _DECODERS = {"pal16": decompress_codes, "low16": decompress_low16, "f32": decompress_f32}  # block kind -> decoder
+
+
+def parse_block(name: str) -> tuple[str, str, int, int] | None:
+    """A :func:`block_name`'s tensor key, kind and flat span [start, stop); None for another name."""
+    m = _BLOCK.match(name)
+    return None if m is None else (m[1], m[2], int(m[3]), int(m[4]))
+
+
+def decode_block(name: str, frame: torch.Tensor, what: str) -> torch.Tensor:
+    """The tensor a compressed block holds, flat (int16 codes or float32 values), decoded as its name's kind
+    says; a damaged one is refused (``what``)."""
+    _, kind, start, stop = parse_block(name)
+    return _DECODERS[kind](frame, stop - start, what)
 
 
 class BlockWriter:
@@ -420,8 +434,8 @@ def _blocks_by_key(names, *kinds: str) -> dict[str, list[tuple[int, int, str]]]:
     """The blocks of ``kinds`` among ``names`` (:func:`block_name`), by tensor: (start, stop, name) each."""
     found: dict[str, list[tuple[int, int, str]]] = {}
     for name in names:
-        if (m := _BLOCK.match(name)) is not None and m[2] in kinds:
-            found.setdefault(m[1], []).append((int(m[3]), int(m[4]), name))
+        if (parsed := parse_block(name)) is not None and parsed[1] in kinds:
+            found.setdefault(parsed[0], []).append((parsed[2], parsed[3], name))
     return found
 
 
@@ -517,8 +531,7 @@ class CompactSlot(TensorIndex):
             if b <= start or a >= stop:
                 continue
             if self._block_cache is None or self._block_cache[0] != name:
-                decode = _DECODERS[_BLOCK.match(name)[2]]
-                self._block_cache = (name, decode(ck.read(name), b - a, f"{self.label}: block {name!r}"))
+                self._block_cache = (name, decode_block(name, ck.read(name), f"{self.label}: block {name!r}"))
             parts.append(self._block_cache[1][max(start, a) - a : min(stop, b) - a])
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
