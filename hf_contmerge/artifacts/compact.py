@@ -195,18 +195,28 @@ def unit_span(shape: tuple[int, ...], rows: tuple[int, int] | None) -> tuple[int
     return rows[0] * per_row, rows[1] * per_row
 
 
-def compress_low16(low: torch.Tensor) -> torch.Tensor:
-    """A slice's int16 codes as one zstd frame (uint8; see the module docstring)."""
-    frame = zstandard.ZstdCompressor(compression_params=_ZSTD).compress(low.contiguous().reshape(-1).view(torch.uint8).numpy())
+def _zstd(data: torch.Tensor) -> torch.Tensor:
+    """A tensor's bytes as one zstd frame (uint8) with the step's parameters (``_ZSTD``)."""
+    frame = zstandard.ZstdCompressor(compression_params=_ZSTD).compress(data.contiguous().reshape(-1).view(torch.uint8).numpy())
     return torch.frombuffer(bytearray(frame), dtype=torch.uint8)
+
+
+def _unzstd(frame: torch.Tensor, max_bytes: int, what: str) -> bytes:
+    """The bytes of a frame of :func:`_zstd`, at most ``max_bytes``; a damaged one is refused (``what``)."""
+    try:
+        return zstandard.ZstdDecompressor().decompress(frame.contiguous().numpy(), max_output_size=max_bytes)
+    except zstandard.ZstdError as e:
+        raise ContMergeError(f"{what} is damaged ({e}). {_REMOVE}") from e
+
+
+def compress_low16(low: torch.Tensor) -> torch.Tensor:
+    """A slice's int16 codes as one zstd frame (uint8; state format 4, and :func:`compress_f32`'s halves)."""
+    return _zstd(low)
 
 
 def decompress_low16(frame: torch.Tensor, numel: int, what: str) -> torch.Tensor:
     """The ``numel`` int16 codes of a frame of :func:`compress_low16`; a damaged one is refused (``what``)."""
-    try:
-        raw = zstandard.ZstdDecompressor().decompress(frame.contiguous().numpy(), max_output_size=2 * numel)
-    except zstandard.ZstdError as e:
-        raise ContMergeError(f"{what} is damaged ({e}). {_REMOVE}") from e
+    raw = _unzstd(frame, 2 * numel, what)
     if len(raw) != 2 * numel:
         raise ContMergeError(f"{what} holds {len(raw) // 2} codes, expected {numel}: the step is damaged. {_REMOVE}")
     return torch.frombuffer(bytearray(raw), dtype=torch.int16) if numel else torch.zeros(0, dtype=torch.int16)
@@ -274,16 +284,12 @@ def unpalette(payload: torch.Tensor, numel: int, what: str) -> torch.Tensor:
 def compress_codes(low: torch.Tensor) -> torch.Tensor:
     """A slice's int16 codes as one zstd frame of their :func:`palette` bytes (uint8, block kind ``pal16``;
     see the module docstring)."""
-    frame = zstandard.ZstdCompressor(compression_params=_ZSTD).compress(palette(low).numpy())
-    return torch.frombuffer(bytearray(frame), dtype=torch.uint8)
+    return _zstd(palette(low))
 
 
 def decompress_codes(frame: torch.Tensor, numel: int, what: str) -> torch.Tensor:
     """The ``numel`` int16 codes of a frame of :func:`compress_codes`; a damaged one is refused (``what``)."""
-    try:
-        raw = zstandard.ZstdDecompressor().decompress(frame.contiguous().numpy(), max_output_size=2 * PALETTE + 3 * numel)
-    except zstandard.ZstdError as e:
-        raise ContMergeError(f"{what} is damaged ({e}). {_REMOVE}") from e
+    raw = _unzstd(frame, 2 * PALETTE + 3 * numel, what)
     return unpalette(torch.frombuffer(bytearray(raw), dtype=torch.uint8), numel, what)
 
 
